@@ -1,0 +1,143 @@
+"""
+The contracts where peernix's components meet.
+
+Data flows one way: web -> peers (:class:`IUpstream`) -> store
+(:class:`IStore`); discovery -> registry (:class:`IPeerRegistry`).  Every test
+double implements one of these and is checked with ``verifyObject``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from peernix.nix.hashes import Hash
+    from peernix.nix.narinfo import NarInfo
+    from peernix.nix.pathinfo import PathInfo
+    from peernix.peers.registry import Peer
+
+
+class IStore(Interface):
+    """
+    A read-only view of one Nix store (``/nix/store`` or a chroot store).
+
+    Methods never block the reactor thread for long: database and filesystem
+    work runs in a worker thread or is provably short.  Answers may come from
+    a cache of a few seconds at most, so a garbage-collected path stops being
+    served quickly.
+    """
+
+    store_dir = Attribute("The logical store directory, always ``/nix/store``.")
+
+    def query_path_info(hash_part: str) -> Deferred[PathInfo | None]:
+        """
+        Look a path up by its 32-character hash part, as Nix does.
+
+        :param hash_part: an already validated nix32 hash part.
+        :returns: a Deferred firing with the path's info, or ``None`` when no
+            valid path has that hash part, the path is being written (its
+            ``.lock`` exists) or is missing on disk.  It never fails for a
+            miss.
+        """
+
+    def real_path(store_path: str) -> str:
+        """
+        :param store_path: a full ``/nix/store/...`` path.
+        :returns: where that path's files are on this machine's filesystem
+            (below the store root of a chroot store).
+        """
+
+    def find_log(drv_basename: str) -> Deferred[str | None]:
+        """
+        Find the build log of a derivation.
+
+        :param drv_basename: ``<hash>-<name>.drv``, already validated.
+        :returns: a Deferred firing with the filesystem path of the log (a
+            name ending in ``.bz2`` means bzip2-compressed), or ``None``.
+        """
+
+
+class IUpstream(Interface):
+    """
+    Where a local client's miss goes: the peers of this node.
+
+    Implementations ask every healthy peer at once and only ever return
+    answers that are *trusted* (a signature by a trusted key, or CA).
+    """
+
+    def lookup(hash_part: str) -> Deferred[NarInfo | None]:
+        """
+        Find a trusted narinfo for ``hash_part`` on some peer.
+
+        :returns: a Deferred firing with the peer's narinfo (signatures
+            untouched, URL as the peer gave it) or ``None`` for a miss, a
+            timeout or no peers.  It never fails; cancelling it cancels only
+            this caller's wait.
+        """
+
+    def relay_nar(info: NarInfo, consumer: object) -> Deferred[None]:
+        """
+        Stream the uncompressed NAR of ``info`` from a peer that holds exactly
+        ``info.nar_hash`` into ``consumer`` (an ``IConsumer`` such as a
+        ``twisted.web`` request), with backpressure, verifying hash and size.
+
+        :returns: a Deferred firing when every byte has been written and
+            verified.  It fails with ``peernix.peers.errors.NarUnavailable``
+            before any byte was written when no peer can serve it, and with
+            ``peernix.peers.errors.NarVerificationFailed`` (or another error)
+            after bytes were written; the caller must then abort the client
+            connection, never finish the response.  The last chunk is held
+            back until the NAR verified.
+        """
+
+
+class IPeerRegistry(Interface):
+    """
+    The one place that knows every peer, where it was found, and its health.
+
+    Bounded in size.  Discovery feeds it; the fan-out reads it.
+    """
+
+    def add(url: str, source: str, public_key: str | None = None) -> Peer | None:
+        """
+        Note that a peer at base URL ``url`` (``http://host:port``) was seen
+        by ``source`` (``"static"``, ``"udp"``, ``"mdns"``), refreshing its
+        last-seen time.
+
+        :returns: the peer, or ``None`` when the table is full and it was not
+            admitted.
+        """
+
+    def remove(url: str, source: str) -> None:
+        """Forget that ``source`` knows the peer; a peer no source knows is dropped."""
+
+    def expire() -> None:
+        """Drop discovered (non-static) peers not heard from within the TTL."""
+
+    def peers() -> list[Peer]:
+        """:returns: every known peer."""
+
+    def healthy_peers() -> list[Peer]:
+        """:returns: peers to ask now: healthy ones, and unhealthy ones whose backoff has passed."""
+
+    def record_success(peer: Peer, latency: float) -> None:
+        """A request to ``peer`` succeeded after ``latency`` seconds."""
+
+    def record_failure(peer: Peer, kind: str) -> None:
+        """
+        A request to ``peer`` failed; ``kind`` is ``"timeout"``,
+        ``"connection"``, ``"http"``, ``"untrusted"`` or ``"verification"``.
+        """
+
+    def subscribe(callback: object) -> None:
+        """Call ``callback(peer)`` whenever a new peer is added."""
+
+
+class IDiscovery(Interface):
+    """A way of finding peers that feeds an :class:`IPeerRegistry`; an ``IService``."""
+
+    name = Attribute("Short name of the mechanism, used as the registry source.")

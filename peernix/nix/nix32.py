@@ -1,0 +1,80 @@
+"""Nix's base-32 encoding ("nix32").
+
+It is *not* RFC 4648 base32: the alphabet omits ``e o u t`` and the digest is
+read as a little-endian integer printed most significant digit first.
+"""
+
+from __future__ import annotations
+
+ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
+_INDEX = {c: i for i, c in enumerate(ALPHABET)}
+ALPHABET_SET = frozenset(ALPHABET)
+
+
+class Nix32Error(ValueError):
+    """A string is not valid nix32 for the requested length."""
+
+
+def encoded_length(nbytes: int) -> int:
+    """
+    :returns: the number of nix32 characters that encode ``nbytes`` bytes.
+    """
+    return (nbytes * 8 - 1) // 5 + 1 if nbytes else 0
+
+
+def decoded_length(nchars: int) -> int | None:
+    """
+    :returns: the byte length whose encoding has ``nchars`` characters, or
+        ``None`` when no byte length encodes to that many characters.
+    """
+    nbytes = nchars * 5 // 8
+    for n in (nbytes, nbytes + 1):
+        if encoded_length(n) == nchars:
+            return n
+    return None
+
+
+def encode(data: bytes) -> str:
+    """
+    Encode ``data`` in nix32.
+
+    :returns: ``encoded_length(len(data))`` characters.
+    """
+    length = encoded_length(len(data))
+    n = int.from_bytes(data, "little")
+    return "".join(ALPHABET[(n >> (5 * k)) & 31] for k in range(length - 1, -1, -1))
+
+
+def decode(text: str) -> bytes:
+    """
+    Decode nix32 ``text``.
+
+    :raises Nix32Error: for characters outside the alphabet, a length that no
+        byte string encodes to, or non-zero bits beyond the last byte.
+    """
+    nbytes = decoded_length(len(text))
+    if nbytes is None:
+        raise Nix32Error(f"invalid nix32 length {len(text)}")
+    n = 0
+    for c in text:
+        i = _INDEX.get(c)
+        if i is None:
+            raise Nix32Error(f"invalid nix32 character {c!r}")
+        n = (n << 5) | i
+    if n >> (8 * nbytes):
+        raise Nix32Error("nix32 string has non-zero padding bits")
+    return n.to_bytes(nbytes, "little")
+
+
+def is_nix32(text: str, nbytes: int) -> bool:
+    """
+    :returns: whether ``text`` is exactly the nix32 encoding of some
+        ``nbytes``-byte string.
+    """
+    if len(text) != encoded_length(nbytes):
+        return False
+    try:
+        decode(text)
+    except Nix32Error:
+        return False
+    return True
