@@ -1,0 +1,454 @@
+"""
+The local Nix store, read straight from Nix's SQLite database and files.
+
+Nix keeps one row per valid path in ``ValidPaths`` and the reference graph in
+``Refs`` (``schema.sql``).  We open that database read-only; it runs in WAL
+mode, so our readers never block Nix's writers nor wait for them.  Every
+database or filesystem access runs on a small dedicated thread pool, never on
+the reactor thread; a short-lived cache keeps hot narinfos off that pool.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import sqlite3
+import threading
+from collections import OrderedDict
+from urllib.parse import quote
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from peernix.interfaces import IStore
+from peernix.nix.hashes import HashError, parse_hash
+from peernix.nix.pathinfo import PathInfo
+from peernix.nix.signing import is_well_formed_sig
+from peernix.nix.storepath import STORE_DIR, StorePathError, is_hash_part, parse_basename, parse_store_path
+
+__all__ = ["LocalStore", "StoreError"]
+
+_log = Logger()
+
+#: Relative to the store root.
+DB_RELPATH = "nix/var/nix/db/db.sqlite"
+STORE_RELPATH = "nix/store"
+LOG_RELPATH = "nix/var/log/nix/drvs"
+
+#: How long a worker waits for a SQLite lock before failing (seconds).  In WAL
+#: mode readers only wait during rare recovery, so this bounds a stuck lookup.
+BUSY_TIMEOUT = 10.0
+
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+_ROW_QUERY = (
+    "SELECT id, path, hash, registrationTime, deriver, narSize, sigs, ca"
+    " FROM ValidPaths WHERE path >= ? ORDER BY path LIMIT 1"
+)
+# Nix's own query (local-store.cc queryReferences); rows come back unsorted.
+_REFS_QUERY = "SELECT path FROM Refs JOIN ValidPaths ON reference = id WHERE referrer = ?"
+
+
+class StoreError(Exception):
+    """
+    The local store cannot be used: a one-line message saying what is wrong
+    and how to fix it (raised by :meth:`LocalStore.check`), or a database
+    error during a lookup.
+    """
+
+
+def _read_header(path: str) -> bytes:
+    """
+    :returns: the first 16 bytes of ``path``.
+    :raises OSError: as ``open`` does (a seam for tests of unreadable files).
+    """
+    with open(path, "rb") as f:
+        return f.read(len(_SQLITE_MAGIC))
+
+
+def _connect_ro(db_path: str) -> sqlite3.Connection:
+    """
+    Open ``db_path`` read-only, in autocommit mode (we issue ``BEGIN`` and
+    ``COMMIT`` ourselves, so no read transaction stays open between lookups
+    to hold back Nix's WAL checkpoints).
+
+    ``check_same_thread=False`` only so :meth:`LocalStore.stop` can close
+    every worker's connection after the workers have exited; a connection is
+    never used by two threads at once.
+    """
+    uri = f"file:{quote(os.path.abspath(db_path))}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+    return conn
+
+
+@implementer(IStore)
+class LocalStore:
+    """
+    A read-only :class:`~peernix.interfaces.IStore` over a Nix store on this
+    machine: ``/`` for the real store, or a chroot store root such as
+    ``/tmp/a`` (files in ``/tmp/a/nix/store``, database in
+    ``/tmp/a/nix/var/nix/db/db.sqlite``).  Paths keep their logical
+    ``/nix/store/...`` names.
+
+    Life cycle: :meth:`check` once at start-up (blocking), :meth:`start`,
+    lookups, :meth:`stop`.  Lookups made before :meth:`start` wait for it;
+    lookups after :meth:`stop` fail with :class:`StoreError`.
+
+    Caching: each lookup result, a miss included, is kept ``cache_ttl``
+    seconds (by ``reactor.seconds()``), at most ``cache_size`` entries, so a
+    deleted or garbage-collected path stops being served within ``cache_ttl``
+    seconds.  Concurrent lookups of one hash part share one database query.
+    """
+
+    store_dir = STORE_DIR
+
+    def __init__(
+        self,
+        store_root: str,
+        reactor: IReactorTime,
+        *,
+        cache_ttl: float = 2.0,
+        threads: int = 4,
+        cache_size: int = 10000,
+        threadpool: ThreadPool | None = None,
+    ) -> None:
+        """
+        :param store_root: the directory holding ``nix/store`` and
+            ``nix/var/nix/db``; ``/`` for the machine's own store.
+        :param reactor: the reactor: its clock times the cache and results
+            come back to it with ``callFromThread`` (it must also provide
+            ``IReactorFromThreads``).
+        :param cache_ttl: seconds a lookup result is reused.
+        :param threads: the most worker threads reading the store at once.
+        :param cache_size: the most cached lookup results.
+        :param threadpool: a pool to use instead of making a new one (tests);
+            :meth:`start` and :meth:`stop` still start and stop it.
+        """
+        self.store_root = os.path.abspath(store_root)
+        self.db_path = os.path.join(self.store_root, DB_RELPATH)
+        self.real_store_dir = os.path.join(self.store_root, STORE_RELPATH)
+        self.log_dir = os.path.join(self.store_root, LOG_RELPATH)
+        self._clock = reactor
+        self._from_threads = IReactorFromThreads(reactor)
+        self._cache_ttl = cache_ttl
+        self._cache_size = cache_size
+        self._pool = threadpool if threadpool is not None else ThreadPool(0, threads, name="peernix-store")
+        self._running = False
+        self._stopped = False
+        # hash part -> (expiry time, result); insertion order is expiry order
+        # because every entry lives exactly cache_ttl.
+        self._cache: OrderedDict[str, tuple[float, PathInfo | None]] = OrderedDict()
+        # hash part -> Deferreds of callers waiting for the query in flight;
+        # each caller has its own, so one cancelling never affects the others.
+        self._inflight: dict[str, list[Deferred[PathInfo | None]]] = {}
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+
+    # -- life cycle ---------------------------------------------------------
+
+    def check(self) -> None:
+        """
+        Make sure this looks like a readable Nix store.  Blocking; call it
+        once at start-up, before the reactor runs.
+
+        :raises StoreError: with one line saying what is wrong and how to fix
+            it: the database is missing, unreadable, not a Nix database, or
+            the store directory is missing.
+        """
+        hint = f"is --store-root right? it must contain {DB_RELPATH}"
+        db = self.db_path
+        try:
+            header = _read_header(db)
+        except FileNotFoundError:
+            raise StoreError(f"cannot open the Nix database {db}: no such file ({hint})") from None
+        except PermissionError:
+            raise StoreError(
+                f"cannot read the Nix database {db}: permission denied"
+                " (run peernix as a user who can read it and its directory)"
+            ) from None
+        except IsADirectoryError:
+            raise StoreError(f"cannot open the Nix database {db}: it is a directory ({hint})") from None
+        except OSError as e:
+            raise StoreError(f"cannot open the Nix database {db}: {e.strerror} ({hint})") from None
+        if header != _SQLITE_MAGIC:
+            raise StoreError(f"{db} is not an SQLite database, so not a Nix database ({hint})")
+        try:
+            conn = _connect_ro(db)
+            try:
+                tables = {
+                    row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+                }
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(
+                f"cannot read the Nix database {db}: {e} (a read-only reader of a WAL database needs"
+                " db.sqlite-shm and db.sqlite-wal readable, or the db directory writable)"
+            ) from None
+        missing = {"ValidPaths", "Refs"} - tables
+        if missing:
+            raise StoreError(
+                f"{db} is an SQLite database but not a Nix store database"
+                f" (no {' or '.join(sorted(missing))} table; {hint})"
+            )
+        if not os.path.isdir(self.real_store_dir):
+            raise StoreError(
+                f"the store directory {self.real_store_dir} is missing"
+                f" (is --store-root right? it must contain {STORE_RELPATH})"
+            )
+
+    def start(self) -> None:
+        """Start the worker threads."""
+        if self._running:
+            return
+        self._running = True
+        self._stopped = False
+        self._pool.start()
+
+    def stop(self) -> None:
+        """
+        Stop the worker threads (waiting for running lookups to finish, so
+        this blocks briefly) and close their database connections.
+        Idempotent.
+        """
+        if self._running:
+            self._running = False
+            self._stopped = True
+            self._pool.stop()
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            conn.close()
+        # Connections are per thread; a new one is opened if this store is
+        # used synchronously again.
+        self._local = threading.local()
+
+    # -- IStore ---------------------------------------------------------------
+
+    def query_path_info(self, hash_part: str) -> Deferred[PathInfo | None]:
+        """
+        Look a path up by its hash part, as Nix does (see :class:`IStore`).
+
+        :param hash_part: a 32-character nix32 hash part.
+        :returns: a Deferred firing with the :class:`PathInfo` or ``None``
+            (no such valid path, ``NarSize`` unknown, being written, missing
+            on disk); it fails with :class:`ValueError` for an invalid hash
+            part and with :class:`StoreError` when the database fails or the
+            store is stopped.  Cancelling it stops only this caller's wait.
+        """
+        if not is_hash_part(hash_part):
+            return fail(ValueError(f"invalid hash part {hash_part!r}"))
+        if self._stopped:
+            return fail(StoreError("the local store is stopped"))
+        now = self._clock.seconds()
+        cached = self._cache.get(hash_part)
+        if cached is not None:
+            if cached[0] > now:
+                return succeed(cached[1])
+            del self._cache[hash_part]
+        mine: Deferred[PathInfo | None] = Deferred()
+        waiters = self._inflight.get(hash_part)
+        if waiters is not None:
+            waiters.append(mine)
+            return mine
+        self._inflight[hash_part] = [mine]
+        work = deferToThreadPool(self._from_threads, self._pool, self._lookup, hash_part)
+        # The thread cannot be cancelled; its result is delivered to whoever
+        # still waits, and cached.
+        work.addBoth(self._lookup_done, hash_part)
+        return mine
+
+    def real_path(self, store_path: str) -> str:
+        """
+        :param store_path: ``/nix/store/...``, a store path or a file in one.
+        :returns: where it is on this machine: ``<store root>/nix/store/...``.
+        :raises ValueError: if it is not below ``/nix/store`` (``..``
+            components included).
+        """
+        if posixpath.normpath(store_path) != store_path or not store_path.startswith(STORE_DIR + "/"):
+            raise ValueError(f"{store_path!r} is not a path below {STORE_DIR}")
+        return os.path.join(self.store_root, store_path.lstrip("/"))
+
+    def find_log(self, drv_basename: str) -> Deferred[str | None]:
+        """
+        Find the build log Nix keeps for a derivation, in
+        ``nix/var/log/nix/drvs/<first 2 chars>/<rest>``, plain or ``.bz2``.
+
+        :param drv_basename: ``<hash>-<name>.drv``.
+        :returns: a Deferred firing with the log file's path (ending in
+            ``.bz2`` when compressed) or ``None``; failing with
+            :class:`ValueError` for a name that is not a ``.drv`` basename.
+        """
+        try:
+            parse_basename(drv_basename)
+        except StorePathError as e:
+            return fail(ValueError(str(e)))
+        if not drv_basename.endswith(".drv"):
+            return fail(ValueError(f"{drv_basename!r} is not a derivation"))
+        if self._stopped:
+            return fail(StoreError("the local store is stopped"))
+        return deferToThreadPool(self._from_threads, self._pool, self._find_log, drv_basename)
+
+    def path_count(self) -> Deferred[int]:
+        """:returns: a Deferred firing with the number of valid paths (for the status page)."""
+        if self._stopped:
+            return fail(StoreError("the local store is stopped"))
+        return deferToThreadPool(self._from_threads, self._pool, self._count)
+
+    # -- reactor-thread helpers -----------------------------------------------
+
+    def _lookup_done(self, result: PathInfo | None | Failure, hash_part: str) -> None:
+        waiters = self._inflight.pop(hash_part, [])
+        if isinstance(result, Failure):
+            for d in waiters:
+                d.errback(result)
+            return
+        self._remember(hash_part, result)
+        for d in waiters:
+            d.callback(result)
+
+    def _remember(self, hash_part: str, result: PathInfo | None) -> None:
+        now = self._clock.seconds()
+        self._cache[hash_part] = (now + self._cache_ttl, result)
+        self._cache.move_to_end(hash_part)
+        # Oldest first: drop expired entries, then enough to respect the bound.
+        while self._cache:
+            oldest, (expiry, _) = next(iter(self._cache.items()))
+            if expiry > now and len(self._cache) <= self._cache_size:
+                break
+            del self._cache[oldest]
+
+    # -- worker-thread functions ----------------------------------------------
+
+    def _connection(self) -> sqlite3.Connection:
+        """:returns: this thread's read-only connection, opened on first use."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect_ro(self.db_path)
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
+        return conn
+
+    def _drop_connection(self) -> None:
+        """Forget this thread's connection after an error, so the next call reopens the DB."""
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._connections_lock:
+                if conn in self._connections:
+                    self._connections.remove(conn)
+            conn.close()
+
+    def _lookup(self, hash_part: str) -> PathInfo | None:
+        """
+        The whole lookup, blocking: one read transaction for the row and its
+        references, then the ``.lock`` and on-disk checks.  Runs in a worker
+        thread; tests call it directly.
+
+        :returns: the path's info, or ``None`` when it is not servable.
+        :raises StoreError: when the database fails.
+        """
+        prefix = f"{STORE_DIR}/{hash_part}"
+        conn = self._connection()
+        try:
+            # One snapshot for both queries, closed at once so Nix's
+            # checkpoints are never held back.
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute(_ROW_QUERY, (prefix,)).fetchone()
+                # Accept only this exact hash part: the next path in sort
+                # order may belong to another hash.
+                if row is None or not row[1].startswith(prefix + "-"):
+                    return None
+                refs = [r[0] for r in conn.execute(_REFS_QUERY, (row[0],)).fetchall()]
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._drop_connection()
+            raise StoreError(f"reading the Nix database {self.db_path} failed: {e}") from e
+        _id, path, hash_text, registration_time, deriver, nar_size, sigs, ca = row
+        info = self._row_to_info(path, hash_text, registration_time, deriver, nar_size, sigs, ca, refs)
+        if info is None:
+            return None
+        real = self.real_path(path)
+        try:
+            # Nix holds <path>.lock while it writes the path; never serve a
+            # half-written path.
+            if os.path.lexists(real + ".lock"):
+                return None
+            os.lstat(real)
+        except OSError:
+            return None
+        return info
+
+    def _row_to_info(
+        self,
+        path: str,
+        hash_text: str,
+        registration_time: int | None,
+        deriver: str | None,
+        nar_size: int | None,
+        sigs: str | None,
+        ca: str | None,
+        refs: list[str],
+    ) -> PathInfo | None:
+        """
+        Turn a ``ValidPaths`` row into a :class:`PathInfo`.
+
+        :returns: ``None`` when the row cannot be served: a ``NarSize`` that
+            is NULL or 0 (Nix rejects such narinfos, and computing it would
+            mean reading the whole path on a lookup; Nix itself fills it in
+            for every path it registers since 2.0), or a path, hash or
+            reference Nix would not accept.
+        """
+        if not nar_size or nar_size < 0:
+            _log.debug("not serving {path}: NarSize unknown", path=path)
+            return None
+        try:
+            parse_store_path(path)
+            for ref in refs:
+                parse_store_path(ref)
+            nar_hash = parse_hash(hash_text, "sha256")
+        except (StorePathError, HashError) as e:
+            _log.warn("not serving {path}: bad database row: {error}", path=path, error=str(e))
+            return None
+        if deriver is not None:
+            try:
+                parse_store_path(deriver)
+            except StorePathError:
+                # The deriver is informational only; a bad one is dropped, not fatal.
+                deriver = None
+        good_sigs = tuple(s for s in (sigs or "").split() if is_well_formed_sig(s))
+        return PathInfo(
+            path=path,
+            nar_hash=nar_hash,
+            nar_size=nar_size,
+            references=tuple(refs),
+            deriver=deriver,
+            sigs=good_sigs,
+            ca=ca or None,
+            registration_time=registration_time or 0,
+        )
+
+    def _find_log(self, drv_basename: str) -> str | None:
+        base = os.path.join(self.log_dir, drv_basename[:2], drv_basename[2:])
+        for candidate in (base, base + ".bz2"):
+            if os.path.isfile(candidate):
+                return candidate
+        return None
+
+    def _count(self) -> int:
+        conn = self._connection()
+        try:
+            count: int = conn.execute("SELECT COUNT(*) FROM ValidPaths").fetchone()[0]
+        except sqlite3.Error as e:
+            self._drop_connection()
+            raise StoreError(f"reading the Nix database {self.db_path} failed: {e}") from e
+        return count
