@@ -1,0 +1,457 @@
+"""
+The local Nix's upstream: first *trusted* answer across all peers.
+
+:class:`Fanout` implements :class:`~peernix.interfaces.IUpstream`:
+
+- ``lookup``: positive cache, negative cache, then one coalesced fan-out per
+  hash part: every healthy peer is asked at once and the first answer that
+  parses, names exactly the asked path and is trusted wins (``race`` cancels
+  the rest).  Answers failing the filter are counted against their peer and
+  ignored while the others continue, so a fast liar cannot starve honest
+  peers.  Winners' references are prefetched in the background.
+- ``relay_nar``: streams the NAR from a peer known to hold exactly the
+  NarHash (see :mod:`peernix.peers.relay`), trying the next peer when one
+  fails before any byte reached the client.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from typing import Any
+
+from attrs import frozen
+from prometheus_client import CollectorRegistry
+from twisted.internet.defer import CancelledError, Deferred, FailureGroup, TimeoutError, race, succeed
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from peernix.interfaces import IPeerRegistry, IUpstream
+from peernix.nix.hashes import Hash
+from peernix.nix.narinfo import NarInfo
+from peernix.nix.storepath import StorePathError, is_hash_part, parse_store_path
+from peernix.peers.client import PeerClient
+from peernix.peers.errors import NarRelayInterrupted, NarUnavailable, NarVerificationFailed, PeerError
+from peernix.peers.metrics import PeerMetrics
+from peernix.peers.registry import Peer
+from peernix.peers.relay import SUPPORTED_COMPRESSIONS, NarRelay
+from peernix.peers.trust import TrustPolicy
+
+log = Logger()
+
+
+@frozen
+class PeerOffer:
+    """What one peer said it has: a path with a NarHash, at a URL, compressed so."""
+
+    peer_url: str
+    nar_hash: Hash
+    url: str
+    compression: str
+
+
+class _Rejected(Exception):
+    """A peer's answer did not qualify (absent, lying or untrusted)."""
+
+
+class _Shared:
+    """One fan-out in flight and the callers waiting for it, each with its own Deferred."""
+
+    def __init__(self) -> None:
+        self.waiters: list[Deferred[NarInfo | None]] = []
+        self.done = False
+        self.result: NarInfo | None = None
+        self.op: Deferred[None] | None = None
+
+    def wait(self) -> Deferred[NarInfo | None]:
+        if self.done:
+            return succeed(self.result)
+
+        def cancel(d: Deferred[NarInfo | None]) -> None:
+            # Only this caller stops waiting; the shared fan-out runs on
+            # (bounded by lookup_timeout) and its result fills the cache.
+            if d in self.waiters:
+                self.waiters.remove(d)
+
+        d: Deferred[NarInfo | None] = Deferred(cancel)
+        self.waiters.append(d)
+        return d
+
+    def settle(self, result: NarInfo | None) -> None:
+        self.done = True
+        self.result = result
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            d.callback(result)
+
+
+@implementer(IUpstream)
+class Fanout:
+    """
+    :param registry: the peer table (healthy peers, failure accounting).
+    :param client: HTTP to peers.
+    :param trust: which narinfos may be passed on.
+    :param clock: time source for caches and deadlines.
+    :param negative_ttl: seconds a miss is remembered (dropped when a new
+        peer appears).
+    :param lookup_timeout: deadline of a whole fan-out; past it the lookup
+        is a miss.
+    :param prefetch_concurrency: at most this many background lookups of
+        references at once.
+    :param positive_ttl: seconds a won narinfo is served from memory.
+    :param cache_size: entries kept in each of the positive, negative and
+        offer caches (least recently used dropped first).
+    :param prefetch_queue: references waiting for prefetch, at most.
+    :param nar_silence_timeout: seconds a peer may stay silent mid-NAR
+        (while the client is not the slow side).
+    :param metrics_registry: where to register metrics (a private registry
+        when ``None``; never the global one).
+    """
+
+    def __init__(
+        self,
+        registry: IPeerRegistry,
+        client: PeerClient,
+        trust: TrustPolicy,
+        clock: IReactorTime,
+        *,
+        negative_ttl: float = 10.0,
+        lookup_timeout: float = 3.0,
+        prefetch_concurrency: int = 4,
+        positive_ttl: float = 60.0,
+        cache_size: int = 4096,
+        prefetch_queue: int = 256,
+        nar_silence_timeout: float = 30.0,
+        metrics_registry: CollectorRegistry | None = None,
+    ) -> None:
+        self._registry = registry
+        self._client = client
+        self._trust = trust
+        self._clock = clock
+        self._negative_ttl = negative_ttl
+        self._lookup_timeout = lookup_timeout
+        self._prefetch_concurrency = max(0, prefetch_concurrency)
+        self._positive_ttl = positive_ttl
+        self._cache_size = cache_size
+        self._prefetch_queue_max = prefetch_queue
+        self._nar_silence_timeout = nar_silence_timeout
+        self.metrics = PeerMetrics(metrics_registry, lambda: len(registry.peers()))
+        self._positive: OrderedDict[str, tuple[NarInfo, float]] = OrderedDict()
+        self._negative: OrderedDict[str, float] = OrderedDict()
+        self._offers: OrderedDict[str, dict[str, PeerOffer]] = OrderedDict()
+        self._inflight: dict[str, _Shared] = {}
+        self._prefetch_waiting: deque[str] = deque()
+        self._prefetch_running = 0
+        registry.subscribe(self._on_new_peer)
+
+    # -- caches ----------------------------------------------------------
+
+    def _on_new_peer(self, peer: Peer) -> None:
+        # A new peer may have what everybody else lacked.
+        self._negative.clear()
+
+    def _cached(self, hash_part: str) -> tuple[bool, NarInfo | None]:
+        """:returns: ``(True, answer)`` when the caches know the answer."""
+        now = self._clock.seconds()
+        hit = self._positive.get(hash_part)
+        if hit is not None:
+            if hit[1] > now:
+                self._positive.move_to_end(hash_part)
+                return True, hit[0]
+            del self._positive[hash_part]
+        expiry = self._negative.get(hash_part)
+        if expiry is not None:
+            if expiry > now:
+                return True, None
+            del self._negative[hash_part]
+        return False, None
+
+    def _store(self, hash_part: str, info: NarInfo | None) -> None:
+        now = self._clock.seconds()
+        if info is None:
+            self._negative[hash_part] = now + self._negative_ttl
+            self._negative.move_to_end(hash_part)
+            _trim(self._negative, self._cache_size)
+        else:
+            self._negative.pop(hash_part, None)
+            self._positive[hash_part] = (info, now + self._positive_ttl)
+            self._positive.move_to_end(hash_part)
+            _trim(self._positive, self._cache_size)
+
+    def _remember_offer(self, hash_part: str, peer: Peer, info: NarInfo) -> None:
+        offers = self._offers.setdefault(hash_part, {})
+        offers[peer.url] = PeerOffer(peer.url, info.nar_hash, info.url, info.compression)
+        self._offers.move_to_end(hash_part)
+        _trim(self._offers, self._cache_size)
+
+    def _forget_offer(self, hash_part: str, peer: Peer) -> None:
+        offers = self._offers.get(hash_part)
+        if offers is not None:
+            offers.pop(peer.url, None)
+
+    # -- lookup ----------------------------------------------------------
+
+    def lookup(self, hash_part: str) -> Deferred[NarInfo | None]:
+        """See :meth:`IUpstream.lookup`.  An invalid hash part is a miss."""
+        if not isinstance(hash_part, str) or not is_hash_part(hash_part):
+            return succeed(None)
+        known, answer = self._cached(hash_part)
+        if known:
+            return succeed(answer)
+        shared = self._inflight.get(hash_part)
+        if shared is None:
+            shared = _Shared()
+            self._inflight[hash_part] = shared
+            # Runs to completion (bounded by lookup_timeout) even when every
+            # waiter went away, so its answer fills the cache; only close()
+            # cancels it.
+            op = Deferred.fromCoroutine(self._fan_out(hash_part))
+            op.addErrback(self._fan_out_failed, hash_part)
+            shared.op = op.addCallback(self._settle, hash_part, shared)
+        return shared.wait()
+
+    def close(self) -> None:
+        """
+        Cancel every fan-out in flight (their waiters get a miss) and drop
+        queued prefetches.  For service shutdown: afterwards no request or
+        timer of this object is left.
+        """
+        self._prefetch_waiting.clear()
+        for shared in list(self._inflight.values()):
+            if shared.op is not None:
+                shared.op.cancel()
+
+    def _fan_out_failed(self, failure: Failure, hash_part: str) -> None:
+        # _fan_out catches everything it expects; anything else is a bug,
+        # which must still end as a miss for the client (never a 5xx).
+        if not isinstance(failure.value, CancelledError):
+            log.failure("fan-out for {hash_part} failed", failure, hash_part=hash_part)
+        return None
+
+    def _settle(self, result: NarInfo | None, hash_part: str, shared: _Shared) -> None:
+        if self._inflight.get(hash_part) is shared:
+            del self._inflight[hash_part]
+        self._store(hash_part, result)
+        shared.settle(result)
+        if result is not None:
+            self._schedule_prefetch(result)
+
+    async def _fan_out(self, hash_part: str) -> NarInfo | None:
+        peers = self._registry.healthy_peers()
+        if not peers:
+            # race() never fires on an empty list.
+            self.metrics.fanout_misses.inc()
+            return None
+        start = self._clock.seconds()
+        attempts = [Deferred.fromCoroutine(self._ask(peer, hash_part)) for peer in peers]
+        raced = race(attempts)
+        # On the deadline addTimeout cancels the race, which cancels every
+        # attempt (and so every peer request); it cancels its own timer when
+        # the race ends first.
+        raced.addTimeout(self._lookup_timeout, self._clock)
+        try:
+            _index, (peer, info) = await raced
+        except (FailureGroup, TimeoutError):
+            self.metrics.fanout_misses.inc()
+            return None
+        finally:
+            self.metrics.fanout_seconds.observe(self._clock.seconds() - start)
+        self.metrics.peer_hits.inc()
+        log.debug("{hash_part} found on {peer}", hash_part=hash_part, peer=peer.url)
+        return info
+
+    async def _ask(self, peer: Peer, hash_part: str) -> tuple[Peer, NarInfo]:
+        """
+        Ask one peer.  :returns: the peer and its narinfo when it qualifies.
+        :raises _Rejected: or :class:`PeerError` otherwise (race keeps
+            waiting for the others).
+        """
+        start = self._clock.seconds()
+        try:
+            info = await self._client.fetch_narinfo(peer, hash_part)
+        except PeerError as e:
+            self._registry.record_failure(peer, e.kind)
+            self.metrics.peer_requests.labels(e.kind).inc()
+            raise
+        latency = self._clock.seconds() - start
+        if info is None:
+            self._registry.record_success(peer, latency)
+            self.metrics.peer_requests.labels("miss").inc()
+            raise _Rejected("not found")
+        reason = self._disqualify(info, hash_part)
+        if reason is not None:
+            log.info(
+                "ignoring {peer}'s narinfo for {hash_part}: {reason}",
+                peer=peer.url,
+                hash_part=hash_part,
+                reason=reason,
+            )
+            self._registry.record_failure(peer, "untrusted")
+            self.metrics.peer_requests.labels("untrusted").inc()
+            raise _Rejected(reason)
+        self._registry.record_success(peer, latency)
+        self.metrics.peer_requests.labels("hit").inc()
+        self._remember_offer(hash_part, peer, info)
+        return peer, info
+
+    def _disqualify(self, info: NarInfo, hash_part: str) -> str | None:
+        """:returns: why ``info`` may not answer a lookup of ``hash_part``, or ``None``."""
+        try:
+            path = parse_store_path(info.store_path)
+        except StorePathError:
+            return "invalid StorePath"
+        if path.hash_part != hash_part:
+            return f"asked for {hash_part} but got {info.store_path}"
+        if not self._trust.is_trusted(info):
+            return "no signature by a trusted key and no valid CA"
+        return None
+
+    # -- prefetch --------------------------------------------------------
+
+    def _schedule_prefetch(self, info: NarInfo) -> None:
+        own = info.store_path.rsplit("/", 1)[-1]
+        for ref in info.references:
+            if ref == own:
+                continue
+            hash_part = ref[:32]
+            if (
+                not is_hash_part(hash_part)
+                or hash_part in self._inflight
+                or hash_part in self._prefetch_waiting
+                or self._cached(hash_part)[0]
+            ):
+                continue
+            if len(self._prefetch_waiting) >= self._prefetch_queue_max:
+                break
+            self._prefetch_waiting.append(hash_part)
+        self._pump_prefetch()
+
+    def _pump_prefetch(self) -> None:
+        while self._prefetch_waiting and self._prefetch_running < self._prefetch_concurrency:
+            hash_part = self._prefetch_waiting.popleft()
+            if hash_part in self._inflight or self._cached(hash_part)[0]:
+                continue
+            self._prefetch_running += 1
+            self.lookup(hash_part).addBoth(self._prefetch_done)
+
+    def _prefetch_done(self, _result: object) -> None:
+        self._prefetch_running -= 1
+        self._pump_prefetch()
+
+    # -- NAR relay -------------------------------------------------------
+
+    def relay_nar(self, info: NarInfo, consumer: object) -> Deferred[None]:
+        """See :meth:`IUpstream.relay_nar`.  ``consumer`` must provide ``IConsumer``."""
+        return Deferred.fromCoroutine(self._relay(info, IConsumer(consumer)))
+
+    async def _relay(self, info: NarInfo, consumer: IConsumer) -> None:
+        try:
+            hash_part = parse_store_path(info.store_path).hash_part
+        except StorePathError:
+            raise NarUnavailable(f"invalid store path {info.store_path!r}") from None
+        tried: set[str] = set()
+        known = [
+            (peer, offer)
+            for offer in self._offers.get(hash_part, {}).values()
+            if offer.nar_hash == info.nar_hash
+            for peer in [self._peer(offer.peer_url)]
+            if peer is not None
+        ]
+        known.sort(key=lambda po: -po[0].score)
+        for peer, offer in known:
+            if await self._try_relay(peer, offer, info, consumer, tried):
+                return
+        for peer, offer in await self._find_offers(hash_part, info, tried):
+            if await self._try_relay(peer, offer, info, consumer, tried):
+                return
+        raise NarUnavailable(f"no peer could send the NAR of {info.store_path}")
+
+    def _peer(self, url: str) -> Peer | None:
+        for peer in self._registry.peers():
+            if peer.url == url:
+                return peer
+        return None
+
+    async def _find_offers(self, hash_part: str, info: NarInfo, tried: set[str]) -> list[tuple[Peer, PeerOffer]]:
+        """Ask every healthy untried peer at once whether it has exactly ``info.nar_hash``."""
+        candidates = [p for p in self._registry.healthy_peers() if p.url not in tried]
+        pending = [Deferred.fromCoroutine(self._offer_from(peer, hash_part, info)) for peer in candidates]
+        found: list[tuple[Peer, PeerOffer]] = []
+        try:
+            for d in pending:
+                offer = await d
+                if offer is not None:
+                    found.append(offer)
+        finally:
+            # Cancelled while waiting: stop the remaining requests too.
+            for d in pending:
+                d.cancel()
+        # zstd between peernix nodes first, then the best-scored peer.
+        found.sort(key=lambda po: (po[1].compression != "zstd", -po[0].score))
+        return found
+
+    async def _offer_from(self, peer: Peer, hash_part: str, info: NarInfo) -> tuple[Peer, PeerOffer] | None:
+        try:
+            theirs = await self._client.fetch_narinfo(peer, hash_part)
+        except PeerError as e:
+            self._registry.record_failure(peer, e.kind)
+            return None
+        # Trust comes from ``info`` (already checked) and the NAR is verified
+        # against it, so the peer's narinfo only has to name the same content.
+        if theirs is None or theirs.store_path != info.store_path or theirs.nar_hash != info.nar_hash:
+            return None
+        self._remember_offer(hash_part, peer, theirs)
+        return peer, PeerOffer(peer.url, theirs.nar_hash, theirs.url, theirs.compression)
+
+    async def _try_relay(
+        self, peer: Peer, offer: PeerOffer, info: NarInfo, consumer: IConsumer, tried: set[str]
+    ) -> bool:
+        """
+        :returns: ``True`` when the NAR was relayed and verified; ``False``
+            when this peer failed before any byte reached the client.
+        :raises NarVerificationFailed: or :class:`NarRelayInterrupted` when
+            bytes were written already (or the client went away).
+        """
+        if peer.url in tried:
+            return False
+        tried.add(peer.url)
+        if offer.compression not in SUPPORTED_COMPRESSIONS:
+            return False
+        start = self._clock.seconds()
+        try:
+            response = await self._client.open_nar(peer, offer.url)
+        except PeerError as e:
+            self._registry.record_failure(peer, e.kind)
+            return False
+        self._registry.record_success(peer, self._clock.seconds() - start)
+        relay = NarRelay(
+            consumer,
+            info.nar_hash,
+            info.nar_size,
+            offer.compression,
+            self._clock,
+            silence=self._nar_silence_timeout,
+            on_bytes=self.metrics.proxied_bytes.inc,
+        )
+        response.deliverBody(relay)  # type: ignore[no-untyped-call]
+        hash_part = info.store_path.rsplit("/", 1)[-1][:32]
+        try:
+            await relay.done
+        except (NarVerificationFailed, NarRelayInterrupted) as e:
+            log.warn("relaying {path} from {peer} failed: {error}", path=info.store_path, peer=peer.url, error=str(e))
+            if relay.failure_kind is not None:
+                self._registry.record_failure(peer, relay.failure_kind)
+            if relay.failure_kind == "verification":
+                self.metrics.verification_failures.inc()
+                self._forget_offer(hash_part, peer)
+            if relay.wrote_any or relay.failure_kind is None:
+                raise
+            return False
+        return True
+
+
+def _trim(cache: OrderedDict[str, Any], size: int) -> None:
+    while len(cache) > size:
+        cache.popitem(last=False)
+

@@ -1,0 +1,313 @@
+"""
+The peer table: every known peer, where it was found, and its health.
+
+The registry is the only writer of :class:`Peer` state.  It is bounded
+(``max_peers``), static peers never expire, and peers that fail are skipped
+with exponential backoff.  Peers that *misbehave* (untrusted answers, NARs
+that fail verification) collect "strikes" that a successful probe only
+halves, so a peer that answers health probes but lies is still kept out of
+fan-outs for a while.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Callable
+from urllib.parse import urlsplit
+
+from attrs import define, field
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from peernix.interfaces import IPeerRegistry
+
+log = Logger()
+
+#: Source name of peers given on the command line or in the config file.
+STATIC = "static"
+
+#: Failure kinds that say the peer is alive but misbehaving, with their weight.
+_MISBEHAVIOUR_WEIGHTS = {"untrusted": 2, "verification": 4}
+_LIVENESS_KINDS = frozenset({"timeout", "connection", "http"})
+
+_HOSTNAME_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def parse_peer_url(text: str) -> str:
+    """
+    Validate and normalise a peer base URL.
+
+    Accepted: ``http://host:port`` with an optional trailing ``/`` or
+    ``/nix-cache[/]`` path; ``host`` is a DNS name, an IPv4 address or a
+    bracketed IPv6 literal, optionally with a zone id (``[fe80::1%eth0]``,
+    also written ``%25eth0`` as RFC 6874 says).  The port is required: the
+    default HTTP port is almost never where a peernix listens.
+
+    :returns: ``http://host:port`` with the host lower-cased, IP addresses
+        in canonical form and IPv6 literals bracketed.
+    :raises ValueError: with a message saying what is wrong.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("peer URL is empty")
+    text = text.strip()
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"invalid peer URL {text!r}: {e}") from None
+    if parts.scheme.lower() != "http":
+        raise ValueError(f"invalid peer URL {text!r}: the scheme must be http://")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"invalid peer URL {text!r}: user information is not allowed")
+    if parts.query or parts.fragment:
+        raise ValueError(f"invalid peer URL {text!r}: no query or fragment allowed")
+    if parts.path not in ("", "/", "/nix-cache", "/nix-cache/"):
+        raise ValueError(f"invalid peer URL {text!r}: expected http://host:port")
+    if port is None:
+        raise ValueError(f"invalid peer URL {text!r}: a port is required, e.g. http://host:9999")
+    if not 0 < port < 65536:
+        raise ValueError(f"invalid peer URL {text!r}: port out of range")
+    netloc = parts.netloc
+    host_text = netloc.rsplit(":", 1)[0]
+    if host_text.startswith("["):
+        if not host_text.endswith("]"):
+            raise ValueError(f"invalid peer URL {text!r}: unterminated IPv6 literal")
+        literal = host_text[1:-1].replace("%25", "%", 1)
+        addr, pct, zone = literal.partition("%")
+        if pct and (not zone or not re.fullmatch(r"[A-Za-z0-9_.\-]+", zone)):
+            raise ValueError(f"invalid peer URL {text!r}: invalid IPv6 zone id")
+        try:
+            ip6 = ipaddress.IPv6Address(addr)
+        except ValueError:
+            raise ValueError(f"invalid peer URL {text!r}: invalid IPv6 address") from None
+        host = f"[{ip6.compressed}{'%' + zone if pct else ''}]"
+    else:
+        name = host_text.lower()
+        try:
+            host = str(ipaddress.IPv4Address(name))
+        except ValueError:
+            labels = name.rstrip(".").split(".")
+            if (
+                not name
+                or len(name) > 253
+                or not all(_HOSTNAME_LABEL.fullmatch(label) for label in labels)
+                or labels[-1].isdigit()
+            ):
+                raise ValueError(f"invalid peer URL {text!r}: invalid host name") from None
+            host = ".".join(labels)
+    return f"http://{host}:{port}"
+
+
+def backoff_delay(strikes: int, *, base: float = 1.0, cap: float = 60.0) -> float:
+    """
+    :returns: how long to skip a peer after ``strikes`` weighted failures in a
+        row: ``base * 2**(strikes-1)`` capped at ``cap``; 0 for no strikes.
+    """
+    if strikes <= 0:
+        return 0.0
+    return min(cap, base * 2.0 ** min(strikes - 1, 30))
+
+
+@define(eq=False)
+class Peer:
+    """
+    One peer and its health.  Mutable, but only :class:`PeerRegistry`
+    changes it; everyone else reads.  Compared and hashed by identity.
+
+    :ivar url: normalised base URL ``http://host:port``.
+    :ivar sources: who knows the peer (``static``, ``udp``, ``mdns``).
+    :ivar public_key: the key the peer announced (``name:base64``), if any;
+        informative only, it confers no trust.
+    :ivar latency: exponentially weighted mean of answer latency, seconds.
+    :ivar consecutive_failures: liveness failures since the last success.
+    :ivar strikes: weighted misbehaviour count (halved by each success).
+    :ivar backoff_until: clock time before which the peer is skipped.
+    :ivar failures: failure counts per kind, for status and metrics.
+    """
+
+    url: str
+    first_seen: float
+    last_seen: float
+    sources: set[str] = field(factory=set)
+    public_key: str | None = None
+    latency: float | None = None
+    consecutive_failures: int = 0
+    strikes: int = 0
+    backoff_until: float = 0.0
+    successes: int = 0
+    failures: dict[str, int] = field(factory=dict)
+
+    @property
+    def nix_cache_url(self) -> str:
+        """:returns: the peer's binary cache URL, ending in ``/``."""
+        return f"{self.url}/nix-cache/"
+
+    @property
+    def is_static(self) -> bool:
+        """:returns: whether the peer is configured statically (never expires)."""
+        return STATIC in self.sources
+
+    @property
+    def score(self) -> float:
+        """
+        :returns: higher is better: minus the latency (1 s assumed when
+            unknown), minus half a second per consecutive failure and one
+            second per strike.  Used to order candidates, never for trust.
+        """
+        latency = 1.0 if self.latency is None else self.latency
+        return -latency - 0.5 * self.consecutive_failures - 1.0 * self.strikes
+
+
+@implementer(IPeerRegistry)
+class PeerRegistry:
+    """
+    The bounded peer table.
+
+    :param clock: time source for last-seen, expiry and backoff.
+    :param ttl: seconds after which a discovered peer not heard from (neither
+        announced nor answering) is dropped by :meth:`expire`.
+    :param max_peers: table size.  When full, a discovered newcomer is not
+        admitted unless an unhealthy discovered peer can make room; a static
+        newcomer evicts the worst discovered peer.  Healthy long-lived peers
+        are never evicted for a discovered newcomer, so spoofed announcements
+        cannot flush the table.
+    :param backoff_cap: the longest a failing peer is skipped, seconds.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        ttl: float = 120.0,
+        max_peers: int = 256,
+        backoff_cap: float = 60.0,
+    ) -> None:
+        if max_peers < 1:
+            raise ValueError("max_peers must be at least 1")
+        self._clock = clock
+        self._ttl = ttl
+        self._max_peers = max_peers
+        self._backoff_cap = backoff_cap
+        self._peers: dict[str, Peer] = {}
+        self._subscribers: list[Callable[[Peer], object]] = []
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+    def get(self, url: str) -> Peer | None:
+        """:returns: the peer with (normalised) base URL ``url``, if known."""
+        try:
+            return self._peers.get(parse_peer_url(url))
+        except ValueError:
+            return None
+
+    def add(self, url: str, source: str, public_key: str | None = None) -> Peer | None:
+        """
+        See :meth:`IPeerRegistry.add`.
+
+        An invalid ``url`` (see :func:`parse_peer_url`) is logged and not
+        admitted (``None``): discovery feeds this from the network, and a bad
+        announcement must not raise into a protocol.  Validate configured
+        peers with :func:`parse_peer_url` to give users a clear error.
+        """
+        try:
+            norm = parse_peer_url(url)
+        except ValueError as e:
+            log.warn("not adding peer from {source}: {error}", source=source, error=str(e))
+            return None
+        now = self._clock.seconds()
+        peer = self._peers.get(norm)
+        if peer is not None:
+            peer.sources.add(source)
+            peer.last_seen = now
+            if public_key is not None:
+                peer.public_key = public_key
+            return peer
+        if len(self._peers) >= self._max_peers and not self._make_room(static=source == STATIC):
+            log.debug("peer table full, not admitting {url}", url=norm)
+            return None
+        peer = Peer(url=norm, first_seen=now, last_seen=now, sources={source}, public_key=public_key)
+        self._peers[norm] = peer
+        log.info("new peer {url} (from {source})", url=norm, source=source)
+        for callback in list(self._subscribers):
+            try:
+                callback(peer)
+            except Exception:
+                # A subscriber's bug must not stop discovery from adding peers.
+                log.failure("peer subscriber failed")
+        return peer
+
+    def _make_room(self, *, static: bool) -> bool:
+        """Evict one discovered peer if the newcomer deserves it; :returns: whether room was made."""
+        now = self._clock.seconds()
+        candidates = [p for p in self._peers.values() if not p.is_static]
+        if not static:
+            # Only peers that are failing right now may give way to a newcomer.
+            candidates = [p for p in candidates if p.backoff_until > now and (p.consecutive_failures or p.strikes)]
+        if not candidates:
+            return False
+        worst = min(candidates, key=lambda p: (p.score, p.last_seen))
+        del self._peers[worst.url]
+        log.info("evicted peer {url} to make room", url=worst.url)
+        return True
+
+    def remove(self, url: str, source: str) -> None:
+        """See :meth:`IPeerRegistry.remove`.  Unknown URLs are ignored."""
+        peer = self.get(url)
+        if peer is None:
+            return
+        peer.sources.discard(source)
+        if not peer.sources:
+            del self._peers[peer.url]
+
+    def expire(self) -> None:
+        """See :meth:`IPeerRegistry.expire`."""
+        deadline = self._clock.seconds() - self._ttl
+        for peer in list(self._peers.values()):
+            if not peer.is_static and peer.last_seen < deadline:
+                log.info("peer {url} expired", url=peer.url)
+                del self._peers[peer.url]
+
+    def peers(self) -> list[Peer]:
+        """:returns: every known peer, best score first."""
+        return sorted(self._peers.values(), key=lambda p: -p.score)
+
+    def healthy_peers(self) -> list[Peer]:
+        """:returns: peers not in backoff, best score first."""
+        now = self._clock.seconds()
+        return [p for p in self.peers() if p.backoff_until <= now]
+
+    def record_success(self, peer: Peer, latency: float) -> None:
+        """
+        See :meth:`IPeerRegistry.record_success`.  A peer that answers counts
+        as seen (so mDNS peers, which announce once, do not expire while
+        alive); liveness backoff ends; misbehaviour strikes are halved.
+        """
+        now = self._clock.seconds()
+        peer.successes += 1
+        peer.last_seen = max(peer.last_seen, now)
+        latency = max(0.0, latency)
+        peer.latency = latency if peer.latency is None else 0.7 * peer.latency + 0.3 * latency
+        peer.consecutive_failures = 0
+        peer.strikes //= 2
+        peer.backoff_until = now + backoff_delay(peer.strikes, cap=self._backoff_cap)
+
+    def record_failure(self, peer: Peer, kind: str) -> None:
+        """See :meth:`IPeerRegistry.record_failure`; unknown kinds count as liveness failures."""
+        now = self._clock.seconds()
+        peer.failures[kind] = peer.failures.get(kind, 0) + 1
+        weight = _MISBEHAVIOUR_WEIGHTS.get(kind)
+        if weight is not None:
+            peer.strikes += weight
+        else:
+            peer.consecutive_failures += 1
+        delay = backoff_delay(peer.consecutive_failures + peer.strikes, cap=self._backoff_cap)
+        peer.backoff_until = max(peer.backoff_until, now + delay)
+
+    def subscribe(self, callback: object) -> None:
+        """See :meth:`IPeerRegistry.subscribe`; ``callback`` must be callable."""
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        self._subscribers.append(callback)

@@ -1,0 +1,508 @@
+"""Tests for :mod:`peernix.peers.fanout`, against a fake LAN (no sockets)."""
+
+# trial's assertion methods are not annotated.
+# mypy: disallow-untyped-calls=False
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from prometheus_client import CollectorRegistry
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.iweb import IResponse
+from twisted.web.server import Request
+from zope.interface.verify import verifyObject
+
+from peernix.interfaces import IUpstream
+from peernix.nix.narinfo import NarInfo, render_narinfo
+from peernix.nix.signing import SecretKey
+from peernix.peers.client import PeerClient
+from peernix.peers.errors import NarUnavailable, NarVerificationFailed
+from peernix.peers.fanout import Fanout
+from peernix.peers.registry import Peer, PeerRegistry
+from peernix.peers.trust import TrustPolicy
+from peernix.test.peerfakes import (
+    FakeLan,
+    FakeRegistry,
+    FakeResponse,
+    chunks_of,
+    file_nar,
+    hash_part_of,
+    lan_client,
+    make_info,
+    store_path_for,
+)
+
+TRUSTED = SecretKey("trusted-1", b"\x11" * 32)
+UNKNOWN = SecretKey("unknown-1", b"\x22" * 32)
+
+HONEST, FAST_UNTRUSTED, LIAR, BROKEN = "honest:9999", "untrusted:9999", "liar:9999", "broken:9999"
+
+
+def answer(request: Request, body: bytes, code: int = 200) -> None:
+    """Complete a request a slow fake peer held open."""
+    request.setResponseCode(code)
+    request.write(body)
+    request.finish()
+
+
+class FanoutTestMixin:
+    """A fan-out over a fake LAN with a fake registry."""
+
+    clock: Clock
+    lan: FakeLan
+
+    def make(self, hosts: list[str], registry_factory: Any = None, **kw: Any) -> None:
+        self.clock = Clock()
+        self.lan = FakeLan()
+        http, self.agent = lan_client(self.lan)
+        self.http = http
+        self.registry = registry_factory(self.clock) if registry_factory is not None else FakeRegistry()
+        for host in hosts:
+            self.lan.peer(host)
+            self.registry.add(f"http://{host}", "static")
+        self.client = PeerClient(http, self.clock, timeout=kw.pop("client_timeout", 2.0))
+        self.metrics = CollectorRegistry()
+        options: dict[str, Any] = {"negative_ttl": 10.0, "lookup_timeout": 3.0, "prefetch_concurrency": 2}
+        options.update(kw)
+        self.fanout = Fanout(
+            self.registry,
+            self.client,
+            TrustPolicy([TRUSTED.public_key]),
+            self.clock,
+            metrics_registry=self.metrics,
+            **options,
+        )
+        self.nar = file_nar(b"hello\n")
+        self.info = make_info(store_path_for("hello"), self.nar, key=TRUSTED, compression="zstd")
+        self.h = hash_part_of(self.info.store_path)
+
+    def lookup(self, hash_part: str | None = None) -> Deferred[NarInfo | None]:
+        d = self.fanout.lookup(hash_part or self.h)
+        self.agent.flush()
+        return d
+
+    def narinfo_requests(self, host: str) -> int:
+        return self.lan.count(host, ".narinfo") + sum(
+            1 for h, p, _ in self.lan.requests if h == host and ".narinfo" in p and "?" in p
+        )
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics.get_sample_value(name, labels) or 0.0
+
+
+class FanoutLookupTests(FanoutTestMixin, SynchronousTestCase):
+    """Finding the first trusted narinfo."""
+
+    def test_interface(self) -> None:
+        """Fanout provides IUpstream."""
+        self.make([HONEST])
+        verifyObject(IUpstream, self.fanout)
+
+    def test_honest_peer(self) -> None:
+        """A trusted narinfo from a peer is returned as the peer gave it, and counted."""
+        self.make([HONEST])
+        self.lan.peer(HONEST).serve(self.info, self.nar)
+        self.assertEqual(self.successResultOf(self.lookup()), self.info)
+        self.assertEqual(self.metric("peernix_peer_hits_total"), 1)
+        self.assertEqual(self.metric("peernix_peer_requests_total", result="hit"), 1)
+        self.assertEqual(self.metric("peernix_fanout_seconds_count"), 1)
+        self.assertEqual(self.metric("peernix_peers"), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_trusted_wins_over_faster_untrusted(self) -> None:
+        """A faster unsigned or foreign-signed answer is ignored until the trusted one arrives."""
+        self.make([FAST_UNTRUSTED, HONEST, "unsigned:9999"])
+        self.lan.peer(FAST_UNTRUSTED).serve(make_info(self.info.store_path, self.nar, key=UNKNOWN))
+        self.lan.peer("unsigned:9999").serve(attrs.evolve(self.info, sigs=()))
+        self.lan.peer(HONEST).mode = "slow"
+        d = self.lookup()
+        self.assertNoResult(d)
+        self.assertEqual(self.registry.failure_kinds(f"http://{FAST_UNTRUSTED}"), ["untrusted"])
+        self.assertEqual(self.registry.failure_kinds("http://unsigned:9999"), ["untrusted"])
+        [request] = self.lan.peer(HONEST).pending
+        answer(request, render_narinfo(self.info).encode())
+        self.agent.flush()
+        self.assertEqual(self.successResultOf(d), self.info)
+        self.assertEqual(self.metric("peernix_peer_requests_total", result="untrusted"), 2)
+
+    def test_lying_peer_ignored(self) -> None:
+        """A validly signed narinfo for another path is ignored and counted against its peer."""
+        self.make([LIAR, HONEST])
+        other = make_info(store_path_for("evil"), file_nar(b"evil\n"), key=TRUSTED)
+        self.lan.peer(LIAR).narinfos[self.h] = render_narinfo(other).encode()
+        self.lan.peer(HONEST).mode = "slow"
+        d = self.lookup()
+        self.assertNoResult(d)
+        self.assertEqual(self.registry.failure_kinds(f"http://{LIAR}"), ["untrusted"])
+        answer(self.lan.peer(HONEST).pending[0], render_narinfo(self.info).encode())
+        self.agent.flush()
+        self.assertEqual(self.successResultOf(d), self.info)
+
+    def test_winner_cancels_others(self) -> None:
+        """When one peer wins, requests to the others are cancelled and nothing is left pending."""
+        self.make([HONEST, "slow:9999"])
+        self.lan.peer("slow:9999").mode = "slow"
+        self.lan.peer(HONEST).serve(self.info)
+        self.assertEqual(self.successResultOf(self.lookup()), self.info)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.registry.failure_kinds("http://slow:9999"), [])
+
+    def test_all_bad_is_miss(self) -> None:
+        """Untrusted, lying, malformed, failing, absent and dead peers give a miss, each failure recorded."""
+        self.make([FAST_UNTRUSTED, LIAR, BROKEN, "error:9999", "absent:9999", "down:9999"])
+        self.lan.peer(FAST_UNTRUSTED).serve(attrs.evolve(self.info, sigs=()))
+        other = make_info(store_path_for("evil"), file_nar(b"evil\n"), key=TRUSTED)
+        self.lan.peer(LIAR).narinfos[self.h] = render_narinfo(other).encode()
+        self.lan.peer(BROKEN).narinfos[self.h] = b"garbage"
+        self.lan.peer("error:9999").mode = "error"
+        self.lan.peer("down:9999").mode = "down"
+        self.assertIsNone(self.successResultOf(self.lookup()))
+        kinds = {url: self.registry.failure_kinds(url) for url, _ in self.registry.failures}
+        self.assertEqual(
+            kinds,
+            {
+                f"http://{FAST_UNTRUSTED}": ["untrusted"],
+                f"http://{LIAR}": ["untrusted"],
+                f"http://{BROKEN}": ["untrusted"],
+                "http://error:9999": ["http"],
+                "http://down:9999": ["connection"],
+            },
+        )
+        self.assertIn("http://absent:9999", [u for u, _ in self.registry.successes])
+        self.assertEqual(self.metric("peernix_fanout_misses_total"), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_no_peers(self) -> None:
+        """Without healthy peers a lookup is a miss at once."""
+        self.make([HONEST])
+        self.registry.unhealthy.add(f"http://{HONEST}")
+        self.assertIsNone(self.successResultOf(self.lookup()))
+        self.assertEqual(self.lan.requests, [])
+
+    def test_invalid_hash(self) -> None:
+        """An invalid hash part is a miss without any request."""
+        self.make([HONEST])
+        self.assertIsNone(self.successResultOf(self.fanout.lookup("not-a-hash")))
+        self.assertEqual(self.lan.requests, [])
+
+    def test_peer_timeout(self) -> None:
+        """A peer that never answers makes a miss after the peer timeout, with no timers left."""
+        self.make(["slow:9999"])
+        self.lan.peer("slow:9999").mode = "slow"
+        d = self.lookup()
+        self.clock.advance(1.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.registry.failure_kinds("http://slow:9999"), ["timeout"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_lookup_timeout(self) -> None:
+        """The whole fan-out ends at lookup_timeout even if peer requests could wait longer."""
+        self.make(["slow:9999", "slow2:9999"], client_timeout=30.0)
+        self.lan.peer("slow:9999").mode = "slow"
+        self.lan.peer("slow2:9999").mode = "slow"
+        d = self.lookup()
+        self.clock.advance(2.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        # Abandoned requests are the fan-out's doing, not the peers' fault.
+        self.assertEqual(self.registry.failures, [])
+
+
+class FanoutCoalescingTests(FanoutTestMixin, SynchronousTestCase):
+    """Concurrent lookups share one fan-out."""
+
+    def test_fifty_lookups_one_request_per_peer(self) -> None:
+        """50 concurrent identical lookups cost each peer one request and all get the answer."""
+        hosts = [HONEST, "absent:9999", "slow:9999"]
+        self.make(hosts)
+        self.lan.peer(HONEST).serve(self.info)
+        self.lan.peer("slow:9999").mode = "slow"
+        ds = [self.fanout.lookup(self.h) for _ in range(50)]
+        self.assertEqual(len({id(d) for d in ds}), 50)
+        self.agent.flush()
+        for d in ds:
+            self.assertEqual(self.successResultOf(d), self.info)
+        for host in hosts:
+            self.assertEqual(self.lan.count(host), 1, host)
+
+    def test_cancel_one_waiter(self) -> None:
+        """Cancelling one waiter leaves the shared fan-out and the other waiters untouched."""
+        self.make([HONEST])
+        self.lan.peer(HONEST).mode = "slow"
+        d1, d2 = self.fanout.lookup(self.h), self.fanout.lookup(self.h)
+        self.agent.flush()
+        d1.cancel()
+        self.failureResultOf(d1, CancelledError)
+        self.assertNoResult(d2)
+        answer(self.lan.peer(HONEST).pending[0], render_narinfo(self.info).encode())
+        self.agent.flush()
+        self.assertEqual(self.successResultOf(d2), self.info)
+
+    def test_all_waiters_cancelled_fills_cache(self) -> None:
+        """With every waiter gone the fan-out still finishes into the cache."""
+        self.make([HONEST])
+        self.lan.peer(HONEST).mode = "slow"
+        d = self.lookup()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        answer(self.lan.peer(HONEST).pending[0], render_narinfo(self.info).encode())
+        self.agent.flush()
+        self.assertEqual(self.successResultOf(self.lookup()), self.info)
+        self.assertEqual(self.lan.count(HONEST), 1)
+
+
+    def test_close(self) -> None:
+        """close() ends every fan-out in flight as a miss, leaving no timers."""
+        self.make(["slow:9999"], client_timeout=30.0)
+        self.lan.peer("slow:9999").mode = "slow"
+        d = self.lookup()
+        self.fanout.close()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.registry.failures, [])
+
+
+class FanoutCacheTests(FanoutTestMixin, SynchronousTestCase):
+    """Positive and negative caches."""
+
+    def test_negative_cache(self) -> None:
+        """A miss is remembered for negative_ttl, then asked again."""
+        self.make(["absent:9999"])
+        self.assertIsNone(self.successResultOf(self.lookup()))
+        self.clock.advance(9)
+        self.assertIsNone(self.successResultOf(self.lookup()))
+        self.assertEqual(self.lan.count("absent:9999"), 1)
+        self.clock.advance(1)
+        self.assertIsNone(self.successResultOf(self.lookup()))
+        self.assertEqual(self.lan.count("absent:9999"), 2)
+
+    def test_new_peer_flushes_negative_cache(self) -> None:
+        """A new peer makes remembered misses be asked again, and it may have the path."""
+        self.make(["absent:9999"])
+        self.assertIsNone(self.successResultOf(self.lookup()))
+        self.lan.peer(HONEST).serve(self.info)
+        self.registry.add(f"http://{HONEST}", "udp")
+        self.assertEqual(self.successResultOf(self.lookup()), self.info)
+
+    def test_positive_cache(self) -> None:
+        """A winner is served from memory for positive_ttl."""
+        self.make([HONEST], positive_ttl=30.0)
+        self.lan.peer(HONEST).serve(self.info)
+        self.successResultOf(self.lookup())
+        self.clock.advance(29)
+        self.assertEqual(self.successResultOf(self.lookup()), self.info)
+        self.assertEqual(self.lan.count(HONEST), 1)
+        self.clock.advance(1)
+        self.assertEqual(self.successResultOf(self.lookup()), self.info)
+        self.assertEqual(self.lan.count(HONEST), 2)
+
+    def test_cache_bounded(self) -> None:
+        """The caches keep at most cache_size entries."""
+        self.make(["absent:9999"], cache_size=3)
+        for i in range(5):
+            self.successResultOf(self.lookup(hash_part_of(store_path_for(f"p{i}"))))
+        self.assertEqual(len(self.fanout._negative), 3)
+
+
+class FanoutPrefetchTests(FanoutTestMixin, SynchronousTestCase):
+    """Background lookups of a winner's references."""
+
+    def test_prefetch_bounded(self) -> None:
+        """References are looked up with bounded concurrency and later lookups come from memory."""
+        self.make([HONEST], prefetch_concurrency=2)
+        refs = [make_info(store_path_for(f"dep{i}"), file_nar(b"dep %d\n" % i), key=TRUSTED) for i in range(5)]
+        basenames = [r.store_path.rsplit("/", 1)[1] for r in refs]
+        own = self.info.store_path.rsplit("/", 1)[1]
+        top = make_info(self.info.store_path, self.nar, key=TRUSTED, references=[*basenames, own])
+        peer = self.lan.peer(HONEST)
+        peer.serve(top)
+        peer.hold.update(hash_part_of(r.store_path) for r in refs)
+        self.assertEqual(self.successResultOf(self.lookup()), top)
+        # At most prefetch_concurrency requests at once; the self-reference is not fetched.
+        self.assertEqual(len(peer.pending), 2)
+        answered = 0
+        while peer.pending:
+            self.assertLessEqual(len(peer.pending), 2)
+            request = peer.pending.pop(0)
+            ref = next(r for r in refs if hash_part_of(r.store_path) in request.path.decode())
+            answer(request, render_narinfo(ref).encode())
+            answered += 1
+            self.agent.flush()
+        self.assertEqual(answered, 5)
+        requests = len(self.lan.requests)
+        for ref in refs:
+            self.assertEqual(self.successResultOf(self.fanout.lookup(hash_part_of(ref.store_path))), ref)
+        self.assertEqual(len(self.lan.requests), requests)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class FanoutWithRegistryTests(FanoutTestMixin, SynchronousTestCase):
+    """The fan-out with the real registry."""
+
+    def test_liar_backs_off(self) -> None:
+        """A lying peer is skipped by the next fan-out while it is in backoff."""
+        self.make([LIAR, HONEST], registry_factory=PeerRegistry)
+        other = make_info(store_path_for("evil"), file_nar(b"evil\n"), key=TRUSTED)
+        self.lan.peer(LIAR).narinfos[self.h] = render_narinfo(other).encode()
+        self.lan.peer(HONEST).serve(self.info)
+        self.assertEqual(self.successResultOf(self.lookup()), self.info)
+        second = make_info(store_path_for("second"), file_nar(b"2\n"), key=TRUSTED)
+        self.lan.peer(HONEST).serve(second)
+        self.assertEqual(self.successResultOf(self.lookup(hash_part_of(second.store_path))), second)
+        self.assertEqual(self.lan.count(LIAR), 1)
+        self.assertEqual(self.lan.count(HONEST), 2)
+
+
+class ScriptedClient(PeerClient):
+    """A PeerClient whose NAR downloads are hand-rolled responses, by peer URL."""
+
+    def __init__(self, http: HTTPClient, clock: Clock) -> None:
+        super().__init__(http, clock)
+        self.responses: dict[str, FakeResponse] = {}
+        self.opened: list[tuple[str, str]] = []
+
+    def open_nar(self, peer: Peer, url: str) -> Deferred[IResponse]:
+        self.opened.append((peer.url, url))
+        return succeed(self.responses[peer.url])  # type: ignore[arg-type]
+
+
+class FanoutRelayTests(FanoutTestMixin, SynchronousTestCase):
+    """Relaying the NAR of a looked-up path."""
+
+    def relay(self, info: NarInfo | None = None) -> tuple[Deferred[None], StringTransport]:
+        consumer = StringTransport()
+        d = self.fanout.relay_nar(info or self.info, consumer)
+        self.agent.flush()
+        return d, consumer
+
+    def test_relay_zstd_from_winner(self) -> None:
+        """The NAR comes zstd-compressed from the peer that won the lookup, decompressed and verified."""
+        self.make([HONEST, "other:9999"])
+        self.lan.peer(HONEST).serve(self.info, self.nar)
+        self.successResultOf(self.lookup())
+        d, consumer = self.relay()
+        self.successResultOf(d)
+        self.assertEqual(consumer.value(), self.nar)
+        self.assertEqual(self.lan.count(HONEST, ".nar.zst"), 1)
+        self.assertEqual(self.lan.count("other:9999"), 1)  # only the narinfo fan-out
+        self.assertGreater(self.metric("peernix_proxied_bytes_total"), 0)
+
+    def test_relay_go_form_without_lookup(self) -> None:
+        """Without a remembered offer the peers are asked again; the Go form (raw, URL under /nix-cache/) works."""
+        self.make(["go:9999"])
+        go_info = make_info(self.info.store_path, self.nar, key=TRUSTED)
+        self.assertEqual(go_info.url, f"{self.h}-{go_info.nar_hash.nix32()}.nar")
+        self.lan.peer("go:9999").serve(go_info, self.nar)
+        d, consumer = self.relay(attrs.evolve(go_info, url="nar/ours.nar"))
+        self.successResultOf(d)
+        self.assertEqual(consumer.value(), self.nar)
+
+    def test_relay_falls_back_to_next_peer(self) -> None:
+        """A peer whose NAR is bad before anything was written is penalised and the next peer serves it."""
+        self.make([HONEST, "bad:9999"])
+        self.lan.peer(HONEST).serve(self.info, self.nar)
+        bad = bytearray(self.nar)
+        bad[-20] ^= 1
+        bad_peer = self.lan.peer("bad:9999")
+        bad_peer.serve(self.info, bytes(bad))
+        self.lan.peer(HONEST).mode = "slow"
+        found = self.lookup()
+        # Let the bad peer (same narinfo, bad NAR) win the lookup.
+        self.lan.peer(HONEST).mode = "normal"
+        self.lan.peer(HONEST).pending.clear()
+        self.successResultOf(found)
+        d, consumer = self.relay()
+        self.successResultOf(d)
+        self.assertEqual(consumer.value(), self.nar)
+        self.assertEqual(self.registry.failure_kinds("http://bad:9999"), ["verification"])
+        self.assertEqual(self.metric("peernix_verification_failures_total"), 1)
+
+    def test_relay_unavailable(self) -> None:
+        """When no peer has the NAR, relaying fails with NarUnavailable and writes nothing."""
+        self.make(["absent:9999", "error:9999"])
+        self.lan.peer("error:9999").mode = "error"
+        d, consumer = self.relay()
+        self.failureResultOf(d, NarUnavailable)
+        self.assertEqual(consumer.value(), b"")
+        self.assertIsNone(consumer.producer)
+
+    def test_relay_other_narhash_refused(self) -> None:
+        """A peer offering the path with another NarHash is not used."""
+        self.make(["other:9999"])
+        other_nar = file_nar(b"different\n")
+        self.lan.peer("other:9999").serve(
+            make_info(self.info.store_path, other_nar, key=TRUSTED), other_nar
+        )
+        d, consumer = self.relay()
+        self.failureResultOf(d, NarUnavailable)
+        self.assertEqual(self.lan.count("other:9999", ".nar"), 0)
+
+    def scripted(self) -> ScriptedClient:
+        self.make([HONEST, "b:9999"])
+        client = ScriptedClient(self.http, self.clock)
+        self.fanout._client = client
+        self.info = make_info(self.info.store_path, self.nar, key=TRUSTED)
+        for host in (HONEST, "b:9999"):
+            self.lan.peer(host).serve(self.info, self.nar)
+        return client
+
+    def test_relay_fails_after_write(self) -> None:
+        """A NAR that fails verification after bytes went out fails the relay (no fallback)."""
+        client = self.scripted()
+        big = file_nar(b"x" * 5000)
+        info = make_info(self.info.store_path, big, key=TRUSTED)
+        self.lan.peer(HONEST).serve(info)
+        self.lan.peer("b:9999").serve(info)
+        client.responses = {f"http://{HONEST}": FakeResponse(), "http://b:9999": FakeResponse()}
+        d, consumer = self.relay(info)
+        [(first, _)] = client.opened
+        response = client.responses[first]
+        bad = bytearray(big)
+        bad[-20] ^= 1
+        response.send(*chunks_of(bytes(bad), 1000))
+        response.finish()
+        self.failureResultOf(d, NarVerificationFailed)
+        self.assertGreater(len(consumer.value()), 0)
+        self.assertLess(len(consumer.value()), len(big))
+        self.assertEqual(len(client.opened), 1)
+        self.assertEqual([k for _, k in self.registry.failures], ["verification"])
+
+    def test_relay_cancel(self) -> None:
+        """Cancelling the relay (client went away) stops the peer connection."""
+        client = self.scripted()
+        response = FakeResponse()
+        client.responses = {f"http://{HONEST}": response, "http://b:9999": response}
+        d, consumer = self.relay()
+        response.send(self.nar[:50])
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(response.transport.stopped)
+        self.assertIsNone(consumer.producer)
+        self.assertEqual(self.registry.failures, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_relay_backpressure(self) -> None:
+        """The client's pause reaches the peer transport during a relay."""
+        client = self.scripted()
+        response = FakeResponse()
+        client.responses = {f"http://{HONEST}": response, "http://b:9999": response}
+        d, consumer = self.relay()
+        assert consumer.producer is not None
+        consumer.producer.pauseProducing()
+        self.assertTrue(response.transport.paused)
+        consumer.producer.resumeProducing()
+        self.assertFalse(response.transport.paused)
+        response.send(self.nar)
+        response.finish()
+        self.successResultOf(d)
+        self.assertEqual(consumer.value(), self.nar)

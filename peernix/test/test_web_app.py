@@ -1,0 +1,832 @@
+"""Tests for :mod:`peernix.web.app`: the cache protocol, status pages and metrics, socket-free."""
+
+from __future__ import annotations
+
+import gzip
+import ipaddress
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import zstandard
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.server import Site
+from zope.interface.verify import verifyObject
+
+from peernix.interfaces import IStore, IUpstream
+from peernix.nix.hashes import Hash
+from peernix.nix.narinfo import NarInfo, parse_narinfo
+from peernix.nix.pathinfo import PathInfo
+from peernix.nix.signing import SecretKey, parse_secret_key
+from peernix.peers.errors import NarUnavailable, NarVerificationFailed
+from peernix.test.fakes import FakeUpstream, MemoryStore, fake_hash_part, nar_bytes, run_synchronously
+from peernix.web.app import DEFAULT_PROXY_CLIENTS, WebApp, client_ip
+from peernix.web.metrics import Metrics
+
+#: The throwaway test key of nix-protocol.md §1.5.
+TEST_KEY = "test-1:7PkklNGdFMvOC2stB1+EhT9Gfh4hBLvpx+HFrKMNWyRYWr4KHNuWa9PDSBHZCGpq6EBYZZdg3RQhSEhSAOKgkA=="
+#: A well-formed signature by some other key (as cache.nixos.org's would be in the DB).
+OTHER_SIG = "cache.example.org-1:" + "A" * 86 + "=="
+BIG = 200 * 1024
+
+
+class Harness:
+    """A WebApp over a MemoryStore, queried in memory through RequestTraversalAgent (127.0.0.1)."""
+
+    def __init__(
+        self,
+        testcase: SynchronousTestCase,
+        *,
+        key: SecretKey | None = None,
+        upstream: FakeUpstream | None = None,
+        proxy_clients: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = DEFAULT_PROXY_CLIENTS,
+        defer_to_thread: Any = run_synchronously,
+    ) -> None:
+        root = testcase.mktemp()
+        os.makedirs(root)
+        self.store = MemoryStore(root)
+        self.clock = Clock()
+        self.metrics = Metrics()
+        self.key = key
+        self.app = WebApp(
+            self.store,
+            reactor=self.clock,
+            defer_to_thread=defer_to_thread,
+            secret_key=key,
+            priority=30,
+            metrics=self.metrics,
+            upstream=upstream,
+            proxy_clients=proxy_clients,
+            store_root=root,
+            version="9.9.9-test",
+        )
+        self.resource = self.app.resource()
+        self.agent = RequestTraversalAgent(self.resource)
+
+    def request(self, method: bytes, path: str | bytes, headers: dict[bytes, list[bytes]] | None = None) -> tuple[IResponse, bytes]:
+        """:returns: the response and its (de-chunked, still encoded) body."""
+        if isinstance(path, str):
+            path = path.encode("ascii")
+        out: list[Any] = []
+        d = self.agent.request(method, b"http://peernix" + path, Headers(headers or {}))
+
+        def body(response: IResponse) -> Deferred[tuple[IResponse, bytes]]:
+            return readBody(response).addCallback(lambda data: (response, data))
+
+        d.addCallback(body)
+        d.addBoth(out.append)
+        self.agent.flush()
+        assert len(out) == 1, "no response"
+        if isinstance(out[0], Failure):
+            out[0].raiseException()
+        result: tuple[IResponse, bytes] = out[0]
+        return result
+
+    def get(self, path: str | bytes, **headers: str) -> tuple[IResponse, bytes]:
+        return self.request(b"GET", path, {k.replace("_", "-").encode(): [v.encode()] for k, v in headers.items()})
+
+    def head(self, path: str | bytes) -> tuple[IResponse, bytes]:
+        return self.request(b"HEAD", path)
+
+    def raw(self, request: bytes, peer: str = "127.0.0.1") -> tuple[StringTransport, Any]:
+        """Send raw request bytes to a real HTTPChannel over a StringTransport; returns (transport, channel)."""
+        site = Site(self.resource, reactor=self.clock)
+        address = IPv6Address("TCP", peer, 4321) if ":" in peer else IPv4Address("TCP", peer, 4321)
+        channel = site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address)
+        channel.makeConnection(transport)
+        channel.dataReceived(request)
+        return transport, channel
+
+
+def header(response: IResponse, name: str) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    return None if values is None else ",".join(values)
+
+
+def content_length(response: IResponse) -> str | None:
+    """:returns: the Content-Length sent (twisted's client moves it from the headers of a GET to ``length``)."""
+    value = header(response, "Content-Length")
+    if value is not None:
+        return value
+    return None if response.length is UNKNOWN_LENGTH else str(response.length)
+
+
+def nar_url(info: PathInfo, suffix: str = ".nar", prefix: str = "/nix-cache/nar/") -> str:
+    return f"{prefix}{info.hash_part}-{info.nar_hash.nix32()}{suffix}"
+
+
+def big_contents() -> bytes:
+    return (os.urandom(1024) + b"\0" * 3072) * (BIG // 4096)
+
+
+class FakesTests(SynchronousTestCase):
+    """The test doubles implement the interfaces they stand for."""
+
+    def test_memory_store(self) -> None:
+        """MemoryStore provides IStore."""
+        root = self.mktemp()
+        os.makedirs(root)
+        verifyObject(IStore, MemoryStore(root))
+
+    def test_fake_upstream(self) -> None:
+        """FakeUpstream provides IUpstream."""
+        verifyObject(IUpstream, FakeUpstream())
+
+    def test_memory_store_hash_matches_nix(self) -> None:
+        """MemoryStore's NAR hash of a 'hello' file is the vector of nix-protocol.md §1.4."""
+        root = self.mktemp()
+        os.makedirs(root)
+        info = MemoryStore(root).add_file("f", b"hello\n")
+        self.assertEqual(info.nar_hash.to_string(), "sha256:04zwf782yjwnh3q6hz5izfd6jyip8kgw6g6yj43fiqhbyhdd0dqw")
+        self.assertEqual(info.nar_size, 120)
+
+
+class CacheInfoTests(SynchronousTestCase):
+    """/nix-cache/nix-cache-info describes the cache."""
+
+    def test_cache_info(self) -> None:
+        """It names the store dir, mass query and the configured priority."""
+        h = Harness(self)
+        response, body = h.get("/nix-cache/nix-cache-info")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n")
+        self.assertEqual(header(response, "Content-Type"), "text/x-nix-cache-info")
+        head, head_body = h.head("/nix-cache/nix-cache-info")
+        self.assertEqual((head.code, head_body), (200, b""))
+        self.assertEqual(content_length(head), str(len(body)))
+
+
+class NarInfoTests(SynchronousTestCase):
+    """/nix-cache/<hash>.narinfo serves local paths, signed, and validates the hash."""
+
+    def setUp(self) -> None:
+        self.key = parse_secret_key(TEST_KEY)
+        self.h = Harness(self, key=self.key)
+        dep = self.h.store.add_file("dep", b"dep")
+        self.info = self.h.store.add_tree(
+            "withref",
+            {"a": b"x", "bin": {"run": b"#!/bin/sh\n"}, "l": ("symlink", "a")},
+            references=(dep.path,),
+            sigs=(OTHER_SIG,),
+            deriver=f"/nix/store/{fake_hash_part('d')}-withref.drv",
+        )
+        self.info = self.h.store.evolve(self.info.hash_part, references=(dep.path, self.info.path))
+
+    def test_local_hit(self) -> None:
+        """A local path gives 200 with our URL, Compression none, the DB sigs, and our valid signature."""
+        response, body = self.h.get(f"/nix-cache/{self.info.hash_part}.narinfo")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(header(response, "Content-Type"), "text/x-nix-narinfo")
+        self.assertEqual(content_length(response), str(len(body)))
+        narinfo = parse_narinfo(body)
+        self.assertEqual(narinfo.store_path, self.info.path)
+        self.assertEqual(narinfo.url, f"nar/{self.info.hash_part}-{self.info.nar_hash.nix32()}.nar")
+        self.assertEqual(narinfo.compression, "none")
+        self.assertEqual(narinfo.nar_hash, self.info.nar_hash)
+        self.assertEqual(narinfo.nar_size, self.info.nar_size)
+        self.assertEqual(len(narinfo.references), 2)
+        self.assertEqual(narinfo.deriver, f"{fake_hash_part('d')}-withref.drv")
+        self.assertEqual(narinfo.sigs[0], OTHER_SIG)
+        ours = [s for s in narinfo.sigs if s.startswith("test-1:")]
+        self.assertEqual(len(ours), 1)
+        self.assertTrue(self.key.public_key.verify(narinfo.fingerprint(), ours[0]))
+        self.assertIsNone(narinfo.file_hash)
+
+    def test_without_key(self) -> None:
+        """Without a key only the database signatures are served."""
+        h = Harness(self)
+        info = h.store.add_file("f", b"f", sigs=(OTHER_SIG,))
+        _, body = h.get(f"/nix-cache/{info.hash_part}.narinfo")
+        self.assertEqual(parse_narinfo(body).sigs, (OTHER_SIG,))
+
+    def test_zstd_query(self) -> None:
+        """?compression=zstd points at the .nar.zst URL and says Compression: zstd."""
+        _, body = self.h.get(f"/nix-cache/{self.info.hash_part}.narinfo?compression=zstd")
+        narinfo = parse_narinfo(body)
+        self.assertEqual(narinfo.url, f"nar/{self.info.hash_part}-{self.info.nar_hash.nix32()}.nar.zst")
+        self.assertEqual(narinfo.compression, "zstd")
+        _, plain = self.h.get(f"/nix-cache/{self.info.hash_part}.narinfo")
+        self.assertEqual(parse_narinfo(plain).compression, "none")
+
+    def test_head_matches_get(self) -> None:
+        """HEAD gives GET's status and Content-Length, without a body, for hits, misses and bad hashes."""
+        for path in (
+            f"/nix-cache/{self.info.hash_part}.narinfo",
+            f"/nix-cache/{fake_hash_part('absent')}.narinfo",
+            "/nix-cache/short.narinfo",
+        ):
+            get, get_body = self.h.get(path)
+            head, head_body = self.h.head(path)
+            self.assertEqual(head.code, get.code, path)
+            self.assertEqual(head_body, b"")
+            self.assertEqual(content_length(head), str(len(get_body)))
+
+    def test_miss_is_404(self) -> None:
+        """An unknown hash is 404 (with no upstream)."""
+        response, _ = self.h.get(f"/nix-cache/{fake_hash_part('absent')}.narinfo")
+        self.assertEqual(response.code, 404)
+
+    def test_invalid_hash_is_400(self) -> None:
+        """A hash part that is not 32 nix32 characters is 400, without asking the store."""
+        for bad in ("short", "e" * 32, "0" * 31, "0" * 33, "0" * 31 + "E", "%30" * 32, "0" * 31 + "%00"):
+            response, body = self.h.get(f"/nix-cache/{bad}.narinfo")
+            self.assertEqual(response.code, 400, bad)
+            self.assertTrue(body)
+        self.assertEqual(self.h.store.lookups, [])
+
+    def test_cached_briefly(self) -> None:
+        """A rendered narinfo is reused for a moment, then looked up again."""
+        path = f"/nix-cache/{self.info.hash_part}.narinfo"
+        _, first = self.h.get(path)
+        _, second = self.h.get(path)
+        self.assertEqual(first, second)
+        self.assertEqual(len(self.h.store.lookups), 1)
+        self.h.clock.advance(5)
+        self.h.store.remove(self.info.hash_part)
+        response, _ = self.h.get(path)
+        self.assertEqual(response.code, 404)
+        self.assertEqual(len(self.h.store.lookups), 2)
+
+    def test_cache_bounded(self) -> None:
+        """The narinfo cache never holds more than its bound."""
+        from peernix.web import app as app_module
+
+        self.patch(app_module, "NARINFO_CACHE_SIZE", 5)
+        for i in range(12):
+            info = self.h.store.add_file(f"p{i}", b"%d" % i)
+            self.assertEqual(self.h.get(f"/nix-cache/{info.hash_part}.narinfo")[0].code, 200)
+        self.assertLessEqual(len(self.h.app._narinfo_cache), 5)
+
+    def test_store_error_is_404(self) -> None:
+        """A store lookup that fails unexpectedly is answered 404, never 5xx, and logged."""
+
+        def broken(hash_part: str) -> Deferred[PathInfo | None]:
+            raise RuntimeError("database is locked")
+
+        self.patch(self.h.store, "query_path_info", broken)
+        response, _ = self.h.get(f"/nix-cache/{self.info.hash_part}.narinfo")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class ProxyTests(SynchronousTestCase):
+    """Local misses go to the upstream only for proxy clients, and never re-signed."""
+
+    def setUp(self) -> None:
+        self.upstream = FakeUpstream()
+        self.nar = b"peer nar bytes, pretend"
+        self.peer_hash = fake_hash_part("peerpath")
+        self.peer_info = NarInfo(
+            store_path=f"/nix/store/{self.peer_hash}-peerpath",
+            url="nar/somewhere.nar.zst",
+            compression="zstd",
+            nar_hash=Hash.sha256_of(self.nar),
+            nar_size=len(self.nar),
+            references=(f"{self.peer_hash}-peerpath",),
+            sigs=(OTHER_SIG,),
+            file_hash=Hash.sha256_of(b"compressed"),
+            file_size=10,
+        )
+        self.upstream.add(self.peer_info, self.nar)
+
+    def test_local_client_gets_peer_narinfo(self) -> None:
+        """A loopback client's miss returns the peer narinfo with our URL, no FileHash, sigs untouched."""
+        h = Harness(self, key=parse_secret_key(TEST_KEY), upstream=self.upstream)
+        response, body = h.get(f"/nix-cache/{self.peer_hash}.narinfo")
+        self.assertEqual(response.code, 200)
+        narinfo = parse_narinfo(body)
+        self.assertEqual(narinfo.url, f"nar/{self.peer_hash}-{self.peer_info.nar_hash.nix32()}.nar")
+        self.assertEqual(narinfo.compression, "none")
+        self.assertIsNone(narinfo.file_hash)
+        self.assertIsNone(narinfo.file_size)
+        self.assertEqual(narinfo.sigs, (OTHER_SIG,))
+        self.assertEqual(narinfo.fingerprint(), self.peer_info.fingerprint())
+        self.assertEqual(self.upstream.lookups, [self.peer_hash])
+
+    def test_peer_client_never_fans_out(self) -> None:
+        """A client outside proxy_clients gets 404 for a miss and the upstream is never asked."""
+        h = Harness(self, upstream=self.upstream, proxy_clients=[ipaddress.ip_network("10.0.0.0/8")])
+        self.assertEqual(h.get(f"/nix-cache/{self.peer_hash}.narinfo")[0].code, 404)
+        self.assertEqual(h.head(f"/nix-cache/{self.peer_hash}.narinfo")[0].code, 404)
+        url = f"/nix-cache/nar/{self.peer_hash}-{self.peer_info.nar_hash.nix32()}.nar"
+        self.assertEqual(h.get(url)[0].code, 404)
+        self.assertEqual(self.upstream.lookups, [])
+
+    def test_peernix_peer_header_never_fans_out(self) -> None:
+        """A loopback request marked X-Peernix-Peer (another daemon on this host) is answered locally only."""
+        h = Harness(self, upstream=self.upstream)
+        self.assertEqual(h.get(f"/nix-cache/{self.peer_hash}.narinfo", X_Peernix_Peer="1")[0].code, 404)
+        url = f"/nix-cache/nar/{self.peer_hash}-{self.peer_info.nar_hash.nix32()}.nar"
+        self.assertEqual(h.get(url, X_Peernix_Peer="1")[0].code, 404)
+        self.assertEqual(self.upstream.lookups, [])
+
+    def test_peer_address_over_the_wire(self) -> None:
+        """A request from a LAN address with the default proxy_clients gets 404 without an upstream call."""
+        h = Harness(self, upstream=self.upstream)
+        transport, _ = h.raw(b"GET /nix-cache/%s.narinfo HTTP/1.1\r\nHost: x\r\n\r\n" % self.peer_hash.encode(), peer="192.0.2.7")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 404 "))
+        self.assertEqual(self.upstream.lookups, [])
+        transport, _ = h.raw(b"GET /nix-cache/%s.narinfo HTTP/1.1\r\nHost: x\r\n\r\n" % self.peer_hash.encode(), peer="::ffff:127.0.0.1")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+
+    def test_upstream_failure_is_404(self) -> None:
+        """An upstream that fails gives 404 and a logged failure."""
+        self.upstream.lookup_error = RuntimeError("fan-out bug")
+        h = Harness(self, upstream=self.upstream)
+        self.assertEqual(h.get(f"/nix-cache/{self.peer_hash}.narinfo")[0].code, 404)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_upstream_wrong_path_ignored(self) -> None:
+        """A peer narinfo naming another store path is not served."""
+        self.upstream.narinfos[fake_hash_part("other")] = self.peer_info
+        h = Harness(self, upstream=self.upstream)
+        self.assertEqual(h.get(f"/nix-cache/{fake_hash_part('other')}.narinfo")[0].code, 404)
+
+    def test_client_gone_cancels_lookup(self) -> None:
+        """When the client disconnects during a fan-out, the upstream wait is cancelled."""
+        self.upstream.hold_lookups = True
+        h = Harness(self, upstream=self.upstream)
+        transport, channel = h.raw(b"GET /nix-cache/%s.narinfo HTTP/1.1\r\nHost: x\r\n\r\n" % self.peer_hash.encode())
+        self.assertEqual(len(self.upstream.held), 1)
+        channel.connectionLost(Failure(ConnectionError("gone")))
+        self.assertEqual(self.upstream.cancelled, 1)
+        self.assertEqual(transport.value(), b"")
+
+    def test_relay_nar(self) -> None:
+        """A loopback client's NAR miss is relayed from the upstream with the NAR's Content-Length."""
+        h = Harness(self, upstream=self.upstream)
+        url = f"/nix-cache/nar/{self.peer_hash}-{self.peer_info.nar_hash.nix32()}.nar"
+        response, body = h.get(url)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, self.nar)
+        self.assertEqual(content_length(response), str(len(self.nar)))
+        self.assertEqual(header(response, "Content-Type"), "application/x-nix-nar")
+        head, _ = h.head(url)
+        self.assertEqual(head.code, 200)
+        self.assertEqual(len(self.upstream.relays), 1)
+
+    def test_relay_other_narhash_404(self) -> None:
+        """A NAR URL whose NarHash differs from the peer's narinfo is 404 without relaying."""
+        h = Harness(self, upstream=self.upstream)
+        url = f"/nix-cache/nar/{self.peer_hash}-{Hash.sha256_of(b'x').nix32()}.nar"
+        self.assertEqual(h.get(url)[0].code, 404)
+        self.assertEqual(self.upstream.relays, [])
+
+    def test_relay_unavailable_404(self) -> None:
+        """NarUnavailable before any byte becomes a clean 404."""
+        del self.upstream.nars[self.peer_info.nar_hash.to_string()]
+        h = Harness(self, upstream=self.upstream)
+        response, body = h.get(f"/nix-cache/nar/{self.peer_hash}-{self.peer_info.nar_hash.nix32()}.nar")
+        self.assertEqual(response.code, 404)
+        self.assertEqual(content_length(response), str(len(body)))
+
+    def test_relay_failure_aborts(self) -> None:
+        """A relay failing after bytes were sent aborts the connection and never finishes the response."""
+        self.upstream.relay_error = NarVerificationFailed("hash mismatch")
+        self.upstream.relay_error_after = 5
+        h = Harness(self, upstream=self.upstream)
+        transport, _ = h.raw(
+            b"GET /nix-cache/nar/%s-%s.nar HTTP/1.1\r\nHost: x\r\n\r\n"
+            % (self.peer_hash.encode(), self.peer_info.nar_hash.nix32().encode())
+        )
+        value = transport.value()
+        self.assertTrue(value.startswith(b"HTTP/1.1 200 "))
+        self.assertIn(b"Content-Length: %d" % len(self.nar), value)
+        self.assertTrue(value.endswith(b"\r\n\r\n" + self.nar[:5]))
+        self.assertTrue(transport.disconnected)  # StringTransport: abortConnection() was called
+        self.assertEqual(len(self.flushLoggedErrors(NarVerificationFailed)), 1)
+
+    def test_relay_unavailable_after_bytes_aborts(self) -> None:
+        """Even NarUnavailable aborts once bytes went out."""
+        self.upstream.relay_error = NarUnavailable("peer vanished")
+        self.upstream.relay_error_after = 3
+        h = Harness(self, upstream=self.upstream)
+        transport, _ = h.raw(
+            b"GET /nix-cache/nar/%s-%s.nar HTTP/1.1\r\nHost: x\r\n\r\n"
+            % (self.peer_hash.encode(), self.peer_info.nar_hash.nix32().encode())
+        )
+        self.assertTrue(transport.disconnected)
+        self.flushLoggedErrors(NarUnavailable)
+
+
+class NarTests(SynchronousTestCase):
+    """NAR URLs stream the local path's NAR, compressed or sliced as negotiated."""
+
+    def setUp(self) -> None:
+        self.h = Harness(self)
+        self.small = self.h.store.add_file("small", b"hello\n")
+        self.big = self.h.store.add_tree("big", {"data": big_contents(), "exe": b"#!"})
+        self.big_nar = nar_bytes(self.h.store.real_path(self.big.path))
+
+    def test_raw_nar(self) -> None:
+        """A raw NAR has the exact bytes, Content-Length, Accept-Ranges and Vary."""
+        response, body = self.h.get(nar_url(self.big))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, self.big_nar)
+        self.assertEqual(content_length(response), str(len(self.big_nar)))
+        self.assertEqual(header(response, "Accept-Ranges"), "bytes")
+        self.assertEqual(header(response, "Vary"), "Accept-Encoding")
+        self.assertEqual(header(response, "Content-Type"), "application/x-nix-nar")
+        self.assertIsNone(header(response, "Content-Encoding"))
+
+    def test_url_forms(self) -> None:
+        """The nar/ form, zw3rk's form under the cache root, and harmonia's ?hash= form all work."""
+        for url in (
+            nar_url(self.small),
+            nar_url(self.small, prefix="/nix-cache/"),
+            f"/nix-cache/nar/{self.small.nar_hash.nix32()}.nar?hash={self.small.hash_part}",
+        ):
+            response, body = self.h.get(url)
+            self.assertEqual((response.code, body), (200, b"".join([nar_bytes(self.h.store.real_path(self.small.path))])), url)
+
+    def test_nar_zst(self) -> None:
+        """.nar.zst is the zstd-compressed NAR, without Content-Encoding."""
+        for info, expected in ((self.big, self.big_nar), (self.small, nar_bytes(self.h.store.real_path(self.small.path)))):
+            response, body = self.h.get(nar_url(info, ".nar.zst"), accept_encoding="gzip")
+            self.assertEqual(response.code, 200)
+            self.assertIsNone(header(response, "Content-Encoding"))
+            self.assertIsNone(header(response, "Accept-Ranges"))
+            self.assertEqual(zstandard.ZstdDecompressor().decompressobj().decompress(body), expected)
+
+    def test_transport_zstd(self) -> None:
+        """A client accepting zstd gets Content-Encoding: zstd that decodes to the exact NAR."""
+        response, body = self.h.get(nar_url(self.big), accept_encoding="zstd, br, gzip, deflate, bzip2, xz")
+        self.assertEqual(header(response, "Content-Encoding"), "zstd")
+        self.assertIsNone(content_length(response))
+        self.assertIsNone(header(response, "Accept-Ranges"))
+        self.assertEqual(header(response, "Vary"), "Accept-Encoding")
+        self.assertEqual(zstandard.ZstdDecompressor().decompressobj().decompress(body), self.big_nar)
+
+    def test_transport_gzip(self) -> None:
+        """A client accepting only gzip gets gzip that decodes to the exact NAR."""
+        response, body = self.h.get(nar_url(self.big), accept_encoding="gzip;q=0.9, zstd;q=0")
+        self.assertEqual(header(response, "Content-Encoding"), "gzip")
+        self.assertEqual(gzip.decompress(body), self.big_nar)
+
+    def test_encoding_matrix(self) -> None:
+        """Absent, identity-only, refusing or unsupported Accept-Encoding gives the raw NAR without Content-Encoding."""
+        for value in (None, "", "identity", "br, xz", "*;q=0", "identity;q=0", "zstd;q=0, gzip;q=0", "identity, gzip;q=0.5"):
+            headers = {} if value is None else {"accept_encoding": value}
+            response, body = self.h.get(nar_url(self.big), **headers)
+            self.assertEqual(response.code, 200, value)
+            self.assertIsNone(header(response, "Content-Encoding"), value)
+            self.assertEqual(body, self.big_nar, value)
+        for value, expected in (("*", "zstd"), ("GZIP", "gzip"), ("gzip;q=1, zstd;q=0.5", "gzip")):
+            response, _ = self.h.get(nar_url(self.big), accept_encoding=value)
+            self.assertEqual(header(response, "Content-Encoding"), expected, value)
+
+    def test_small_nar_never_compressed(self) -> None:
+        """A NAR under 64 KiB is sent raw even to a client accepting zstd."""
+        response, body = self.h.get(nar_url(self.small), accept_encoding="zstd")
+        self.assertIsNone(header(response, "Content-Encoding"))
+        self.assertEqual(content_length(response), "120")
+
+    def test_ranges(self) -> None:
+        """Single ranges give 206 with the exact slice, Content-Range and no Content-Encoding."""
+        size = len(self.big_nar)
+        for spec, first, last in (
+            ("bytes=0-0", 0, 0),
+            ("bytes=100-199", 100, 199),
+            ("bytes=1000-", 1000, size - 1),
+            ("bytes=-77", size - 77, size - 1),
+            ("bytes=5-999999999", 5, size - 1),
+            (f"bytes={size - 1}-", size - 1, size - 1),
+        ):
+            response, body = self.h.get(nar_url(self.big), range=spec, accept_encoding="zstd, gzip")
+            self.assertEqual(response.code, 206, spec)
+            self.assertEqual(body, self.big_nar[first : last + 1], spec)
+            self.assertEqual(header(response, "Content-Range"), f"bytes {first}-{last}/{size}")
+            self.assertEqual(content_length(response), str(last - first + 1))
+            self.assertIsNone(header(response, "Content-Encoding"))
+
+    def test_range_unsatisfiable(self) -> None:
+        """A range past the end is 416 with Content-Range: bytes */size; HEAD agrees."""
+        size = len(self.big_nar)
+        response, _ = self.h.get(nar_url(self.big), range=f"bytes={size}-")
+        self.assertEqual(response.code, 416)
+        self.assertEqual(header(response, "Content-Range"), f"bytes */{size}")
+        head = self.h.request(b"HEAD", nar_url(self.big), {b"Range": [b"bytes=%d-" % size]})[0]
+        self.assertEqual(head.code, 416)
+
+    def test_multi_range_full(self) -> None:
+        """Several ranges, or a Range with If-Range, get the full NAR with 200, uncompressed."""
+        for headers in (
+            {b"Range": [b"bytes=0-1,5-6"], b"Accept-Encoding": [b"zstd"]},
+            {b"Range": [b"bytes=0-1"], b"If-Range": [b'"x"']},
+        ):
+            response, body = self.h.request(b"GET", nar_url(self.big), headers)
+            self.assertEqual(response.code, 200)
+            self.assertEqual(body, self.big_nar)
+            self.assertIsNone(header(response, "Content-Encoding"))
+
+    def test_head_nar(self) -> None:
+        """HEAD of a NAR gives GET's status and Content-Length without streaming."""
+        response, body = self.h.head(nar_url(self.big))
+        self.assertEqual((response.code, body), (200, b""))
+        self.assertEqual(content_length(response), str(len(self.big_nar)))
+
+    def test_narhash_mismatch_404(self) -> None:
+        """A NAR URL with another NarHash than the database's is 404."""
+        url = f"/nix-cache/nar/{self.small.hash_part}-{Hash.sha256_of(b'other').nix32()}.nar"
+        self.assertEqual(self.h.get(url)[0].code, 404)
+        self.assertEqual(self.h.head(url)[0].code, 404)
+
+    def test_disk_differs_from_db_404(self) -> None:
+        """A path whose NAR size on disk differs from the database is 404, not a wrong NAR."""
+        self.h.store.evolve(self.small.hash_part, nar_size=121)
+        self.assertEqual(self.h.get(nar_url(self.small))[0].code, 404)
+
+    def test_missing_files_404(self) -> None:
+        """A path in the database whose files are gone is 404 (nothing was sent yet)."""
+        os.chmod(self.h.store.real_path(self.small.path), 0o644)
+        os.unlink(self.h.store.real_path(self.small.path))
+        self.assertEqual(self.h.get(nar_url(self.small))[0].code, 404)
+        self.flushLoggedErrors(FileNotFoundError)
+
+    def test_invalid_nar_urls_400(self) -> None:
+        """Malformed hashes in NAR URLs are 400."""
+        good = self.small.nar_hash.nix32()
+        for url in (
+            f"/nix-cache/nar/{'0' * 31}-{good}.nar",
+            f"/nix-cache/nar/{self.small.hash_part}-{good[:-1]}.nar",
+            f"/nix-cache/nar/{self.small.hash_part}_{good}.nar",
+            f"/nix-cache/nar/{self.small.hash_part}-{'z' * 52}.nar",
+            f"/nix-cache/nar/{good}.nar",
+            f"/nix-cache/nar/{good}.nar?hash=abc",
+        ):
+            self.assertEqual(self.h.get(url)[0].code, 400, url)
+            self.assertEqual(self.h.head(url)[0].code, 400, url)
+
+    def test_metrics_count_bytes(self) -> None:
+        """Streamed NAR bytes and the stream duration are recorded."""
+        self.h.get(nar_url(self.big))
+        registry = self.h.metrics.registry
+        self.assertEqual(registry.get_sample_value("peernix_http_response_bytes_total", {"route": "nar"}), len(self.big_nar))
+        self.assertEqual(registry.get_sample_value("peernix_http_requests_total", {"route": "nar", "status": "200"}), 1)
+        self.assertEqual(registry.get_sample_value("peernix_nar_stream_seconds_count"), 1)
+
+
+class StreamingOverHTTPTests(SynchronousTestCase):
+    """NAR streaming through a real HTTPChannel honours transport backpressure and disconnects."""
+
+    def setUp(self) -> None:
+        from peernix.test.test_web_streaming import ManualThreads
+
+        self.threads = ManualThreads()
+        self.h = Harness(self, defer_to_thread=self.threads)
+        self.info = self.h.store.add_file("big", os.urandom(2 * 1024 * 1024))
+        self.nar = nar_bytes(self.h.store.real_path(self.info.path))
+
+    def _start(self) -> tuple[StringTransport, Any]:
+        transport, channel = self.h.raw(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % nar_url(self.info).encode())
+        self.threads.run_one()  # nar_size
+        return transport, channel
+
+    def test_pause_bounds_reads(self) -> None:
+        """While the transport is paused at most one more chunk is produced, however big the NAR."""
+        transport, channel = self._start()
+        self.threads.run_one()  # first chunk
+        self.assertEqual(len(self.threads.queue), 1)
+        channel_producer = transport.producer  # the HTTPChannel
+        assert channel_producer is not None
+        channel_producer.pauseProducing()  # the transport's buffer is full
+        self.threads.run_all()
+        self.assertEqual(self.threads.queue, [])
+        sent = len(transport.value())
+        self.assertLess(sent, 3 * 256 * 1024 + 1024)
+        channel_producer.resumeProducing()
+        self.threads.run_all()
+        self.assertTrue(transport.value().endswith(self.nar))
+
+    def test_disconnect_stops_and_closes(self) -> None:
+        """A client disconnect stops the stream: no more reads, the generator is closed, nothing finished."""
+        transport, channel = self._start()
+        self.threads.run_one()
+        transport.loseConnection()
+        channel.connectionLost(Failure(ConnectionError("client left")))
+        self.threads.run_all()  # the chunk in flight, then the close
+        self.assertEqual(self.threads.queue, [])
+        self.assertNotIn(self.nar, transport.value())
+        counts = self.h.metrics.request_counts()
+        self.assertEqual(counts, {("nar", 200): 1})
+
+
+class LsAndLogTests(SynchronousTestCase):
+    """.ls listings and build logs."""
+
+    def setUp(self) -> None:
+        self.h = Harness(self)
+        self.info = self.h.store.add_tree("t", {"B": b"x", "run.sh": b"echo", "sub": {"a": b"data"}, "link": ("symlink", "sub/a")})
+        self.drv = f"{fake_hash_part('drv')}-hello-1.0.drv"
+
+    def test_listing(self) -> None:
+        """.ls gives the JSON listing of a local path; HEAD agrees; unknown is 404."""
+        response, body = self.h.get(f"/nix-cache/{self.info.hash_part}.ls")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(header(response, "Content-Type"), "application/json")
+        document = json.loads(body)
+        self.assertEqual(document["version"], 1)
+        self.assertEqual(set(document["root"]["entries"]), {"B", "run.sh", "sub", "link"})
+        self.assertEqual(self.h.head(f"/nix-cache/{self.info.hash_part}.ls")[0].code, 200)
+        self.assertEqual(self.h.get(f"/nix-cache/{fake_hash_part('x')}.ls")[0].code, 404)
+        self.assertEqual(self.h.get("/nix-cache/bad.ls")[0].code, 400)
+
+    def test_plain_log(self) -> None:
+        """A plain build log is served as text."""
+        self.h.store.add_log(self.drv, b"building...\ndone\n")
+        response, body = self.h.get(f"/nix-cache/log/{self.drv}")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body, b"building...\ndone\n")
+        self.assertTrue(header(response, "Content-Type", ).startswith("text/plain"))  # type: ignore[union-attr]
+
+    def test_bz2_log(self) -> None:
+        """A bzip2 log is decompressed while streaming."""
+        text = b"line\n" * 100000
+        self.h.store.add_log(self.drv, text, compress=True)
+        response, body = self.h.get(f"/nix-cache/log/{self.drv}")
+        self.assertEqual((response.code, body), (200, text))
+        self.assertEqual(self.h.head(f"/nix-cache/log/{self.drv}")[0].code, 200)
+
+    def test_log_absent_or_invalid(self) -> None:
+        """An absent log is 404; a name that is not a .drv store path basename is 400."""
+        self.assertEqual(self.h.get(f"/nix-cache/log/{self.drv}")[0].code, 404)
+        for bad in ("x.drv", f"{fake_hash_part('a')}-a", f"{fake_hash_part('a')}-..%2fetc.drv", "..%2f..%2fetc%2fpasswd", f"{fake_hash_part('a')}-%00.drv", "%ff"):
+            self.assertEqual(self.h.get(f"/nix-cache/log/{bad}")[0].code, 400, bad)
+
+    def test_log_name_percent_decoded(self) -> None:
+        """A percent-encoded '?' or '=' in a derivation name is decoded before the lookup."""
+        drv = f"{fake_hash_part('q')}-a?b=c.drv"
+        self.h.store.add_log(drv, b"ok\n")
+        response, body = self.h.get(f"/nix-cache/log/{drv.replace('?', '%3F').replace('=', '%3d')}")
+        self.assertEqual((response.code, body), (200, b"ok\n"))
+
+
+class RoutingTests(SynchronousTestCase):
+    """Everything else: 404s, 405s, 414s, traversal attempts, status pages and metrics."""
+
+    def setUp(self) -> None:
+        self.h = Harness(self, key=parse_secret_key(TEST_KEY))
+
+    def test_unknown_under_cache_404(self) -> None:
+        """Unknown paths under /nix-cache/ (including the realisation endpoints) are 404."""
+        for path in ("/nix-cache/", "/nix-cache", "/nix-cache/foo", "/nix-cache/realisations/x.doi", "/nix-cache/nar/", "/nix-cache/debuginfo/ab"):
+            self.assertEqual(self.h.get(path)[0].code, 404, path)
+            self.assertEqual(self.h.head(path)[0].code, 404, path)
+
+    def test_writes_are_405(self) -> None:
+        """PUT, POST, DELETE and PATCH under /nix-cache/ are 405 with Allow: GET, HEAD."""
+        for method in (b"PUT", b"POST", b"DELETE", b"PATCH", b"OPTIONS"):
+            for path in ("/nix-cache/nix-cache-info", f"/nix-cache/{fake_hash_part('a')}.narinfo", "/nix-cache/x/y"):
+                response, _ = self.h.request(method, path)
+                self.assertEqual(response.code, 405, (method, path))
+                self.assertEqual(header(response, "Allow"), "GET, HEAD")
+
+    def test_long_uri_414(self) -> None:
+        """A URI over 1 KiB is 414, anywhere."""
+        self.assertEqual(self.h.get("/nix-cache/" + "a" * 2000)[0].code, 414)
+        self.assertEqual(self.h.get("/?" + "a" * 2000)[0].code, 414)
+
+    def test_traversal(self) -> None:
+        """Traversal attempts are 400 or 404 and never reach the filesystem outside the store."""
+        for path in (
+            b"/nix-cache/../../etc/passwd",
+            b"/nix-cache/%2e%2e/%2e%2e/etc/passwd",
+            b"/nix-cache//etc/passwd",
+            b"/nix-cache/nar/../../../etc/passwd.nar",
+            b"/nix-cache/nar//etc.nar",
+            b"/nix-cache/log/../../etc/passwd",
+            b"/nix-cache/%00.narinfo",
+            b"/nix-cache/nix-cache-info%00",
+        ):
+            response, _ = self.h.request(b"GET", path)
+            self.assertIn(response.code, (400, 404), path)
+        self.assertEqual(self.h.store.lookups, [])
+
+    def test_nul_on_the_wire(self) -> None:
+        """A raw NUL or non-ASCII byte in the request line never causes a 500."""
+        for line in (b"GET /nix-cache/\x00.narinfo HTTP/1.1", b"GET /nix-cache/\xc3\xa9.narinfo HTTP/1.1", b"GET /\xc3\xa9 HTTP/1.1"):
+            transport, _ = self.h.raw(line + b"\r\nHost: x\r\n\r\n")
+            status = transport.value()[:12]
+            self.assertIn(status, (b"HTTP/1.1 400", b"HTTP/1.1 404"), line)
+
+    def test_status_page(self) -> None:
+        """/ shows version, store root, key name and public key, path count, and request counters, escaped."""
+        self.h.store.add_file("a", b"a")
+        self.h.get("/nix-cache/nix-cache-info")
+        response, body = self.h.get("/")
+        self.assertEqual(response.code, 200)
+        self.assertTrue(header(response, "Content-Type").startswith("text/html"))  # type: ignore[union-attr]
+        text = body.decode()
+        for expected in ("9.9.9-test", "test-1", "test-1:WFq+ChzblmvTw0gR2QhqauhAWGWXYN0UIUhIUgDioJA=", "cache-info"):
+            self.assertIn(expected, text)
+        self.assertEqual(self.h.head("/")[0].code, 200)
+
+    def test_status_html_escaped(self) -> None:
+        """Values on the status page are HTML-escaped."""
+        from peernix.web.status import Status, render_html
+
+        page = render_html(Status("<v>", "/tmp/<script>", "/nix/store", 1, "k&1", None, None, {("a<b", 200): 1}))
+        self.assertNotIn(b"<script>", page)
+        self.assertIn(b"/tmp/&lt;script&gt;", page)
+        self.assertIn(b"k&amp;1", page)
+        self.assertIn(b"a&lt;b", page)
+
+    def test_status_json(self) -> None:
+        """/status.json is the JSON twin of the status page."""
+        self.h.store.add_file("a", b"a")
+        self.h.get(f"/nix-cache/{fake_hash_part('none')}.narinfo")
+        response, body = self.h.get("/status.json")
+        self.assertEqual(response.code, 200)
+        document = json.loads(body)
+        self.assertEqual(document["version"], "9.9.9-test")
+        self.assertEqual(document["valid_paths"], 1)
+        self.assertEqual(document["key_name"], "test-1")
+        self.assertEqual(document["requests"]["narinfo"], {"404": 1})
+
+    def test_status_without_path_count(self) -> None:
+        """A store without path_count shows an unknown count instead of failing."""
+        h = Harness(self)
+        self.patch(h.store, "path_count", None)
+        response, body = h.get("/status.json")
+        self.assertEqual(response.code, 200)
+        self.assertIsNone(json.loads(body)["valid_paths"])
+
+    def test_metrics(self) -> None:
+        """/metrics exposes the app's own registry in the Prometheus text format."""
+        self.h.get("/nix-cache/nix-cache-info")
+        response, body = self.h.get("/metrics")
+        self.assertEqual(response.code, 200)
+        self.assertIn("text/plain", header(response, "Content-Type"))  # type: ignore[arg-type]
+        self.assertIn(b'peernix_http_requests_total{route="cache-info",status="200"} 1.0', body)
+        self.assertIn(b"peernix_nar_stream_seconds_bucket", body)
+        self.assertIn(b"peernix_store_lookups_total", body)
+
+    def test_other_paths(self) -> None:
+        """Unknown paths outside the cache are 404; writes to the status page are 405."""
+        self.assertEqual(self.h.get("/nope")[0].code, 404)
+        self.assertEqual(self.h.request(b"POST", "/")[0].code, 405)
+
+    def test_stubtreq(self) -> None:
+        """The resource works with treq's StubTreq, as other components' tests use it."""
+        treq = StubTreq(self.h.resource)
+        out: list[Any] = []
+        treq.get("http://peernix/nix-cache/nix-cache-info").addCallback(treq.content).addBoth(out.append)  # type: ignore[attr-defined]
+        treq.flush()
+        self.assertEqual(out, [b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n"])
+
+
+class ClientIPTests(SynchronousTestCase):
+    """client_ip normalises addresses for the proxy-client check."""
+
+    class _Request:
+        def __init__(self, address: object) -> None:
+            self._address = address
+
+        def getClientAddress(self) -> object:
+            return self._address
+
+    def test_forms(self) -> None:
+        """IPv4, IPv6, IPv4-mapped IPv6 and non-IP addresses."""
+        cases = [
+            (IPv4Address("TCP", "127.0.0.1", 1), ipaddress.ip_address("127.0.0.1")),
+            (IPv6Address("TCP", "::1", 1), ipaddress.ip_address("::1")),
+            (IPv6Address("TCP", "::ffff:127.0.0.1", 1), ipaddress.ip_address("127.0.0.1")),
+            (IPv6Address("TCP", "fe80::1%lo", 1), ipaddress.ip_address("fe80::1%lo")),
+            (object(), None),
+        ]
+        for address, expected in cases:
+            self.assertEqual(client_ip(self._Request(address)), expected)  # type: ignore[arg-type]
+
+
+class MetricsTests(SynchronousTestCase):
+    """Metrics owns its registry and accepts other components' collectors."""
+
+    def test_own_registry(self) -> None:
+        """Two Metrics coexist (never the global registry) and others can register on metrics.registry."""
+        from prometheus_client import REGISTRY, Counter
+
+        first, second = Metrics(), Metrics()
+        self.assertIsNot(first.registry, second.registry)
+        self.assertIsNot(first.registry, REGISTRY)
+        Counter("peernix_other_total", "another component", registry=first.registry).inc()
+        first.count_request("narinfo", 200, 10)
+        first.count_store_lookup(False)
+        first.count_narinfo("peer")
+        registry = first.registry
+        self.assertEqual(registry.get_sample_value("peernix_other_total"), 1)
+        self.assertEqual(registry.get_sample_value("peernix_http_response_bytes_total", {"route": "narinfo"}), 10)
+        self.assertEqual(registry.get_sample_value("peernix_store_lookups_total", {"result": "miss"}), 1)
+        self.assertEqual(registry.get_sample_value("peernix_narinfo_served_total", {"source": "peer"}), 1)
+        self.assertIsNone(second.registry.get_sample_value("peernix_other_total"))
+        self.assertEqual(first.request_counts(), {("narinfo", 200): 1})

@@ -1,0 +1,426 @@
+"""Tests for :mod:`peernix.web.streaming`: the threaded push producer and stream transformers."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import os
+import threading
+from collections.abc import Callable, Generator, Iterator
+from typing import Any, TypeVar
+
+import zstandard
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IConsumer, IProducer, IPushProducer
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from peernix.test.fakes import run_synchronously
+from peernix.web.streaming import (
+    ProducerStopped,
+    close_source,
+    SizeMismatch,
+    StalledConsumer,
+    ThreadedProducer,
+    exact_length,
+    file_chunks,
+    gzip_chunks,
+    slice_chunks,
+    zstd_chunks,
+)
+
+_T = TypeVar("_T")
+
+
+class ManualThreads:
+    """A defer_to_thread whose calls wait in a queue until the test runs them, one by one."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+        self.running = False
+
+    def __call__(self, f: Callable[[], _T], /) -> Deferred[_T]:
+        d: Deferred[_T] = Deferred()
+        self.queue.append((f, d))
+        return d
+
+    def run_one(self) -> None:
+        """Run the oldest queued call and fire its Deferred."""
+        f, d = self.queue.pop(0)
+        assert not self.running, "two worker calls at once"
+        self.running = True
+        try:
+            result = f()
+        except Exception as e:
+            self.running = False
+            d.errback(e)
+            return
+        self.running = False
+        d.callback(result)
+
+    def run_all(self, limit: int = 10000) -> None:
+        """Run queued calls (including ones they queue) until none is left."""
+        for _ in range(limit):
+            if not self.queue:
+                return
+            self.run_one()
+        raise AssertionError("worker calls never stopped")
+
+
+@implementer(IConsumer)
+class FakeConsumer:
+    """Records what a producer does to it; pauses the producer when its buffer passes ``high_water``."""
+
+    def __init__(self, high_water: int | None = None) -> None:
+        self.chunks: list[bytes] = []
+        self.producer: IProducer | None = None
+        self.streaming: bool | None = None
+        self.unregistered = 0
+        self.high_water = high_water
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        assert self.producer is None
+        self.producer = producer
+        self.streaming = streaming
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+        self.unregistered += 1
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+        if self.high_water is not None and len(self.chunks) >= self.high_water and self.producer is not None:
+            assert IPushProducer.providedBy(self.producer)
+            self.producer.pauseProducing()
+
+
+class Source:
+    """A blocking chunk source that counts next() calls and notices closing."""
+
+    def __init__(self, chunks: list[bytes], error_at: int | None = None) -> None:
+        self.chunks = chunks
+        self.error_at = error_at
+        self.nexts = 0
+        self.closed = False
+        self.thread_ids: set[int] = set()
+        self._gen = self._generate()
+
+    def _generate(self) -> Generator[bytes, None, None]:
+        try:
+            for i, chunk in enumerate(self.chunks):
+                if i == self.error_at:
+                    raise OSError("disk on fire")
+                yield chunk
+        finally:
+            self.closed = True
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        self.nexts += 1
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+
+def _result(d: Deferred[_T]) -> list[_T | Failure]:
+    out: list[_T | Failure] = []
+    d.addBoth(out.append)
+    return out
+
+
+class ThreadedProducerTests(SynchronousTestCase):
+    """ThreadedProducer streams a blocking source with backpressure and cleans up on every exit."""
+
+    def test_provides_push_producer(self) -> None:
+        """The producer provides IPushProducer and registers as a streaming producer."""
+        consumer = FakeConsumer()
+        producer = ThreadedProducer(Source([]), consumer, ManualThreads())
+        verifyObject(IPushProducer, producer)
+        producer.start()
+        self.assertIs(consumer.producer, producer)
+        self.assertTrue(consumer.streaming)
+
+    def test_streams_everything(self) -> None:
+        """Every chunk is written in order, then the producer unregisters and fires with the byte count."""
+        source = Source([b"ab", b"", b"cde", b"f"])
+        consumer = FakeConsumer()
+        threads = ManualThreads()
+        result = _result(ThreadedProducer(source, consumer, threads).start())
+        threads.run_all()
+        self.assertEqual(consumer.chunks, [b"ab", b"cde", b"f"])
+        self.assertEqual(result, [6])
+        self.assertEqual(consumer.unregistered, 1)
+        self.assertIsNone(consumer.producer)
+        self.assertTrue(source.closed)
+
+    def test_one_chunk_in_flight(self) -> None:
+        """A new next() starts only after the previous chunk was written."""
+        threads = ManualThreads()
+        consumer = FakeConsumer()
+        ThreadedProducer(Source([b"1", b"2", b"3"]), consumer, threads).start()
+        for written in range(3):
+            self.assertEqual(len(threads.queue), 1)
+            self.assertEqual(len(consumer.chunks), written)
+            threads.run_one()
+
+    def test_pause_stops_pulling(self) -> None:
+        """While paused no chunk is requested: at most the one already in flight is delivered."""
+        source = Source([b"x"] * 100)
+        threads = ManualThreads()
+        consumer = FakeConsumer()
+        producer = ThreadedProducer(source, consumer, threads)
+        producer.start()
+        threads.run_one()
+        producer.pauseProducing()
+        threads.run_all()  # only the chunk in flight when paused
+        self.assertEqual(len(consumer.chunks), 2)
+        self.assertEqual(source.nexts, 2)
+        self.assertEqual(threads.queue, [])
+        producer.resumeProducing()
+        self.assertEqual(len(threads.queue), 1)
+        threads.run_one()
+        self.assertEqual(len(consumer.chunks), 3)
+
+    def test_pause_from_write_bounds_memory(self) -> None:
+        """A consumer pausing inside write() gets no further chunk pulled, whatever the source size."""
+        source = Source([b"y" * 10] * 1000)
+        consumer = FakeConsumer(high_water=2)
+        producer = ThreadedProducer(source, consumer, run_synchronously)
+        producer.start()
+        self.assertEqual(len(consumer.chunks), 2)
+        self.assertEqual(source.nexts, 2)
+        self.assertEqual(producer.pulls, 2)
+        consumer.chunks.clear()
+        producer.resumeProducing()
+        self.assertEqual(len(consumer.chunks), 2)
+        self.assertEqual(source.nexts, 4)
+
+    def test_synchronous_runner_does_not_recurse(self) -> None:
+        """A synchronous defer_to_thread streams many chunks in a loop, not a recursion."""
+        source = Source([b"z"] * 20000)
+        consumer = FakeConsumer()
+        result = _result(ThreadedProducer(source, consumer, run_synchronously).start())
+        self.assertEqual(result, [20000])
+
+    def test_stop_when_idle_closes_source(self) -> None:
+        """stopProducing while paused closes the source in a worker call and fails with ProducerStopped."""
+        source = Source([b"a"] * 10)
+        threads = ManualThreads()
+        consumer = FakeConsumer()
+        producer = ThreadedProducer(source, consumer, threads)
+        result = _result(producer.start())
+        producer.pauseProducing()
+        threads.run_one()
+        producer.stopProducing()
+        self.assertIsInstance(result[0], Failure)
+        assert isinstance(result[0], Failure)
+        result[0].trap(ProducerStopped)
+        self.assertEqual(consumer.unregistered, 1)
+        self.assertFalse(source.closed)  # closing is a worker call
+        threads.run_all()
+        self.assertTrue(source.closed)
+        self.assertEqual(source.nexts, 1)
+
+    def test_stop_while_in_flight_closes_after(self) -> None:
+        """stopProducing during a next() closes the source only once that next() returned, and writes nothing more."""
+        source = Source([b"a"] * 10)
+        threads = ManualThreads()
+        consumer = FakeConsumer()
+        producer = ThreadedProducer(source, consumer, threads)
+        result = _result(producer.start())
+        producer.stopProducing()
+        self.assertEqual(len(threads.queue), 1)  # only the next() in flight, no close yet
+        threads.run_all()  # ManualThreads asserts no two calls overlap
+        self.assertTrue(source.closed)
+        self.assertEqual(consumer.chunks, [])
+        assert isinstance(result[0], Failure)
+        result[0].trap(ProducerStopped)
+        producer.stopProducing()  # idempotent
+        producer.resumeProducing()
+        self.assertEqual(threads.queue, [])
+
+    def test_source_error(self) -> None:
+        """An exception from the source fails the Deferred with it, unregisters, and closes the source."""
+        source = Source([b"a", b"b", b"c"], error_at=1)
+        consumer = FakeConsumer()
+        threads = ManualThreads()
+        result = _result(ThreadedProducer(source, consumer, threads).start())
+        threads.run_all()
+        self.assertEqual(consumer.chunks, [b"a"])
+        assert isinstance(result[0], Failure)
+        result[0].trap(OSError)
+        self.assertEqual(consumer.unregistered, 1)
+        self.assertTrue(source.closed)
+
+    def test_cancel_stops(self) -> None:
+        """Cancelling start()'s Deferred stops the producer and closes the source."""
+        source = Source([b"a"] * 5)
+        consumer = FakeConsumer()
+        threads = ManualThreads()
+        d = ThreadedProducer(source, consumer, threads).start()
+        result = _result(d)
+        d.cancel()
+        threads.run_all()
+        assert isinstance(result[0], Failure)
+        result[0].trap(CancelledError)
+        self.assertTrue(source.closed)
+        self.assertEqual(consumer.chunks, [])
+        self.assertEqual(consumer.unregistered, 1)
+
+    def test_stalled_consumer(self) -> None:
+        """A consumer paused longer than the stall timeout stops the stream; resuming in time keeps it."""
+        clock = Clock()
+        source = Source([b"a"] * 5)
+        consumer = FakeConsumer()
+        threads = ManualThreads()
+        producer = ThreadedProducer(source, consumer, threads, clock=clock, stall_timeout=10)
+        result = _result(producer.start())
+        producer.pauseProducing()
+        clock.advance(9)
+        producer.resumeProducing()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        producer.pauseProducing()
+        clock.advance(10)
+        assert isinstance(result[0], Failure)
+        result[0].trap(StalledConsumer)
+        threads.run_all()
+        self.assertTrue(source.closed)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_no_timer_left_after_success(self) -> None:
+        """Pausing and finishing leaves no delayed call behind."""
+        clock = Clock()
+        consumer = FakeConsumer()
+        threads = ManualThreads()
+        producer = ThreadedProducer(Source([b"a", b"b"]), consumer, threads, clock=clock)
+        producer.start()
+        producer.pauseProducing()
+        threads.run_all()
+        producer.resumeProducing()
+        threads.run_all()
+        self.assertEqual(consumer.chunks, [b"a", b"b"])
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+def _chunks(data: bytes, size: int) -> Iterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+class TransformerTests(SynchronousTestCase):
+    """The source transformers keep content exact and close what they wrap."""
+
+    data = os.urandom(3000) + b"\0" * 300000
+
+    def test_zstd_roundtrip(self) -> None:
+        """zstd_chunks output decompresses to the input and has no empty chunk."""
+        out = list(zstd_chunks(_chunks(self.data, 65536)))
+        self.assertNotIn(b"", out)
+        self.assertEqual(zstandard.ZstdDecompressor().decompressobj().decompress(b"".join(out)), self.data)
+
+    def test_gzip_roundtrip(self) -> None:
+        """gzip_chunks output is a gzip member of the input."""
+        out = b"".join(gzip_chunks(_chunks(self.data, 65536)))
+        self.assertEqual(gzip.decompress(out), self.data)
+
+    def test_empty_input(self) -> None:
+        """An empty source still makes a valid (empty) zstd frame and gzip member."""
+        self.assertEqual(zstandard.ZstdDecompressor().decompressobj().decompress(b"".join(zstd_chunks(iter([])))), b"")
+        self.assertEqual(gzip.decompress(b"".join(gzip_chunks(iter([])))), b"")
+
+    def test_slice_every_range(self) -> None:
+        """slice_chunks returns exactly data[first:last+1] for every range and chunking."""
+        data = bytes(range(23))
+        for size in (1, 4, 7, 23, 50):
+            for first in range(len(data)):
+                for last in range(first, len(data)):
+                    got = b"".join(slice_chunks(_chunks(data, size), first, last))
+                    self.assertEqual(got, data[first : last + 1], (size, first, last))
+
+    def test_slice_stops_early(self) -> None:
+        """slice_chunks closes its source once past the range, without reading further."""
+        source = Source([b"abcd"] * 100)
+        self.assertEqual(b"".join(slice_chunks(source, 1, 5)), b"bcdab")
+        self.assertEqual(source.nexts, 2)
+        self.assertTrue(source.closed)
+
+    def test_closing_closes_inner(self) -> None:
+        """Closing a transformer part-way closes the wrapped source."""
+        for wrap in (zstd_chunks, gzip_chunks, lambda s: exact_length(s, 400), lambda s: slice_chunks(s, 0, 399)):
+            source = Source([os.urandom(100) for _ in range(4)] * 1)
+            out = wrap(source)
+            next(out)
+            close_source(out)
+            self.assertTrue(source.closed, wrap)
+
+    def test_exact_length(self) -> None:
+        """exact_length passes the right size and raises before too many bytes or at a short end."""
+        self.assertEqual(b"".join(exact_length(iter([b"ab", b"c"]), 3)), b"abc")
+        long_ = exact_length(iter([b"ab", b"cd"]), 3)
+        self.assertEqual(next(long_), b"ab")
+        self.assertRaises(SizeMismatch, next, long_)
+        short = exact_length(iter([b"ab"]), 3)
+        self.assertEqual(next(short), b"ab")
+        self.assertRaises(SizeMismatch, next, short)
+
+    def test_file_chunks(self) -> None:
+        """file_chunks reads plain files and decompresses .bz2 files, in bounded chunks."""
+        directory = self.mktemp()
+        os.mkdir(directory)
+        plain = os.path.join(directory, "log")
+        with open(plain, "wb") as f:
+            f.write(self.data)
+        packed = os.path.join(directory, "log.bz2")
+        with open(packed, "wb") as f:
+            f.write(bz2.compress(self.data))
+        for path in (plain, packed):
+            chunks = list(file_chunks(path, chunk_size=4096))
+            self.assertEqual(b"".join(chunks), self.data)
+            self.assertLessEqual(max(map(len, chunks)), 4096)
+
+    def test_file_chunks_missing(self) -> None:
+        """A missing file fails on the first next(), not when the generator is made."""
+        gen = file_chunks(os.path.join(self.mktemp(), "absent"))
+        self.assertRaises(FileNotFoundError, next, gen)
+
+
+class ThreadPoolRunnerTests(SynchronousTestCase):
+    """thread_pool_runner is a DeferToThread over a real pool (smoke test without a reactor)."""
+
+    def test_runs_in_pool(self) -> None:
+        """The callable runs in a pool thread and its result reaches the reactor through callFromThread."""
+        from twisted.python.threadpool import ThreadPool
+
+        from peernix.web.streaming import thread_pool_runner
+
+        calls: list[Callable[[], object]] = []
+
+        class FromThreads:
+            def callFromThread(self, f: Callable[..., object], *args: object, **kw: object) -> None:
+                calls.append(lambda: f(*args, **kw))
+
+        pool = ThreadPool(1, 1)
+        pool.start()
+        self.addCleanup(pool.stop)
+        done = threading.Event()
+        run = thread_pool_runner(FromThreads(), pool)  # type: ignore[arg-type]
+
+        def work() -> int:
+            done.set()
+            return threading.get_ident()
+
+        result = _result(run(work))
+        self.assertTrue(done.wait(10))
+        for _ in range(1000):
+            if calls:
+                break
+            threading.Event().wait(0.01)
+        calls[0]()
+        self.assertEqual(len(result), 1)
+        self.assertNotEqual(result[0], threading.get_ident())

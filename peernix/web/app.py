@@ -1,0 +1,742 @@
+"""
+The HTTP face of a peernix node: the Nix binary cache protocol under
+``/nix-cache/``, a status page at ``/`` (and ``/status.json``), and
+Prometheus metrics at ``/metrics``.
+
+Routing.  Klein routes the status and metrics pages.  The cache protocol,
+the hot path (Nix asks for every narinfo of a closure, many thousand per
+second on a busy LAN), is dispatched by :class:`_Root` on the raw request
+path with a few byte comparisons: no URL decoding, no werkzeug matching and,
+for a cached narinfo, not a single Deferred.  Dispatching on the raw bytes
+also means a percent-encoded traversal (``%2e%2e``) never becomes ``..``.
+
+Errors.  A malformed request gets a 4xx; a miss, a dead peer or an
+unexpected exception while looking something up gets 404, never a 5xx (Nix
+treats 5xx as transient and may disable the substituter).  Once bytes of a
+NAR have been sent, a failure aborts the connection so Nix never sees a
+short-but-complete NAR.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from typing import Any, Final, Union
+from urllib.parse import unquote_to_bytes
+
+import attrs
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IConsumer, IProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from peernix.interfaces import IStore, IUpstream
+from peernix.nix import nix32
+from peernix.nix.hashes import Hash
+from peernix.nix.listing import nar_listing, render_listing
+from peernix.nix.nar import nar_chunks, nar_size
+from peernix.nix.narinfo import NarInfo, render_narinfo
+from peernix.nix.signing import SecretKey, sign_narinfo
+from peernix.nix.storepath import STORE_DIR, StorePathError, parse_basename
+from peernix.peers.client import PEER_HEADER
+from peernix.peers.errors import NarUnavailable
+from peernix.web.encoding import RangeNotSatisfiable, choose_encoding, parse_range
+from peernix.web.metrics import Metrics, MetricsResource
+from peernix.web.status import Status, render_html, render_json
+from peernix.web.streaming import (
+    DeferToThread,
+    ProducerStopped,
+    ThreadedProducer,
+    exact_length,
+    file_chunks,
+    gzip_chunks,
+    slice_chunks,
+    zstd_chunks,
+)
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+#: Requests from these addresses may trigger a fan-out to peers: the local
+#: machine only, so a peer's miss never causes a second hop.
+DEFAULT_PROXY_CLIENTS: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+#: The longest request URI (path and query) we accept; longer -> 414.  The
+#: longest legitimate one, a log of a 211-character drv name, is ~270 bytes.
+MAX_URI_LENGTH: Final = 1024
+#: NARs smaller than this are never transport-compressed: compressing a
+#: small body costs more than sending it on a LAN.
+COMPRESS_MIN_SIZE: Final = 64 * 1024
+#: Seconds a rendered (and signed) local narinfo is reused.  Short, so a
+#: garbage-collected path stops being advertised quickly.
+NARINFO_CACHE_TTL: Final = 2.0
+#: The most rendered narinfos kept (a few MB at most).
+NARINFO_CACHE_SIZE: Final = 8192
+#: A consumer paused this long (a client that stopped reading) ends the stream.
+STALL_TIMEOUT: Final = 300.0
+
+CACHE_PREFIX: Final = b"/nix-cache/"
+_NIX32_BYTES: Final = frozenset(nix32.ALPHABET.encode("ascii"))
+_NARHASH_LEN: Final = nix32.encoded_length(32)
+_ALLOW: Final = b"GET, HEAD"
+
+NARINFO_TYPE: Final = b"text/x-nix-narinfo"
+CACHE_INFO_TYPE: Final = b"text/x-nix-cache-info"
+NAR_TYPE: Final = b"application/x-nix-nar"
+TEXT_TYPE: Final = b"text/plain; charset=utf-8"
+JSON_TYPE: Final = b"application/json"
+HTML_TYPE: Final = b"text/html; charset=utf-8"
+
+#: Response headers that describe a body and must not survive into an error
+#: answer that replaces it.
+_BODY_HEADERS: Final = (b"Content-Encoding", b"Content-Range", b"Accept-Ranges", b"Content-Length")
+
+_log = Logger(namespace="peernix.web")
+
+_Handler = Coroutine[Any, Any, "bytes | None"]
+
+
+def _hash_part(data: bytes) -> str | None:
+    """:returns: ``data`` as a store path hash part, or ``None`` if it is not 32 nix32 characters."""
+    if len(data) != 32 or not _NIX32_BYTES.issuperset(data):
+        return None
+    return data.decode("ascii")
+
+
+def _nar_hash(data: bytes) -> Hash | None:
+    """:returns: the sha256 ``data`` encodes in 52 nix32 characters, or ``None``."""
+    if len(data) != _NARHASH_LEN or not _NIX32_BYTES.issuperset(data):
+        return None
+    try:
+        return Hash("sha256", nix32.decode(data.decode("ascii")))
+    except ValueError:
+        # 52 characters can encode 260 bits; a first digit above 1 overflows.
+        return None
+
+
+def client_ip(request: IRequest) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """
+    :returns: the client's IP address, with an IPv4-mapped IPv6 address
+        (``::ffff:127.0.0.1``, as a dual-stack socket reports IPv4 clients)
+        turned into the IPv4 address; ``None`` for a non-IP transport.
+    """
+    host = getattr(request.getClientAddress(), "host", None)  # type: ignore[no-untyped-call]
+    if not isinstance(host, str):
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def abort_connection(request: Request) -> None:
+    """
+    Cut the client's connection without finishing the response, so a
+    half-sent body is seen as an error, never as a complete (short) NAR.
+    """
+    channel = request.channel
+    transport = getattr(channel, "transport", None) if channel is not None else None
+    if transport is None:
+        return
+    abort = getattr(transport, "abortConnection", None)
+    if abort is not None:
+        abort()
+    else:
+        transport.loseConnection()
+
+
+@implementer(IConsumer)
+class _RequestConsumer:
+    """
+    A request as an ``IConsumer`` that tolerates unregistering after the
+    connection was lost: ``twisted.web`` drops a request's channel on
+    ``connectionLost`` and its ``unregisterProducer`` would then raise.
+    """
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        self._request.registerProducer(producer, streaming)  # type: ignore[no-untyped-call]
+
+    def unregisterProducer(self) -> None:
+        if self._request.channel is not None:
+            self._request.unregisterProducer()  # type: ignore[no-untyped-call]
+
+    def write(self, data: bytes) -> None:
+        self._request.write(data)  # type: ignore[no-untyped-call]
+
+
+@attrs.define
+class _Exchange:
+    """Book-keeping of one asynchronously answered request."""
+
+    request: Request
+    route: str
+    #: The client connection went away; nothing may be written any more.
+    gone: bool = False
+    handler: Deferred[bytes | None] | None = None
+
+
+def _is_head(request: Request) -> bool:
+    return request.method == b"HEAD"
+
+
+def _set_headers(request: Request, code: int, content_type: bytes, length: int | None) -> None:
+    request.setResponseCode(code)
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"Content-Type", [content_type])
+    if length is not None:
+        headers.setRawHeaders(b"Content-Length", [b"%d" % length])
+
+
+def _error_body(request: Request, code: int, message: bytes, extra: dict[bytes, bytes] | None = None) -> bytes:
+    """Prepare a short plain-text error answer, dropping headers of a body that will not be sent."""
+    for name in _BODY_HEADERS:
+        request.responseHeaders.removeHeader(name)
+    _set_headers(request, code, TEXT_TYPE, len(message))
+    for name, value in (extra or {}).items():
+        request.responseHeaders.setRawHeaders(name, [value])
+    return message
+
+
+class WebApp:
+    """
+    The web layer of one peernix node.
+
+    Construct it once, serve :meth:`resource` from a ``twisted.web.server.Site``.
+
+    Threading: every blocking step (NAR serialisation and sizing, compression,
+    ``.ls`` listings, log reading and bz2 decompression) runs through
+    ``defer_to_thread``; everything else runs on the reactor thread.
+    Memory: NARs and logs are streamed with backpressure, one or two chunks
+    in flight per response whatever their size.
+    """
+
+    def __init__(
+        self,
+        store: IStore,
+        *,
+        reactor: IReactorTime,
+        defer_to_thread: DeferToThread,
+        secret_key: SecretKey | None,
+        priority: int,
+        metrics: Metrics,
+        upstream: IUpstream | None = None,
+        proxy_clients: Sequence[IPNetwork] = DEFAULT_PROXY_CLIENTS,
+        store_root: str = "/",
+        version: str,
+    ) -> None:
+        """
+        :param store: the local store served to everyone.  If it also has a
+            ``path_count() -> Deferred[int]`` method (``LocalStore`` does),
+            the status page shows the number of valid paths.
+        :param reactor: a clock: ``seconds()`` for the narinfo cache and the
+            NAR stream histogram, ``callLater`` for the stalled-client timer.
+        :param defer_to_thread: runs a blocking callable on a worker thread
+            and returns a Deferred of its result (production: a
+            :func:`~peernix.web.streaming.thread_pool_runner` over a small CPU
+            pool; tests: a synchronous runner).
+        :param secret_key: this node's signing key; local narinfos get its
+            signature in addition to those in the database.  ``None`` serves
+            them with the database signatures only.
+        :param priority: the ``Priority:`` of ``nix-cache-info``.
+        :param metrics: where request, lookup and streaming metrics go; its
+            registry is served at ``/metrics``.
+        :param upstream: the fan-out to peers, used for local misses asked by
+            a proxy client; ``None`` never fans out.
+        :param proxy_clients: client networks whose misses go to
+            ``upstream``; everyone else only sees this node's own store, so
+            a request never takes a second hop.
+        :param store_root: shown on the status page.
+        :param version: shown on the status page.
+        """
+        self._store = store
+        self._reactor = reactor
+        self._defer_to_thread = defer_to_thread
+        self._secret_key = secret_key
+        self._priority = priority
+        self._metrics = metrics
+        self._upstream = upstream
+        self._proxy_clients = tuple(proxy_clients)
+        self._store_root = store_root
+        self._version = version
+        self._cache_info = b"StoreDir: %s\nWantMassQuery: 1\nPriority: %d\n" % (STORE_DIR.encode(), priority)
+        # (hash part, zstd URL?) -> (expiry, narinfo bytes).  Insertion order
+        # is expiry order since every entry lives NARINFO_CACHE_TTL.
+        self._narinfo_cache: dict[tuple[str, bool], tuple[float, bytes]] = {}
+        self._metrics_resource = MetricsResource(metrics.registry)
+        self._klein = self._make_klein()
+
+    def resource(self) -> IResource:
+        """:returns: the root resource to serve from a ``Site``."""
+        return _Root(self, self._klein.resource())
+
+    # -- status pages (Klein) -------------------------------------------------
+
+    def _make_klein(self) -> Klein:
+        app = Klein()
+        options: dict[str, Any] = {"methods": ["GET", "HEAD"], "strict_slashes": False, "merge_slashes": False}
+        app.route("/", **options)(self._status_html)
+        app.route("/status.json", **options)(self._status_json)
+        app.route("/metrics", **options)(self._metrics_page)
+        return app
+
+    async def _status(self) -> Status:
+        valid_paths: int | None = None
+        count: Callable[[], Deferred[int]] | None = getattr(self._store, "path_count", None)
+        if count is not None:
+            try:
+                valid_paths = await count()
+            except CancelledError:
+                raise
+            except Exception:
+                _log.failure("Counting valid paths for the status page failed")
+        key = self._secret_key
+        return Status(
+            version=self._version,
+            store_root=self._store_root,
+            store_dir=STORE_DIR,
+            priority=self._priority,
+            key_name=key.name if key is not None else None,
+            public_key=key.public_key.to_string() if key is not None else None,
+            valid_paths=valid_paths,
+            requests=self._metrics.request_counts(),
+        )
+
+    async def _status_html(self, request: Request) -> bytes:
+        body = render_html(await self._status())
+        request.responseHeaders.setRawHeaders(b"Content-Type", [HTML_TYPE])
+        return body
+
+    async def _status_json(self, request: Request) -> bytes:
+        body = render_json(await self._status())
+        request.responseHeaders.setRawHeaders(b"Content-Type", [JSON_TYPE])
+        return body
+
+    def _metrics_page(self, request: Request) -> IResource:
+        return self._metrics_resource
+
+    # -- dispatch -------------------------------------------------------------
+
+    def render_cache(self, request: Request, rest: bytes) -> bytes | int:
+        """
+        Answer a request for ``/nix-cache/<rest>`` (``rest`` is raw, not
+        percent-decoded).
+
+        :returns: the body for ``twisted.web`` to send, or ``NOT_DONE_YET``.
+        """
+        if request.method not in (b"GET", b"HEAD"):
+            return self._reply_error(request, "other", 405, b"method not allowed\n", {b"Allow": _ALLOW})
+        if rest.endswith(b".narinfo"):
+            return self._render_narinfo(request, rest[:-8])
+        if rest == b"nix-cache-info":
+            return self._reply(request, "cache-info", 200, CACHE_INFO_TYPE, self._cache_info)
+        if rest.startswith(b"nar/"):
+            return self._render_nar(request, rest[4:])
+        if rest.endswith((b".nar", b".nar.zst")) and b"/" not in rest:
+            # zw3rk/peernix's form: <hash>-<narhash>.nar directly under the cache.
+            return self._render_nar(request, rest)
+        if rest.endswith(b".ls") and b"/" not in rest:
+            hash_part = _hash_part(rest[:-3])
+            if hash_part is None:
+                return self._reply_error(request, "ls", 400, b"invalid store path hash\n")
+            return self._run(request, "ls", self._listing(request, hash_part))
+        if rest.startswith(b"log/"):
+            return self._render_log(request, rest[4:])
+        return self._reply_error(request, "other", 404, b"not found\n")
+
+    def render_other(self, request: Request, klein: IResource) -> bytes | int:
+        """Answer a request outside ``/nix-cache/`` through Klein, counting it."""
+        path = request.path
+        route = "status" if path in (b"/", b"/status.json") else "metrics" if path == b"/metrics" else "other"
+        request.notifyFinish().addBoth(self._count_finished, request, route)
+        result: bytes | int = klein.render(request)  # type: ignore[no-untyped-call]
+        return result
+
+    def _count_finished(self, result: object, request: Request, route: str) -> None:
+        self._metrics.count_request(route, request.code, request.sentLength)
+
+    # -- synchronous answers ----------------------------------------------------
+
+    def _reply(self, request: Request, route: str, code: int, content_type: bytes, body: bytes) -> bytes:
+        _set_headers(request, code, content_type, len(body))
+        if _is_head(request):
+            self._metrics.count_request(route, code, 0)
+            return b""
+        self._metrics.count_request(route, code, len(body))
+        return body
+
+    def _reply_error(
+        self, request: Request, route: str, code: int, message: bytes, extra: dict[bytes, bytes] | None = None
+    ) -> bytes:
+        body = _error_body(request, code, message, extra)
+        return self._reply(request, route, code, TEXT_TYPE, body)
+
+    # -- asynchronous answers ---------------------------------------------------
+
+    def _run(self, request: Request, route: str, handler: _Handler) -> int:
+        """
+        Run ``handler`` for ``request``: its result is the body to send and
+        finish with, or ``None`` when it answered itself.  A client
+        disconnect cancels it; an unexpected failure becomes a 404 or, once
+        bytes were sent, an aborted connection.
+        """
+        exchange = _Exchange(request, route)
+        # Registered before the handler starts: a handler that completes at
+        # once finishes the request, and a later notifyFinish() never fires.
+        request.notifyFinish().addCallbacks(
+            self._exchange_done, self._exchange_lost, callbackArgs=(exchange,), errbackArgs=(exchange,)
+        )
+        d = Deferred.fromCoroutine(handler)
+        exchange.handler = d
+        d.addCallbacks(self._handler_done, self._handler_failed, callbackArgs=(exchange,), errbackArgs=(exchange,))
+        return NOT_DONE_YET
+
+    def _exchange_done(self, _: None, exchange: _Exchange) -> None:
+        request = exchange.request
+        self._metrics.count_request(exchange.route, request.code, request.sentLength)
+
+    def _exchange_lost(self, reason: Failure, exchange: _Exchange) -> None:
+        exchange.gone = True
+        request = exchange.request
+        self._metrics.count_request(exchange.route, request.code, request.sentLength)
+        # Klein-style: the client is gone, so stop whatever the handler waits
+        # for (a store query, a peer fan-out, a NAR stream).
+        if exchange.handler is not None:
+            exchange.handler.cancel()
+
+    def _handler_done(self, body: bytes | None, exchange: _Exchange) -> None:
+        if body is None or exchange.gone:
+            return
+        request = exchange.request
+        request.write(body)  # type: ignore[no-untyped-call]
+        request.finish()  # type: ignore[no-untyped-call]
+
+    def _handler_failed(self, failure: Failure, exchange: _Exchange) -> None:
+        request = exchange.request
+        if exchange.gone:
+            if not isinstance(failure.value, (CancelledError, ProducerStopped)):
+                _log.failure("Answering {route} failed after the client left", failure=failure, route=exchange.route)
+            return
+        if isinstance(failure.value, ProducerStopped):
+            _log.info("Client of {route} {uri!r} stopped reading", route=exchange.route, uri=request.uri)
+        else:
+            _log.failure(
+                "Answering {route} {uri!r} failed", failure=failure, route=exchange.route, uri=request.uri
+            )
+        if request.startedWriting:
+            abort_connection(request)
+            return
+        body = _error_body(request, 404, b"not found\n")
+        self._handler_done(body, exchange)
+
+    # -- narinfo ----------------------------------------------------------------
+
+    def _render_narinfo(self, request: Request, hash_bytes: bytes) -> bytes | int:
+        hash_part = _hash_part(hash_bytes)
+        if hash_part is None:
+            return self._reply_error(request, "narinfo", 400, b"invalid store path hash\n")
+        zstd = request.args.get(b"compression") == [b"zstd"]
+        cached = self._narinfo_cache.get((hash_part, zstd))
+        if cached is not None and cached[0] > self._reactor.seconds():
+            self._metrics.count_store_lookup(True)
+            self._metrics.count_narinfo("local")
+            return self._reply(request, "narinfo", 200, NARINFO_TYPE, cached[1])
+        return self._run(request, "narinfo", self._narinfo(request, hash_part, zstd))
+
+    async def _narinfo(self, request: Request, hash_part: str, zstd: bool) -> bytes | None:
+        info = await self._store.query_path_info(hash_part)
+        self._metrics.count_store_lookup(info is not None)
+        if info is not None:
+            nar_hash = info.nar_hash.nix32()
+            if zstd:
+                narinfo = NarInfo.from_path_info(info, f"nar/{hash_part}-{nar_hash}.nar.zst", "zstd")
+            else:
+                narinfo = NarInfo.from_path_info(info, f"nar/{hash_part}-{nar_hash}.nar", "none")
+            if self._secret_key is not None:
+                narinfo = sign_narinfo(narinfo, self._secret_key)
+            body = render_narinfo(narinfo).encode("utf-8")
+            self._remember_narinfo((hash_part, zstd), body)
+            self._metrics.count_narinfo("local")
+            _set_headers(request, 200, NARINFO_TYPE, len(body))
+            return body
+        peer = await self._ask_upstream(request, hash_part)
+        if peer is None:
+            return _error_body(request, 404, b"not found\n")
+        # Our own URL (stateless: it names both hashes), the NAR relayed raw;
+        # signatures exactly as the peer gave them: never re-signed.
+        narinfo = attrs.evolve(
+            peer,
+            url=f"nar/{hash_part}-{peer.nar_hash.nix32()}.nar",
+            compression="none",
+            file_hash=None,
+            file_size=None,
+        )
+        body = render_narinfo(narinfo).encode("utf-8")
+        self._metrics.count_narinfo("peer")
+        _set_headers(request, 200, NARINFO_TYPE, len(body))
+        return body
+
+    def _remember_narinfo(self, key: tuple[str, bool], body: bytes) -> None:
+        cache = self._narinfo_cache
+        now = self._reactor.seconds()
+        if len(cache) >= NARINFO_CACHE_SIZE:
+            # Drop expired entries (the oldest first); if none expired, the
+            # oldest anyway, so the cache stays bounded under any load.
+            for old in list(cache):
+                if cache[old][0] > now and len(cache) < NARINFO_CACHE_SIZE:
+                    break
+                del cache[old]
+        cache.pop(key, None)
+        cache[key] = (now + NARINFO_CACHE_TTL, body)
+
+    def _may_proxy(self, request: Request) -> bool:
+        """
+        :returns: whether a miss of ``request`` may fan out: only for proxy
+            clients, and never for another peernix (it marks its requests with
+            ``X-Peernix-Peer``), so there is no second hop even when two
+            daemons share an address.  A stranger sending the header only
+            loses the fan-out.
+        """
+        if self._upstream is None or request.requestHeaders.hasHeader(PEER_HEADER):
+            return False
+        ip = client_ip(request)
+        return ip is not None and any(ip in net for net in self._proxy_clients)
+
+    async def _ask_upstream(self, request: Request, hash_part: str) -> NarInfo | None:
+        """:returns: a trusted peer narinfo for a proxy client's miss, else ``None`` (failures logged)."""
+        if self._upstream is None or not self._may_proxy(request):
+            return None
+        try:
+            peer = await self._upstream.lookup(hash_part)
+        except CancelledError:
+            raise
+        except Exception:
+            _log.failure("Upstream lookup of {hash_part} failed", hash_part=hash_part)
+            return None
+        if peer is None:
+            return None
+        if not peer.store_path.startswith(f"{STORE_DIR}/{hash_part}-"):
+            _log.warn(
+                "Upstream answered {hash_part} with {store_path}; ignored",
+                hash_part=hash_part,
+                store_path=peer.store_path,
+            )
+            return None
+        return peer
+
+    # -- NAR ----------------------------------------------------------------------
+
+    def _render_nar(self, request: Request, name: bytes) -> bytes | int:
+        """``name`` is ``<hash>-<narhash>.nar[.zst]`` or harmonia's ``<narhash>.nar`` with ``?hash=``."""
+        zst = name.endswith(b".nar.zst")
+        if zst:
+            stem = name[:-8]
+        elif name.endswith(b".nar"):
+            stem = name[:-4]
+        else:
+            return self._reply_error(request, "nar", 404, b"not found\n")
+        if len(stem) == _NARHASH_LEN:
+            hash_arg = request.args.get(b"hash")
+            hash_part = _hash_part(hash_arg[0]) if hash_arg and len(hash_arg) == 1 else None
+            nar_hash = _nar_hash(stem)
+        else:
+            hash_part = _hash_part(stem[:32])
+            nar_hash = _nar_hash(stem[33:]) if stem[32:33] == b"-" else None
+        if hash_part is None or nar_hash is None:
+            return self._reply_error(request, "nar", 400, b"invalid NAR URL\n")
+        return self._run(request, "nar", self._nar(request, hash_part, nar_hash, zst))
+
+    async def _nar(self, request: Request, hash_part: str, nar_hash: Hash, zst: bool) -> bytes | None:
+        info = await self._store.query_path_info(hash_part)
+        self._metrics.count_store_lookup(info is not None)
+        if info is None:
+            if zst:
+                return _error_body(request, 404, b"not found\n")
+            return await self._relay(request, hash_part, nar_hash)
+        if info.nar_hash != nar_hash:
+            # The URL names another version of this path (a stale narinfo):
+            # serving the current one would fail Nix's hash check.
+            return _error_body(request, 404, b"not found (NAR hash differs)\n")
+        fs_path = self._store.real_path(info.path)
+        size = await self._defer_to_thread(lambda: nar_size(fs_path))
+        if size != info.nar_size:
+            _log.warn(
+                "{store_path} on disk ({size} bytes of NAR) differs from its database entry ({db_size}); not served",
+                store_path=info.path,
+                size=size,
+                db_size=info.nar_size,
+            )
+            return _error_body(request, 404, b"not found\n")
+
+        def raw() -> Iterator[bytes]:
+            return exact_length(nar_chunks(fs_path), size)
+
+        make_source: Callable[[], Iterator[bytes]]
+        request.setResponseCode(200)
+        headers = request.responseHeaders
+        headers.setRawHeaders(b"Content-Type", [NAR_TYPE])
+        if zst:
+            # NAR-level compression, as the narinfo's "Compression: zstd"
+            # declared; no Content-Encoding (that would decode it twice).
+            make_source = lambda: zstd_chunks(raw())  # noqa: E731
+        else:
+            headers.setRawHeaders(b"Vary", [b"Accept-Encoding"])
+            range_header = request.requestHeaders.getRawHeaders(b"Range")
+            byte_range: tuple[int, int] | None = None
+            # With If-Range we have no validator to compare, so the Range is
+            # ignored (RFC 9110 §13.1.5) and the whole NAR sent.
+            if range_header is not None and not request.requestHeaders.hasHeader(b"If-Range"):
+                try:
+                    byte_range = parse_range(b",".join(range_header), size)
+                except RangeNotSatisfiable:
+                    return _error_body(
+                        request,
+                        416,
+                        b"range not satisfiable\n",
+                        {b"Content-Range": b"bytes */%d" % size, b"Accept-Ranges": b"bytes"},
+                    )
+            encoding = None
+            if range_header is None and size >= COMPRESS_MIN_SIZE:
+                accept = request.requestHeaders.getRawHeaders(b"Accept-Encoding")
+                encoding = choose_encoding(b",".join(accept) if accept is not None else None)
+            if byte_range is not None:
+                first, last = byte_range
+                request.setResponseCode(206)
+                headers.setRawHeaders(b"Content-Range", [b"bytes %d-%d/%d" % (first, last, size)])
+                headers.setRawHeaders(b"Content-Length", [b"%d" % (last - first + 1)])
+                headers.setRawHeaders(b"Accept-Ranges", [b"bytes"])
+                make_source = lambda: slice_chunks(raw(), first, last)  # noqa: E731
+            elif encoding == "zstd":
+                headers.setRawHeaders(b"Content-Encoding", [b"zstd"])
+                make_source = lambda: zstd_chunks(raw())  # noqa: E731
+            elif encoding == "gzip":
+                headers.setRawHeaders(b"Content-Encoding", [b"gzip"])
+                make_source = lambda: gzip_chunks(raw())  # noqa: E731
+            else:
+                headers.setRawHeaders(b"Content-Length", [b"%d" % size])
+                headers.setRawHeaders(b"Accept-Ranges", [b"bytes"])
+                make_source = raw
+        if _is_head(request):
+            return b""
+        started = self._reactor.seconds()
+        # The producer is stopped by the transport when the client leaves,
+        # and by cancelling start()'s Deferred when this handler is cancelled.
+        producer = ThreadedProducer(
+            make_source(),
+            _RequestConsumer(request),
+            self._defer_to_thread,
+            clock=self._reactor,
+            stall_timeout=STALL_TIMEOUT,
+        )
+        written = await producer.start()
+        self._metrics.nar_stream_seconds.observe(self._reactor.seconds() - started)
+        _log.debug("Sent NAR of {store_path}: {written} bytes", store_path=info.path, written=written)
+        return b""
+
+    async def _relay(self, request: Request, hash_part: str, nar_hash: Hash) -> bytes | None:
+        peer = await self._ask_upstream(request, hash_part)
+        if peer is None or peer.nar_hash != nar_hash:
+            return _error_body(request, 404, b"not found\n")
+        _set_headers(request, 200, NAR_TYPE, peer.nar_size)
+        if _is_head(request):
+            return b""
+        assert self._upstream is not None  # _ask_upstream returned a narinfo
+        started = self._reactor.seconds()
+        try:
+            await self._upstream.relay_nar(peer, request)
+        except NarUnavailable:
+            if request.startedWriting:
+                raise
+            return _error_body(request, 404, b"not found\n")
+        self._metrics.nar_stream_seconds.observe(self._reactor.seconds() - started)
+        return b""
+
+    # -- listings and logs --------------------------------------------------------
+
+    async def _listing(self, request: Request, hash_part: str) -> bytes | None:
+        info = await self._store.query_path_info(hash_part)
+        self._metrics.count_store_lookup(info is not None)
+        if info is None:
+            return _error_body(request, 404, b"not found\n")
+        fs_path = self._store.real_path(info.path)
+        body = await self._defer_to_thread(lambda: render_listing(nar_listing(fs_path)))
+        _set_headers(request, 200, JSON_TYPE, len(body))
+        return body
+
+    def _render_log(self, request: Request, name: bytes) -> bytes | int:
+        try:
+            # Store names may contain "?" and "=", which a client may
+            # percent-encode; the decoded name is then validated strictly
+            # (no "/", no "..", no NUL can pass).
+            basename = unquote_to_bytes(name).decode("ascii")
+            store_path = parse_basename(basename)
+        except (UnicodeDecodeError, StorePathError):
+            return self._reply_error(request, "log", 400, b"invalid derivation name\n")
+        if not store_path.name.endswith(".drv"):
+            return self._reply_error(request, "log", 400, b"invalid derivation name\n")
+        return self._run(request, "log", self._log_file(request, basename))
+
+    async def _log_file(self, request: Request, drv_basename: str) -> bytes | None:
+        path = await self._store.find_log(drv_basename)
+        if path is None:
+            return _error_body(request, 404, b"not found\n")
+        request.setResponseCode(200)
+        request.responseHeaders.setRawHeaders(b"Content-Type", [TEXT_TYPE])
+        if _is_head(request):
+            return b""
+        producer = ThreadedProducer(
+            file_chunks(path),
+            _RequestConsumer(request),
+            self._defer_to_thread,
+            clock=self._reactor,
+            stall_timeout=STALL_TIMEOUT,
+        )
+        await producer.start()
+        return b""
+
+
+@implementer(IResource)
+class _Root(Resource):
+    """
+    The root resource: guards every request (URI length, methods), sends
+    ``/nix-cache/`` to :meth:`WebApp.render_cache` and everything else to
+    Klein, and turns any unexpected exception into a 404 instead of a 500.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: WebApp, klein: IResource) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._app = app
+        self._klein = klein
+
+    def render(self, request: Request) -> bytes | int:  # type: ignore[override]
+        app = self._app
+        try:
+            if len(request.uri) > MAX_URI_LENGTH:
+                return app._reply_error(request, "other", 414, b"URI too long\n")
+            path = request.path
+            if path.startswith(CACHE_PREFIX):
+                return app.render_cache(request, path[len(CACHE_PREFIX) :])
+            if path == CACHE_PREFIX[:-1]:
+                return app.render_cache(request, b"")
+            return app.render_other(request, self._klein)
+        except CancelledError:
+            raise
+        except Exception:
+            _log.failure("Unexpected error answering {uri!r}", uri=request.uri)
+            if request.startedWriting:
+                abort_connection(request)
+                return NOT_DONE_YET
+            return app._reply_error(request, "other", 404, b"not found\n")
