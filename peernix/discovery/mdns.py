@@ -1,0 +1,453 @@
+"""
+mDNS discovery: register ``_peernix._tcp`` and browse for other nodes.
+
+python-zeroconf runs its own asyncio loop in a thread and its calls
+``Zeroconf()``, ``register_service``, ``unregister_service``,
+``get_service_info`` and ``close`` block.  :class:`MdnsDiscoveryService`
+runs each of them through the injected ``defer_to_thread`` and receives
+zeroconf's browse callbacks (made on zeroconf's thread) through the injected
+``call_from_thread``, so registry updates happen on the reactor thread only.
+
+TXT records, as the Go predecessor: ``version=``, ``platform=``,
+``features=`` (comma-separated), ``pubkey=`` (only with a key); plus
+``id=<node id>`` to recognise ourselves.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attrs import frozen
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zeroconf import InterfaceChoice, ServiceInfo, Zeroconf
+from zope.interface import Interface, implementer
+
+from peernix.discovery.addresses import host_addresses, peer_url
+from peernix.discovery.datagrams import is_valid_public_key
+from peernix.discovery.nodeinfo import NodeInfo
+from peernix.interfaces import IDiscovery, IPeerRegistry
+
+#: The registry source name of mDNS discovery.
+SOURCE = "mdns"
+#: The DNS-SD service type.
+SERVICE_TYPE = "_peernix._tcp.local."
+_MAX_LABEL = 63
+
+#: Runs a blocking callable in a thread: ``deferToThreadPool(reactor, pool, f)``.
+DeferToThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
+#: ``reactor.callFromThread``.
+CallFromThread = Callable[..., None]
+
+
+class IZeroconf(Interface):
+    """
+    The part of ``zeroconf.Zeroconf`` we use.  Every method but the listener
+    ones may block (network waits) and is called in a worker thread.
+    """
+
+    def register_service(info: ServiceInfo) -> None:
+        """Announce ``info`` without waiting out conflict probing (our names are unique)."""
+
+    def unregister_service(info: ServiceInfo) -> None:
+        """Send goodbyes for ``info``."""
+
+    def add_service_listener(type_: str, listener: object) -> None:
+        """Browse ``type_``; ``listener.add_service/update_service/remove_service(zc, type_, name)`` are called on zeroconf's thread."""
+
+    def remove_service_listener(listener: object) -> None:
+        """Stop browsing for ``listener``."""
+
+    def get_service_info(type_: str, name: str, timeout: int) -> ServiceInfo | None:
+        """Resolve ``name`` (SRV, TXT, addresses), waiting up to ``timeout`` ms; ``None`` if not found."""
+
+    def close() -> None:
+        """Stop zeroconf and its threads."""
+
+
+@implementer(IZeroconf)
+class ZeroconfAdapter:
+    """:class:`IZeroconf` over a real ``zeroconf.Zeroconf``."""
+
+    def __init__(self, zc: Zeroconf) -> None:
+        self._zc = zc
+
+    def register_service(self, info: ServiceInfo) -> None:
+        # cooperating_responders skips the ~1.2 s of probing: our instance
+        # names are unique per node (host name, port and random node id).
+        self._zc.register_service(info, cooperating_responders=True)
+
+    def unregister_service(self, info: ServiceInfo) -> None:
+        self._zc.unregister_service(info)
+
+    def add_service_listener(self, type_: str, listener: object) -> None:
+        self._zc.add_service_listener(type_, listener)  # type: ignore[arg-type]
+
+    def remove_service_listener(self, listener: object) -> None:
+        self._zc.remove_service_listener(listener)  # type: ignore[arg-type]
+
+    def get_service_info(self, type_: str, name: str, timeout: int) -> ServiceInfo | None:
+        return self._zc.get_service_info(type_, name, timeout)
+
+    def close(self) -> None:
+        self._zc.close()
+
+
+def make_zeroconf(interfaces: Sequence[str] | None = None) -> IZeroconf:
+    """
+    Create a real zeroconf instance.  Blocking: call it in a thread.
+
+    :param interfaces: addresses of the interfaces to use; all when ``None``.
+    """
+    choice: Any = list(interfaces) if interfaces is not None else InterfaceChoice.All
+    return ZeroconfAdapter(Zeroconf(interfaces=choice))
+
+
+def _label(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9-]+", "-", text).strip("-")
+
+
+def instance_name(hostname: str, http_port: int, node_id: str) -> str:
+    """
+    :returns: a DNS label unique per node: ``<host>-<port>-<node id>``,
+        at most 63 characters (the host name is shortened, never the rest).
+    """
+    tail = f"-{http_port}-{_label(node_id)[:16]}"
+    host = _label(hostname.split(".", 1)[0]) or "peernix"
+    return host[: _MAX_LABEL - len(tail)].rstrip("-") + tail
+
+
+def build_service_info(node: NodeInfo, http_port: int, instance: str, addresses: Sequence[str]) -> ServiceInfo:
+    """
+    :param instance: from :func:`instance_name`.
+    :param addresses: this host's addresses (IPv6 without zone).
+    :returns: the ``ServiceInfo`` we register.
+    """
+    properties = {
+        "version": node.peernix_version,
+        "platform": node.platform,
+        "features": ",".join(node.features),
+        "id": node.node_id,
+    }
+    if node.public_key:
+        properties["pubkey"] = node.public_key
+    return ServiceInfo(
+        SERVICE_TYPE,
+        f"{instance}.{SERVICE_TYPE}",
+        port=http_port,
+        properties=properties,
+        server=f"{instance}.local.",
+        parsed_addresses=list(addresses),
+    )
+
+
+@frozen
+class ResolvedPeer:
+    """
+    What a resolved ``ServiceInfo`` tells us.
+
+    :ivar urls: one base URL per usable address.
+    :ivar public_key: ``name:base64`` or ``None`` (absent or malformed).
+    :ivar node_id: the TXT ``id``, ``None`` for nodes without one (Go).
+    """
+
+    urls: tuple[str, ...]
+    public_key: str | None
+    node_id: str | None
+
+
+def _txt(properties: dict[bytes, bytes | None], key: bytes) -> str | None:
+    value = properties.get(key)
+    if value is None:
+        return None
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() else None
+
+
+def resolved_peer(info: ServiceInfo, skip_loopback: bool = True) -> ResolvedPeer:
+    """
+    Turn a resolved service into peer URLs.
+
+    :param info: as ``get_service_info`` returns it.
+    :param skip_loopback: drop loopback addresses (a misconfigured host name
+        can resolve to ``127.0.1.1``, which would point at ourselves).
+    """
+    urls: list[str] = []
+    port = info.port
+    if port is not None and 1 <= port <= 65535:
+        for address in info.parsed_scoped_addresses():
+            try:
+                parsed = ipaddress.ip_address(address.split("%", 1)[0])
+            except ValueError:
+                continue
+            if parsed.is_unspecified or parsed.is_multicast or (skip_loopback and parsed.is_loopback):
+                continue
+            try:
+                urls.append(peer_url(address, port))
+            except ValueError:
+                continue
+    properties = info.properties
+    public_key = _txt(properties, b"pubkey")
+    if public_key is not None and not is_valid_public_key(public_key):
+        public_key = None
+    return ResolvedPeer(tuple(dict.fromkeys(urls)), public_key, _txt(properties, b"id"))
+
+
+class _Listener:
+    """zeroconf's ServiceListener; hops every event to the reactor thread."""
+
+    def __init__(self, call_from_thread: CallFromThread, on_change: Callable[[str], None], on_remove: Callable[[str], None]) -> None:
+        self._call = call_from_thread
+        self._on_change = on_change
+        self._on_remove = on_remove
+
+    def add_service(self, zc: object, type_: str, name: str) -> None:
+        self._call(self._on_change, name)
+
+    def update_service(self, zc: object, type_: str, name: str) -> None:
+        self._call(self._on_change, name)
+
+    def remove_service(self, zc: object, type_: str, name: str) -> None:
+        self._call(self._on_remove, name)
+
+
+@implementer(IDiscovery)
+class MdnsDiscoveryService(Service):
+    """
+    Register this node by mDNS and feed the registry with the nodes found.
+
+    Known services are resolved again every ``refresh_interval`` seconds:
+    found ones refresh their peers' last-seen time (so the registry's TTL
+    does not drop live peers that mDNS has no news about), vanished ones are
+    removed.
+    """
+
+    name = SOURCE
+    log = Logger()
+
+    def __init__(
+        self,
+        registry: IPeerRegistry,
+        node: NodeInfo,
+        http_port: int,
+        clock: IReactorTime,
+        zeroconf_factory: Callable[[], IZeroconf],
+        defer_to_thread: DeferToThread,
+        call_from_thread: CallFromThread,
+        addresses: Callable[[], list[str]] = host_addresses,
+        hostname: str | None = None,
+        refresh_interval: float = 30.0,
+        resolve_timeout: float = 2.0,
+        max_pending: int = 16,
+        max_services: int = 256,
+        skip_loopback: bool = True,
+    ) -> None:
+        """
+        :param registry: where peers go (source ``"mdns"``).
+        :param node: our self-description (TXT records, node id).
+        :param http_port: the port we register.
+        :param clock: schedules the refresh.
+        :param zeroconf_factory: makes the zeroconf instance; blocking,
+            called in a thread (production: :func:`make_zeroconf`).
+        :param defer_to_thread: runs blocking calls off the reactor thread.
+        :param call_from_thread: ``reactor.callFromThread``.
+        :param addresses: this host's addresses to register; called in a
+            thread.
+        :param hostname: for the instance name; ``socket.gethostname()``
+            when ``None``.
+        :param refresh_interval: seconds between re-resolutions.
+        :param resolve_timeout: seconds one resolution may wait.
+        :param max_pending: resolutions in flight at most.
+        :param max_services: services remembered at most.
+        :param skip_loopback: see :func:`resolved_peer`.
+        """
+        self._registry = registry
+        self._node = node
+        self._http_port = http_port
+        self._clock = clock
+        self._zeroconf_factory = zeroconf_factory
+        self._defer_to_thread = defer_to_thread
+        self._addresses = addresses
+        self._refresh_interval = refresh_interval
+        self._resolve_timeout_ms = int(resolve_timeout * 1000)
+        self._max_pending = max_pending
+        self._max_services = max_services
+        self._skip_loopback = skip_loopback
+        self.instance = instance_name(hostname if hostname is not None else socket.gethostname(), http_port, node.node_id)
+        self.service_name = f"{self.instance}.{SERVICE_TYPE}"
+        self._listener = _Listener(call_from_thread, self._on_change, self._on_remove)
+        self._zc: IZeroconf | None = None
+        self._info: ServiceInfo | None = None
+        self._browsing = False
+        self._starting: Deferred[None] | None = None
+        self._loop: LoopingCall | None = None
+        self._known: dict[str, tuple[str, ...]] = {}
+        self._resolving: dict[str, Deferred[Any]] = {}
+        self._again: set[str] = set()
+
+    def known_urls(self) -> dict[str, tuple[str, ...]]:
+        """:returns: service name -> URLs added to the registry for it."""
+        return dict(self._known)
+
+    def startService(self) -> None:
+        """Start zeroconf, register and browse, all off the reactor thread; failures are logged."""
+        super().startService()  # type: ignore[no-untyped-call]
+        self._starting = Deferred.fromCoroutine(self._start())
+        self._starting.addErrback(self._start_failed)
+
+    def _start_failed(self, failure: Failure) -> None:
+        if not isinstance(failure.value, CancelledError):
+            self.log.failure("mDNS discovery could not start", failure)
+
+    async def _start(self) -> None:
+        zc: IZeroconf = await self._defer_to_thread(self._zeroconf_factory)
+        self._zc = zc
+        if not self.running:
+            return
+        info = build_service_info(self._node, self._http_port, self.instance, await self._defer_to_thread(self._addresses))
+        if not self.running:
+            return
+        await self._defer_to_thread(lambda: zc.register_service(info))
+        self._info = info
+        if not self.running:
+            return
+        await self._defer_to_thread(lambda: zc.add_service_listener(SERVICE_TYPE, self._listener))
+        self._browsing = True
+        if not self.running:
+            return
+        self._loop = LoopingCall(self._refresh)
+        self._loop.clock = self._clock
+        # Stopped in stopService.
+        self._loop.start(self._refresh_interval, now=False).addErrback(
+            lambda f: self.log.failure("mDNS refresh loop failed", f)
+        )
+        self.log.info("mDNS: registered {name}", name=self.service_name)
+
+    def stopService(self) -> Deferred[None]:
+        """Stop browsing, unregister and close zeroconf (in a thread); the Deferred fires when done."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        for d in list(self._resolving.values()):
+            # The thread finishes on its own (bounded by resolve_timeout);
+            # its result is ignored.
+            d.cancel()
+        self._resolving.clear()
+        self._again.clear()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        starting, self._starting = self._starting, None
+        if starting is not None:
+            # Thread work cannot be interrupted: wait for start-up to reach a
+            # point where it notices we stopped (errors were logged already).
+            await starting
+        zc, self._zc = self._zc, None
+        info, self._info = self._info, None
+        browsing, self._browsing = self._browsing, False
+        for name in list(self._known):
+            self._forget(name)
+        if zc is None:
+            return
+
+        def shutdown() -> None:
+            try:
+                if browsing:
+                    zc.remove_service_listener(self._listener)
+                if info is not None:
+                    zc.unregister_service(info)
+            finally:
+                zc.close()
+
+        try:
+            await self._defer_to_thread(shutdown)
+        except CancelledError:
+            raise
+        except Exception:
+            self.log.failure("mDNS shutdown failed")
+
+    def _refresh(self) -> None:
+        for name in list(self._known):
+            self._resolve(name)
+
+    def _on_change(self, name: str) -> None:
+        if not self.running or self._zc is None or name == self.service_name:
+            return
+        self._resolve(name)
+
+    def _on_remove(self, name: str) -> None:
+        if not self.running:
+            return
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        for url in self._known.pop(name, ()):
+            self._registry.remove(url, SOURCE)
+
+    def _resolve(self, name: str) -> None:
+        zc = self._zc
+        if zc is None:
+            return
+        if name in self._resolving:
+            # An answer is on its way; ask once more after it, since the
+            # records changed in between.
+            self._again.add(name)
+            return
+        if len(self._resolving) >= self._max_pending:
+            self.log.debug("mDNS: too many resolutions in flight, skipping {name}", name=name)
+            return
+        timeout = self._resolve_timeout_ms
+        d = self._defer_to_thread(lambda: zc.get_service_info(SERVICE_TYPE, name, timeout))
+        self._resolving[name] = d
+        d.addCallbacks(self._resolved, self._resolve_failed, callbackArgs=(name,), errbackArgs=(name,))
+
+    def _resolve_failed(self, failure: Failure, name: str) -> None:
+        if isinstance(failure.value, CancelledError):
+            return
+        self._resolving.pop(name, None)
+        self.log.debug("mDNS: resolving {name} failed: {error}", name=name, error=failure.getErrorMessage())
+        self._resolve_again(name)
+
+    def _resolve_again(self, name: str) -> None:
+        if name in self._again:
+            self._again.discard(name)
+            self._resolve(name)
+
+    def _resolved(self, info: ServiceInfo | None, name: str) -> None:
+        self._resolving.pop(name, None)
+        if not self.running:
+            return
+        if info is None:
+            # Gone (or not answering within the timeout): drop its peers.
+            self._forget(name)
+        else:
+            self._update(name, resolved_peer(info, self._skip_loopback))
+        self._resolve_again(name)
+
+    def _update(self, name: str, peer: ResolvedPeer) -> None:
+        if peer.node_id == self._node.node_id:
+            return
+        if name not in self._known and len(self._known) >= self._max_services:
+            self.log.debug("mDNS: too many services, ignoring {name}", name=name)
+            return
+        old = self._known.get(name, ())
+        for url in old:
+            if url not in peer.urls:
+                self._registry.remove(url, SOURCE)
+        for url in peer.urls:
+            self._registry.add(url, SOURCE, peer.public_key)
+        self._known[name] = peer.urls
+        if peer.urls and not old:
+            self.log.info("mDNS: found {name} at {urls}", name=name, urls=list(peer.urls))

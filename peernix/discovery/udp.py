@@ -1,0 +1,483 @@
+"""
+UDP discovery and queries, wire-compatible with the Go predecessor.
+
+:class:`DiscoveryProtocol` translates datagrams (:mod:`.datagrams`) into
+registry updates and store lookups; :class:`UdpDiscoveryService` listens,
+broadcasts our announce on a schedule, and stops everything cleanly.
+
+Loops and amplification: an announce we send as an answer carries
+``"reply": true`` and is never answered.  The Go predecessor ignores that
+field and answers every announce, so in addition we answer one source
+(address and node id) at most once per ``answer_holdoff`` seconds, which also
+collapses the copies of one broadcast that arrive through the directed and
+the limited broadcast address.  Query answers are never longer than the
+query; everything is rate-limited per source address and in total.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+from attrs import frozen
+from prometheus_client import CollectorRegistry, Counter
+from twisted.application.service import Service
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred, succeed
+from twisted.internet.error import MessageLengthError
+from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime, IReactorUDP, IUDPTransport
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from peernix.discovery.addresses import ipv4_broadcast_addresses, peer_url
+from peernix.discovery.datagrams import (
+    MAX_DATAGRAM,
+    Announce,
+    Answer,
+    DatagramError,
+    HasPathQuery,
+    HasPathWithNarHashQuery,
+    Ping,
+    Pong,
+    Query,
+    QueryAnswer,
+    parse_datagram,
+    render_datagram,
+)
+from peernix.discovery.nodeinfo import NodeInfo
+from peernix.discovery.ratelimit import KeyedRateLimiter
+from peernix.interfaces import IDiscovery, IPeerRegistry, IStore
+
+#: The registry source name of UDP discovery.
+SOURCE = "udp"
+
+Address = tuple[str, int]
+
+
+@frozen
+class UdpLimits:
+    """
+    Bounds on what hostile or chatty senders can make us do.
+
+    :ivar datagram_rate: datagrams per second accepted per source address.
+    :ivar datagram_burst: burst of datagrams accepted per source address.
+    :ivar announce_rate: announces per second accepted per source address.
+    :ivar announce_burst: burst of announces per source address.
+    :ivar answer_rate: announce answers per second we send in total.
+    :ivar answer_burst: burst of announce answers in total.
+    :ivar answer_holdoff: seconds during which one source (address and node
+        id) is not answered again.
+    :ivar max_pending_queries: store lookups in flight at most; more queries
+        are dropped.
+    :ivar query_timeout: seconds a store lookup may take before the query is
+        dropped unanswered.
+    :ivar max_sources: source addresses remembered by the rate limiters.
+    """
+
+    datagram_rate: float = 200.0
+    datagram_burst: float = 400.0
+    announce_rate: float = 0.5
+    announce_burst: float = 10.0
+    answer_rate: float = 20.0
+    answer_burst: float = 50.0
+    answer_holdoff: float = 2.0
+    max_pending_queries: int = 64
+    query_timeout: float = 2.0
+    max_sources: int = 1024
+
+
+class UdpMetrics:
+    """Prometheus counters of UDP discovery, in the given registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.received = Counter(
+            "peernix_udp_datagrams_received",
+            "UDP datagrams received and parsed, by kind",
+            ["kind"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "peernix_udp_datagrams_dropped",
+            "UDP datagrams dropped, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.answers = Counter(
+            "peernix_udp_query_answers",
+            "has_path queries answered, by answer",
+            ["answer"],
+            registry=registry,
+        )
+        self.sent = Counter(
+            "peernix_udp_datagrams_sent",
+            "UDP datagrams sent, by kind",
+            ["kind"],
+            registry=registry,
+        )
+        self.send_errors = Counter(
+            "peernix_udp_send_errors", "UDP datagrams that could not be sent", registry=registry
+        )
+
+
+def _kind(datagram: object) -> str:
+    return {
+        Announce: "announce",
+        Ping: "ping",
+        Pong: "pong",
+        HasPathQuery: "has_path",
+        HasPathWithNarHashQuery: "has_path_with_narhash",
+        QueryAnswer: "answer",
+    }.get(type(datagram), "other")
+
+
+class DiscoveryProtocol(DatagramProtocol):
+    """
+    Answers announces, pings and queries; feeds the registry.
+
+    Store lookups run through ``store.query_path_info`` (a Deferred), so the
+    reactor never waits on the store.  :meth:`stop` cancels those in flight.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        registry: IPeerRegistry,
+        store: IStore,
+        node: NodeInfo,
+        http_port: int,
+        metrics: UdpMetrics,
+        limits: UdpLimits = UdpLimits(),
+    ) -> None:
+        """
+        :param clock: time for rate limits and query timeouts.
+        :param registry: where discovered peers go (source ``"udp"``).
+        :param store: the local store that answers queries.
+        :param node: our self-description.
+        :param http_port: our HTTP port (announced); also the port assumed for
+            an announce without one (the Go predecessor assumes every node
+            uses its own port).
+        :param metrics: counters to update.
+        :param limits: rate and size bounds.
+        :raises DatagramError: if our announce would be too large for Go.
+        """
+        self._clock = clock
+        self._registry = registry
+        self._store = store
+        self._node = node
+        self._http_port = http_port
+        self._metrics = metrics
+        self._limits = limits
+        self._datagram_limiter = KeyedRateLimiter(
+            clock, limits.datagram_rate, limits.datagram_burst, limits.max_sources
+        )
+        self._announce_limiter = KeyedRateLimiter(
+            clock, limits.announce_rate, limits.announce_burst, limits.max_sources
+        )
+        self._answer_limiter = KeyedRateLimiter(clock, limits.answer_rate, limits.answer_burst, 1)
+        self._answered: OrderedDict[tuple[str, str | None], float] = OrderedDict()
+        self._pending: set[Deferred[None]] = set()
+        announce = Announce(
+            peernix_version=node.peernix_version,
+            nix_version=node.nix_version,
+            platform=node.platform,
+            features=node.features,
+            public_key=node.public_key,
+            port=http_port,
+            node_id=node.node_id,
+        )
+        # Rendered once: our announce never changes while we run, and a
+        # too-large one fails at construction, not at the first broadcast.
+        self._announce = render_datagram(announce)
+        self._reply = render_datagram(
+            Announce(
+                peernix_version=announce.peernix_version,
+                nix_version=announce.nix_version,
+                platform=announce.platform,
+                features=announce.features,
+                public_key=announce.public_key,
+                port=announce.port,
+                node_id=announce.node_id,
+                reply=True,
+            )
+        )
+
+    @property
+    def announce_datagram(self) -> bytes:
+        """:returns: the announce we broadcast."""
+        return self._announce
+
+    @property
+    def pending_queries(self) -> int:
+        """:returns: store lookups in flight."""
+        return len(self._pending)
+
+    def _send(self, data: bytes, addr: Address, kind: str) -> bool:
+        if self.transport is None:
+            return False
+        try:
+            self.transport.write(data, addr)
+        except (OSError, MessageLengthError) as e:
+            # Broadcast to an interface that just went down, unreachable
+            # networks: nothing to do but count and go on.
+            self._metrics.send_errors.inc()
+            self.log.debug("UDP send of {kind} to {addr} failed: {error}", kind=kind, addr=addr, error=str(e))
+            return False
+        self._metrics.sent.labels(kind).inc()
+        return True
+
+    def _drop(self, reason: str, addr: Address, error: str = "") -> None:
+        self._metrics.dropped.labels(reason).inc()
+        self.log.debug(
+            "Dropped UDP datagram from {source}: {reason} {error}",
+            source=addr,
+            reason=reason,
+            error=error,
+        )
+
+    def announce(self, addresses: list[str], port: int) -> int:
+        """
+        Send our announce to every address.
+
+        :param addresses: broadcast (or unicast) addresses.
+        :param port: the UDP port to send to.
+        :returns: how many were sent.
+        """
+        return sum(self._send(self._announce, (address, port), "announce") for address in addresses)
+
+    def datagramReceived(self, datagram: bytes, addr: Address) -> None:  # type: ignore[override]
+        """Handle one datagram; never raises."""
+        host = addr[0]
+        if not self._datagram_limiter.allow(host):
+            self._drop("rate_limited", addr)
+            return
+        try:
+            parsed = parse_datagram(datagram)
+        except DatagramError as e:
+            self._drop(e.reason, addr, str(e))
+            return
+        self._metrics.received.labels(_kind(parsed)).inc()
+        if isinstance(parsed, Announce):
+            self._on_announce(parsed, addr)
+        elif isinstance(parsed, Ping):
+            self._send(b"pong", addr, "pong")
+        elif isinstance(parsed, (HasPathQuery, HasPathWithNarHashQuery)):
+            self._on_query(parsed, addr, len(datagram))
+        else:
+            # Pong and query answers only make sense to a node that asked;
+            # we ask over HTTP.
+            self._drop("unsolicited", addr)
+
+    def _on_announce(self, announce: Announce, addr: Address) -> None:
+        host = addr[0]
+        if announce.node_id == self._node.node_id:
+            self._drop("own", addr)
+            return
+        if not self._announce_limiter.allow(host):
+            self._drop("rate_limited", addr)
+            return
+        try:
+            url = peer_url(host, announce.port if announce.port is not None else self._http_port)
+        except ValueError as e:
+            self._drop("address", addr, str(e))
+            return
+        self._registry.add(url, SOURCE, announce.public_key or None)
+        if announce.reply or not self._should_answer(host, announce.node_id):
+            return
+        self._send(self._reply, addr, "announce_reply")
+
+    def _should_answer(self, host: str, node_id: str | None) -> bool:
+        now = self._clock.seconds()
+        key = (host, node_id)
+        last = self._answered.get(key)
+        if last is not None and now - last < self._limits.answer_holdoff:
+            return False
+        if not self._answer_limiter.allow(None):
+            return False
+        self._answered[key] = now
+        self._answered.move_to_end(key)
+        while len(self._answered) > self._limits.max_sources:
+            self._answered.popitem(last=False)
+        return True
+
+    def _on_query(self, query: Query, addr: Address, request_size: int) -> None:
+        if len(self._pending) >= self._limits.max_pending_queries:
+            self._drop("busy", addr)
+            return
+        d = Deferred.fromCoroutine(self._answer_query(query, addr, request_size))
+        # Kept until it fires; stop() cancels what is left.
+        self._pending.add(d)
+        d.addBoth(self._forget, d)
+
+    def _forget(self, result: object, d: Deferred[None]) -> None:
+        self._pending.discard(d)
+
+    async def _answer_query(self, query: Query, addr: Address, request_size: int) -> None:
+        lookup = self._store.query_path_info(query.hash_part)
+        # addTimeout cancels the lookup; stop() cancels it via this coroutine.
+        lookup.addTimeout(self._limits.query_timeout, self._clock)
+        try:
+            info = await lookup
+        except CancelledError:
+            raise
+        except TimeoutError:
+            self._drop("store_timeout", addr)
+            return
+        except Exception as e:
+            # The store contract says misses are None, so this is a store
+            # bug or an I/O error: log it and leave the query unanswered.
+            self.log.failure("Store lookup for UDP query from {source} failed", source=addr)
+            self._drop("store_error", addr, str(e))
+            return
+        if info is None:
+            answer = Answer.NOT_FOUND
+        elif isinstance(query, HasPathWithNarHashQuery) and info.nar_hash != query.nar_hash:
+            answer = Answer.NARHASH_MISMATCH
+        else:
+            answer = Answer.YES
+        data = render_datagram(QueryAnswer(answer))
+        if len(data) > request_size:
+            # Never amplify: no answer is larger than the question.
+            self._drop("amplification", addr)
+            return
+        self._metrics.answers.labels(answer.value).inc()
+        self._send(data, addr, "answer")
+
+    def stop(self) -> None:
+        """Cancel every store lookup in flight."""
+        for d in list(self._pending):
+            d.cancel()
+
+
+@implementer(IDiscovery)
+class UdpDiscoveryService(Service):
+    """
+    Listen on UDP, announce ourselves by broadcast, answer others.
+
+    Schedule: an announce at start-up, one more after ``second_announce``
+    seconds (a peer that started at the same moment may have missed the
+    first), then one every ``announce_interval`` seconds; each periodic tick
+    also calls ``registry.expire()``.  Everything scheduled is cancelled by
+    :meth:`stopService`.
+    """
+
+    name = SOURCE
+
+    def __init__(
+        self,
+        udp: IReactorUDP,
+        clock: IReactorTime,
+        registry: IPeerRegistry,
+        store: IStore,
+        node: NodeInfo,
+        http_port: int,
+        udp_port: int,
+        broadcast: bool = True,
+        announce_interval: float = 30.0,
+        broadcast_addresses: Callable[[], list[str]] = ipv4_broadcast_addresses,
+        interface: str = "0.0.0.0",
+        second_announce: float = 2.5,
+        metrics: CollectorRegistry | None = None,
+        limits: UdpLimits = UdpLimits(),
+    ) -> None:
+        """
+        :param udp: the reactor to listen with.
+        :param clock: the reactor's time (the same reactor in production).
+        :param registry: where peers go.
+        :param store: answers ``has_path`` queries.
+        :param node: our self-description.
+        :param http_port: our HTTP port, announced.
+        :param udp_port: the UDP port we listen on and broadcast to (0 picks
+            a free port to listen on, for tests; then broadcasts go to the
+            port actually bound).
+        :param broadcast: whether to broadcast announces at all (we still
+            answer announces and queries when off).
+        :param announce_interval: seconds between periodic announces.
+        :param broadcast_addresses: returns where to broadcast, called at
+            every announce (interfaces come and go).
+        :param interface: the IPv4 address to bind; broadcasts are only
+            received on ``0.0.0.0``.
+        :param second_announce: seconds after start of the second announce.
+        :param metrics: registry for the counters; a private one if ``None``.
+        :param limits: rate and size bounds.
+        :raises DatagramError: if our announce would be too large for Go.
+        """
+        self._udp = udp
+        self._clock = clock
+        self._registry = registry
+        self._udp_port = udp_port
+        self._broadcast = broadcast
+        self._interval = announce_interval
+        self._broadcast_addresses = broadcast_addresses
+        self._interface = interface
+        self._second_announce = second_announce
+        self.metrics = UdpMetrics(metrics if metrics is not None else CollectorRegistry())
+        self.protocol = DiscoveryProtocol(clock, registry, store, node, http_port, self.metrics, limits)
+        self._port: IListeningPort | None = None
+        self._loop: LoopingCall | None = None
+        self._second: IDelayedCall | None = None
+
+    @property
+    def listening_port(self) -> int:
+        """:returns: the UDP port actually bound (after start)."""
+        if self._port is None:
+            raise RuntimeError("not listening")
+        host = self._port.getHost()
+        if not isinstance(host, IPv4Address):
+            raise RuntimeError(f"unexpected UDP address {host!r}")
+        return host.port
+
+    def startService(self) -> None:
+        """
+        Listen and start announcing.
+
+        :raises twisted.internet.error.CannotListenError: if the port is taken.
+        """
+        self._port = self._udp.listenUDP(
+            self._udp_port, self.protocol, interface=self._interface, maxPacketSize=MAX_DATAGRAM + 1
+        )
+        # Needed to send to broadcast addresses at all (SO_BROADCAST).
+        IUDPTransport(self._port).setBroadcastAllowed(True)
+        super().startService()  # type: ignore[no-untyped-call]
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self._clock
+        # Started with now=True: the first tick is the start-up announce.
+        # Stopped in stopService.
+        self._loop.start(self._interval, now=True).addErrback(
+            lambda f: self.protocol.log.failure("UDP announce loop failed", f)
+        )
+        # Cancelled in stopService if it has not run.
+        self._second = self._clock.callLater(self._second_announce, self._announce)
+
+    def _announce(self) -> None:
+        if not self._broadcast:
+            return
+        try:
+            addresses = self._broadcast_addresses()
+        except OSError as e:
+            self.protocol.log.warn("Cannot list broadcast addresses: {error}", error=str(e))
+            return
+        self.protocol.announce(addresses, self.listening_port if self._udp_port == 0 else self._udp_port)
+
+    def _tick(self) -> None:
+        self._announce()
+        self._registry.expire()
+
+    def stopService(self) -> Deferred[None]:
+        """Stop announcing, cancel lookups, stop listening."""
+        super().stopService()  # type: ignore[no-untyped-call]
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        second = self._second
+        self._second = None
+        if second is not None and second.active():
+            second.cancel()
+        self.protocol.stop()
+        port, self._port = self._port, None
+        if port is None:
+            return succeed(None)
+        return maybeDeferred(port.stopListening).addCallback(lambda _: None)
