@@ -35,7 +35,7 @@ from peernix.peers.client import PeerClient
 from peernix.peers.errors import NarRelayInterrupted, NarUnavailable, NarVerificationFailed, PeerError
 from peernix.peers.metrics import PeerMetrics
 from peernix.peers.registry import Peer
-from peernix.peers.relay import SUPPORTED_COMPRESSIONS, NarRelay
+from peernix.peers.relay import HOLD_BACK_BYTES, SUPPORTED_COMPRESSIONS, NarRelay
 from peernix.peers.trust import TrustPolicy
 
 log = Logger()
@@ -103,6 +103,9 @@ class Fanout:
     :param cache_size: entries kept in each of the positive, negative and
         offer caches (least recently used dropped first).
     :param prefetch_queue: references waiting for prefetch, at most.
+    :param relay_hold_back: NARs up to this size are verified whole before
+        the client gets a byte, so a bad peer is replaced by the next one
+        without the client noticing (see :class:`NarRelay`).
     :param nar_silence_timeout: seconds a peer may stay silent mid-NAR
         (while the client is not the slow side).
     :param metrics_registry: where to register metrics (a private registry
@@ -123,6 +126,7 @@ class Fanout:
         cache_size: int = 4096,
         prefetch_queue: int = 256,
         nar_silence_timeout: float = 30.0,
+        relay_hold_back: int = HOLD_BACK_BYTES,
         metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self._registry = registry
@@ -136,6 +140,7 @@ class Fanout:
         self._cache_size = cache_size
         self._prefetch_queue_max = prefetch_queue
         self._nar_silence_timeout = nar_silence_timeout
+        self._relay_hold_back = relay_hold_back
         self.metrics = PeerMetrics(metrics_registry, lambda: len(registry.peers()))
         self._positive: OrderedDict[str, tuple[NarInfo, float]] = OrderedDict()
         self._negative: OrderedDict[str, float] = OrderedDict()
@@ -432,6 +437,7 @@ class Fanout:
             offer.compression,
             self._clock,
             silence=self._nar_silence_timeout,
+            hold_back=self._relay_hold_back,
             on_bytes=self.metrics.proxied_bytes.inc,
         )
         response.deliverBody(relay)  # type: ignore[no-untyped-call]

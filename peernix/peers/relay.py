@@ -35,6 +35,9 @@ _ZSTD_SLICE = 256
 #: Compressions a relay can decode.
 SUPPORTED_COMPRESSIONS = frozenset({"none", "zstd"})
 
+#: NARs up to this size are verified whole before their first byte is relayed.
+HOLD_BACK_BYTES = 2 * 1024 * 1024
+
 
 @implementer(IPushProducer)
 class _PeerProducer:
@@ -70,6 +73,11 @@ class NarRelay(Protocol):
     :param silence: seconds the peer may stay silent while we are not paused.
     :param on_bytes: called with the number of raw bytes received from the
         peer (for metrics).
+    :param hold_back: a NAR of at most this many bytes is held back whole
+        until it verified, so a lying peer's bytes never reach the client
+        and the caller can retry another peer unseen; a larger NAR streams,
+        holding back only its last chunk.  Memory per relay is bounded by
+        this (plus one chunk).
     :raises ValueError: for an unsupported compression.
 
     :ivar done: fires with ``None`` once every byte was verified and written;
@@ -91,6 +99,7 @@ class NarRelay(Protocol):
         *,
         silence: float = 30.0,
         on_bytes: Callable[[int], None] | None = None,
+        hold_back: int = HOLD_BACK_BYTES,
     ) -> None:
         if compression not in SUPPORTED_COMPRESSIONS:
             raise ValueError(f"unsupported NAR compression {compression!r}")
@@ -106,7 +115,10 @@ class NarRelay(Protocol):
         self._silence = silence
         self._on_bytes = on_bytes
         self._decompressor = zstandard.ZstdDecompressor().decompressobj() if compression == "zstd" else None
-        self._held: bytes | None = None
+        # Verified-later bytes not yet written: the whole NAR when it is
+        # small enough, else just the latest chunk.
+        self._held: list[bytes] = []
+        self._hold_all = nar_size <= hold_back
         # Compressed input not yet decompressed (waiting while paused).
         self._input: deque[memoryview] = deque()
         # The clean end of the body, once it came.
@@ -181,9 +193,12 @@ class NarRelay(Protocol):
         except NarError as e:
             self.fail("verification", NarVerificationFailed(str(e)))
             return
-        held, self._held = self._held, data
-        if held is not None:
-            self._write(held)
+        if self._hold_all:
+            self._held.append(data)
+            return
+        held, self._held = self._held, [data]
+        for chunk in held:
+            self._write(chunk)
 
     def _write(self, data: bytes) -> None:
         self.wrote_any = True
@@ -217,9 +232,9 @@ class NarRelay(Protocol):
         except NarError as e:
             self.fail("verification", NarVerificationFailed(str(e)))
             return
-        held, self._held = self._held, None
-        if held is not None:
-            self._write(held)
+        held, self._held = self._held, []
+        if held:
+            self._write(b"".join(held))
         self._cleanup(stop_peer=False)
         self.done.callback(None)
 
@@ -276,7 +291,7 @@ class NarRelay(Protocol):
 
     def _cleanup(self, *, stop_peer: bool) -> None:
         self._finished = True
-        self._held = None
+        self._held = []
         self._input.clear()
         self._disarm_timer()
         if stop_peer and self.transport is not None:

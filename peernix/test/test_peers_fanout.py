@@ -447,8 +447,8 @@ class FanoutRelayTests(FanoutTestMixin, SynchronousTestCase):
         self.failureResultOf(d, NarUnavailable)
         self.assertEqual(self.lan.count("other:9999", ".nar"), 0)
 
-    def scripted(self) -> ScriptedClient:
-        self.make([HONEST, "b:9999"])
+    def scripted(self, **options: Any) -> ScriptedClient:
+        self.make([HONEST, "b:9999"], **options)
         client = ScriptedClient(self.http, self.clock)
         self.fanout._client = client
         self.info = make_info(self.info.store_path, self.nar, key=TRUSTED)
@@ -456,9 +456,30 @@ class FanoutRelayTests(FanoutTestMixin, SynchronousTestCase):
             self.lan.peer(host).serve(self.info, self.nar)
         return client
 
-    def test_relay_fails_after_write(self) -> None:
-        """A NAR that fails verification after bytes went out fails the relay (no fallback)."""
+    def test_small_corrupted_nar_falls_back_unseen(self) -> None:
+        """A small NAR that fails verification is fetched from the next peer; the client sees only good bytes."""
         client = self.scripted()
+        client.responses = {f"http://{HONEST}": FakeResponse(), "http://b:9999": FakeResponse()}
+        d, consumer = self.relay(self.info)
+        [(first, _)] = client.opened
+        bad = bytearray(self.nar)
+        bad[-20] ^= 1
+        client.responses[first].send(bytes(bad))
+        client.responses[first].finish()
+        self.assertNoResult(d)
+        self.assertEqual(consumer.value(), b"")
+        self.assertEqual(len(client.opened), 2)
+        second = client.opened[1][0]
+        self.assertNotEqual(second, first)
+        client.responses[second].send(self.nar)
+        client.responses[second].finish()
+        self.successResultOf(d)
+        self.assertEqual(consumer.value(), self.nar)
+        self.assertEqual([k for _, k in self.registry.failures], ["verification"])
+
+    def test_relay_fails_after_write(self) -> None:
+        """A streamed NAR that fails verification after bytes went out fails the relay (no fallback)."""
+        client = self.scripted(relay_hold_back=0)
         big = file_nar(b"x" * 5000)
         info = make_info(self.info.store_path, big, key=TRUSTED)
         self.lan.peer(HONEST).serve(info)

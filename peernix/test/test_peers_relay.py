@@ -47,7 +47,9 @@ class NarRelayTests(SynchronousTestCase):
         self.response = FakeResponse()
         self.received: list[int] = []
 
-    def relay(self, nar: bytes = NAR, compression: str = "none", size: int | None = None) -> NarRelay:
+    def relay(self, nar: bytes = NAR, compression: str = "none", size: int | None = None,
+              hold_back: int = 0) -> NarRelay:
+        """A relay in streaming mode unless ``hold_back`` says otherwise."""
         relay = NarRelay(
             self.consumer,
             Hash.sha256_of(nar),
@@ -56,6 +58,7 @@ class NarRelayTests(SynchronousTestCase):
             self.clock,
             silence=10.0,
             on_bytes=self.received.append,
+            hold_back=hold_back,
         )
         self.response.deliverBody(relay)
         return relay
@@ -77,6 +80,28 @@ class NarRelayTests(SynchronousTestCase):
         self.assertEqual(self.consumer.value(), NAR)
         self.assertEqual((relay.bytes_written, sum(self.received)), (len(NAR), len(NAR)))
         self.assertClean()
+
+    def test_small_nar_held_back_whole(self) -> None:
+        """A NAR within hold_back reaches the consumer only once it verified, in one piece."""
+        relay = self.relay(hold_back=len(NAR))
+        self.response.send(*chunks_of(NAR, 1000))
+        self.assertEqual(self.consumer.value(), b"")
+        self.assertFalse(relay.wrote_any)
+        self.response.finish()
+        self.successResultOf(relay.done)
+        self.assertEqual(self.consumer.value(), NAR)
+        self.assertClean()
+
+    def test_small_corrupted_nar_writes_nothing(self) -> None:
+        """A corrupted NAR within hold_back fails without a byte written, so another peer can be tried."""
+        relay = self.relay(hold_back=len(NAR))
+        bad = bytearray(NAR)
+        bad[len(bad) // 2] ^= 1
+        self.response.send(*chunks_of(bytes(bad), 1000))
+        self.response.finish()
+        self.failureResultOf(relay.done, NarVerificationFailed)
+        self.assertEqual(self.consumer.value(), b"")
+        self.assertFalse(relay.wrote_any)
 
     def test_good_zstd(self) -> None:
         """A correct zstd NAR is decompressed on the fly and verified."""
