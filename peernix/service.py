@@ -1,0 +1,422 @@
+"""
+The one place where peernix's objects are assembled.
+
+:func:`build_service` turns a :class:`~peernix.options.Config` and a reactor
+into one ``MultiService``, in a plain sequence of ``make_...`` steps; each
+step takes what earlier steps made.  Collaborators can be passed in (tests
+pass fakes), everything else is built here.  Children start in the order
+they are added and stop in reverse: the store and thread pool are up before
+the first request can arrive, and the listener is closed before they stop.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from collections.abc import Callable
+from typing import Any, Literal
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.web.resource import IResource
+from twisted.web.http import Request
+from twisted.web.server import Site
+
+import peernix
+from peernix.interfaces import IStore, IUpstream
+from peernix.nix.signing import SecretKey, load_secret_key_file
+from peernix.options import Config
+from peernix.store.local import LocalStore
+from peernix.web.app import WebApp
+from peernix.web.metrics import Metrics
+from peernix.web.streaming import DeferToThread, thread_pool_runner
+
+__all__ = [
+    "ListenError",
+    "PeernixService",
+    "build_service",
+    "probe_ip_stack",
+]
+
+_log = Logger()
+
+#: Close an HTTP connection idle (no request or no progress) this long.
+REQUEST_IDLE_TIMEOUT = 60.0
+
+#: Worker threads for CPU-heavy work (hashing, compression): the machines
+#: peernix runs on are often small, and the reactor needs a core too.
+CPU_THREADS = 2
+
+#: How this machine's kernel does IPv6, for the default "all addresses":
+#: ``"dual"``: one socket on ``::`` also takes IPv4; ``"separate"``: IPv6
+#: sockets are IPv6-only by default (``net.ipv6.bindv6only=1``), so listen on
+#: ``::`` and ``0.0.0.0``; ``"ipv4"``: no IPv6 at all.
+IPStack = Literal["dual", "separate", "ipv4"]
+
+#: A reactor providing ``IReactorTCP``, ``IReactorTime`` and
+#: ``IReactorFromThreads``: the real one; tests pass a ``MemoryReactorClock``
+#: with an injected store.
+Reactor = Any
+
+
+class ListenError(Exception):
+    """The HTTP port could not be opened; the message says why and what to do."""
+
+
+def probe_ip_stack() -> IPStack:
+    """
+    Find out how this kernel does IPv6 (blocking but instant: one socket,
+    no traffic).
+
+    :returns: see :data:`IPStack`.
+    """
+    if not socket.has_ipv6:
+        return "ipv4"
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            v6only = s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    except OSError:
+        # EAFNOSUPPORT: IPv6 disabled in the kernel (ipv6.disable=1).
+        return "ipv4"
+    return "separate" if v6only else "dual"
+
+
+# --------------------------------------------------------------------------
+# Small services around things with a start/stop life cycle.
+
+
+class LocalStoreService(Service):
+    """Starts and stops a :class:`LocalStore`'s worker threads."""
+
+    name = "store"
+
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.start()
+
+    def stopService(self) -> Deferred[None] | None:
+        # Blocks briefly: waits for running lookups to finish.
+        self.store.stop()
+        return super().stopService()  # type: ignore[no-any-return]
+
+
+class ThreadPoolService(Service):
+    """Starts and stops a ``ThreadPool``."""
+
+    def __init__(self, pool: ThreadPool, name: str) -> None:
+        self.pool = pool
+        self.setName(name)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Deferred[None] | None:
+        # ThreadPool.stop joins its threads: queued work finishes first.
+        self.pool.stop()
+        return super().stopService()  # type: ignore[no-any-return]
+
+
+class ListenerService(Service):
+    """
+    Listens on one stream endpoint while running, and logs where.
+
+    Listening happens in :meth:`privilegedStartService` (before twistd drops
+    privileges, so ports below 1024 work) or, when nothing called that (as
+    under ``twist``), in :meth:`startService`.
+
+    :ivar port: the listening port while running, else ``None``.
+    """
+
+    def __init__(
+        self,
+        endpoint: IStreamServerEndpoint,
+        factory: Site,
+        description: str,
+        on_listening: Callable[[IListeningPort], None] | None = None,
+    ) -> None:
+        """
+        :param description: where it listens, for messages (``"[::]:9999"``).
+        :param on_listening: called with the port once listening.
+        """
+        self.endpoint = endpoint
+        self.factory = factory
+        self.description = description
+        self.on_listening = on_listening
+        self.port: IListeningPort | None = None
+        self._listening: Deferred[IListeningPort] | None = None
+
+    def privilegedStartService(self) -> None:
+        """
+        Start listening.
+
+        :raises ListenError: when the endpoint fails right away (a TCP port
+            in use, an address not on this machine).
+        """
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        """Start listening unless :meth:`privilegedStartService` did; see there."""
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._listening is not None:
+            return
+        self._listening = self.endpoint.listen(self.factory)
+        outcome: list[IListeningPort | Failure] = []
+        self._listening.addBoth(outcome.append)
+        if outcome:
+            result = outcome[0]
+            if isinstance(result, Failure):
+                self._listening = None
+                raise ListenError(self._explain(result))
+            self._listened(result)
+        else:
+            # An endpoint that answers later (not TCP): report its outcome
+            # when it comes; stopService cancels it if it never does.
+            self._listening.addCallbacks(self._listened, self._failed)
+
+    def _explain(self, failure: Failure) -> str:
+        error = failure.value
+        reason = str(getattr(error, "socketError", None) or error)
+        hint = "choose another --port, or stop the program using it"
+        if "in use" not in reason:
+            hint = "check --port and --interface"
+        return f"cannot listen on {self.description}: {reason} ({hint})"
+
+    def _listened(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        if self.on_listening is not None:
+            self.on_listening(port)
+        return port
+
+    def _failed(self, failure: Failure) -> None:
+        _log.failure("peernix: {message}", failure, message=self._explain(failure))
+
+    def stopService(self) -> Deferred[None] | None:
+        """:returns: a Deferred firing once the port is closed."""
+        super().stopService()
+        listening, self._listening = self._listening, None
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        if listening is not None:
+            listening.cancel()
+        return None
+
+
+class PeernixSite(Site):
+    """
+    The HTTP server: a ``Site`` with an idle timeout on the injected reactor,
+    quiet unless ``access_log`` is on.
+    """
+
+    noisy = False
+
+    def __init__(self, resource: IResource, *, reactor: Reactor, access_log: bool = False,
+                 timeout: float = REQUEST_IDLE_TIMEOUT) -> None:
+        super().__init__(resource, timeout=timeout, reactor=reactor)
+        self.access_log = access_log
+
+    def log(self, request: Request) -> None:
+        """Write an access log line, only when access logging is on."""
+        if self.access_log:
+            super().log(request)
+
+
+class PeernixService(MultiService):
+    """
+    The daemon: the ``MultiService`` :func:`build_service` returns, with
+    handles on the parts it assembled (for tests and later wiring steps).
+    """
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.store: IStore | None = None
+        self.metrics: Metrics | None = None
+        self.secret_key: SecretKey | None = None
+        self.app: WebApp | None = None
+        self.site: PeernixSite | None = None
+        self.listeners: list[ListenerService] = []
+
+
+# --------------------------------------------------------------------------
+# The steps.
+
+
+def make_store(config: Config, reactor: Reactor, parent: MultiService) -> LocalStore:
+    """
+    Open the local store, checking it now so a wrong ``--store-root`` stops
+    start-up with a clear message.
+
+    :raises peernix.store.local.StoreError: the store is missing or unreadable.
+    """
+    store = LocalStore(config.store_root, reactor)
+    store.check()
+    LocalStoreService(store).setServiceParent(parent)
+    return store
+
+
+def make_cpu_pool(reactor: Reactor, parent: MultiService) -> DeferToThread:
+    """
+    Make the thread pool for CPU-heavy work (NAR serialisation, hashing,
+    compression), started and stopped by a child service.
+
+    :returns: ``defer_to_thread(f)``, running ``f`` on that pool and firing
+        with its result on the reactor thread.
+    """
+    pool = ThreadPool(minthreads=0, maxthreads=CPU_THREADS, name="peernix-cpu")
+    ThreadPoolService(pool, "cpu-threads").setServiceParent(parent)
+    return thread_pool_runner(reactor, pool)
+
+
+def load_secret_key(config: Config) -> SecretKey | None:
+    """
+    :returns: the key of ``--secret-key-file``, or ``None`` without one.
+    :raises peernix.nix.signing.KeyFormatError: the file is missing,
+        unreadable or not a Nix secret key.
+    """
+    if config.secret_key_file is None:
+        return None
+    return load_secret_key_file(config.secret_key_file)
+
+
+def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
+                 defer_to_thread: DeferToThread, secret_key: SecretKey | None,
+                 metrics: Metrics, upstream: IUpstream | None) -> WebApp:
+    """:returns: the HTTP application: the cache protocol, status page and metrics."""
+    return WebApp(
+        store,
+        reactor=reactor,
+        defer_to_thread=defer_to_thread,
+        secret_key=secret_key,
+        priority=config.priority,
+        metrics=metrics,
+        upstream=upstream,
+        proxy_clients=config.proxy_clients,
+        store_root=config.store_root,
+        version=peernix.__version__,
+    )
+
+
+def listen_addresses(config: Config, stack: IPStack) -> list[str]:
+    """
+    :returns: the addresses to listen on: ``--interface``, or every address
+        of this machine (``::``, which takes IPv4 too on a dual-stack kernel).
+    """
+    if config.interface is not None:
+        return [config.interface]
+    return {"dual": ["::"], "separate": ["::", "0.0.0.0"], "ipv4": ["0.0.0.0"]}[stack]
+
+
+def local_cache_url(config: Config, port: int) -> str:
+    """:returns: the URL the local Nix should use as its substituter."""
+    host = config.interface
+    if host is None or host in ("::", "0.0.0.0"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/nix-cache"
+
+
+def make_listeners(config: Config, reactor: Reactor, site: PeernixSite, stack: IPStack,
+                   parent: PeernixService) -> list[ListenerService]:
+    """Add one TCP listener service per address of :func:`listen_addresses`."""
+    listeners = []
+    for address in listen_addresses(config, stack):
+        endpoint: IStreamServerEndpoint
+        if ":" in address:
+            endpoint = TCP6ServerEndpoint(reactor, config.port, interface=address)
+            shown = f"[{address}]:{config.port}"
+        else:
+            endpoint = TCP4ServerEndpoint(reactor, config.port, interface=address)
+            shown = f"{address}:{config.port}"
+        listener = ListenerService(
+            endpoint, site, shown,
+            on_listening=functools.partial(_log_listening, config, stack, address),
+        )
+        listener.setName(f"http {shown}")
+        listener.setServiceParent(parent)
+        listeners.append(listener)
+    return listeners
+
+
+def _log_listening(config: Config, stack: IPStack, address: str, port: IListeningPort) -> None:
+    number: int = getattr(port.getHost(), "port", config.port)
+    if address == "::":
+        where = "all addresses, IPv6 and IPv4" if stack == "dual" else "all IPv6 addresses"
+    elif address == "0.0.0.0":
+        where = "all IPv4 addresses"
+    else:
+        where = address
+    _log.info(
+        "peernix {version} serving the Nix store of {store_root} on {where}, port {port};"
+        " put this in nix.conf: substituters = {url}",
+        version=peernix.__version__,
+        store_root=config.store_root,
+        where=where,
+        address=address,
+        port=number,
+        url=local_cache_url(config, number),
+    )
+
+
+def build_service(
+    config: Config,
+    reactor: Reactor,
+    *,
+    store: IStore | None = None,
+    secret_key: SecretKey | None = None,
+    metrics: Metrics | None = None,
+    defer_to_thread: DeferToThread | None = None,
+    upstream: IUpstream | None = None,
+    ip_stack: IPStack | None = None,
+) -> PeernixService:
+    """
+    Assemble the daemon.
+
+    Blocking (reads the store database header and the key file); call it at
+    start-up, before the reactor runs.
+
+    :param config: the settings.
+    :param reactor: see :data:`Reactor`; every component gets this one.
+    :param store: the store to serve; by default a :class:`LocalStore` at
+        ``config.store_root``, checked now and started with the service.
+    :param secret_key: the signing key; by default the one of
+        ``config.secret_key_file`` (none without it).
+    :param metrics: the metrics; by default a fresh :class:`Metrics`.
+    :param defer_to_thread: runs CPU-heavy work off the reactor thread; by
+        default on a pool of :data:`CPU_THREADS` threads started with the
+        service.
+    :param upstream: where local clients' misses go (the peers); by
+        default none, so only the local store is served.
+    :param ip_stack: how the kernel does IPv6; by default probed now
+        (:func:`probe_ip_stack`).
+    :returns: the ``MultiService`` to start.
+    :raises peernix.store.local.StoreError: the default store is unusable.
+    :raises peernix.nix.signing.KeyFormatError: the key file is unusable.
+    """
+    top = PeernixService(config)
+    top.secret_key = secret_key if secret_key is not None else load_secret_key(config)
+    top.store = store if store is not None else make_store(config, reactor, top)
+    if defer_to_thread is None:
+        defer_to_thread = make_cpu_pool(reactor, top)
+    top.metrics = metrics if metrics is not None else Metrics()
+    top.app = make_web_app(config, reactor, top.store, defer_to_thread=defer_to_thread,
+                           secret_key=top.secret_key, metrics=top.metrics, upstream=upstream)
+    top.site = PeernixSite(top.app.resource(), reactor=reactor, access_log=config.access_log)
+    stack = ip_stack if ip_stack is not None else probe_ip_stack()
+    top.listeners = make_listeners(config, reactor, top.site, stack, top)
+    return top
+

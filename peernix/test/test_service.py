@@ -1,0 +1,271 @@
+"""Tests for :mod:`peernix.service`: the wiring, on a memory reactor."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.testing import MemoryReactorClock, RaisingMemoryReactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from peernix.interfaces import IStore
+from peernix.nix.signing import KeyFormatError, SecretKey
+from peernix.options import Config
+from peernix.service import (
+    REQUEST_IDLE_TIMEOUT,
+    ListenError,
+    ListenerService,
+    LocalStoreService,
+    PeernixSite,
+    ThreadPoolService,
+    build_service,
+    local_cache_url,
+    probe_ip_stack,
+)
+from peernix.store.local import LocalStore, StoreError
+from peernix.test.fakes import MemoryStore
+from peernix.test.nixenv import SKIP_NO_NIX, ChrootStore
+
+
+@implementer(IReactorFromThreads)
+class ThreadedMemoryReactor(MemoryReactorClock):
+    """A ``MemoryReactorClock`` that also takes calls from threads (run at once)."""
+
+    def callFromThread(self, callable: Any, *args: Any, **kwargs: Any) -> None:
+        callable(*args, **kwargs)
+
+
+def build(case: SynchronousTestCase, config: Config | None = None,
+          **kwargs: Any) -> tuple[Any, MemoryReactorClock]:
+    """:returns: ``(service, reactor)`` built from ``config`` with a MemoryStore, on a memory reactor."""
+    reactor = MemoryReactorClock()
+    root = case.mktemp()
+    os.makedirs(root)
+    kwargs.setdefault("store", MemoryStore(root))
+    kwargs.setdefault("ip_stack", "dual")
+    return build_service(config or Config(), reactor, **kwargs), reactor
+
+
+class BuildServiceTests(SynchronousTestCase):
+    """:func:`build_service` with fakes."""
+
+    def build(self, config: Config | None = None, **kwargs: Any) -> tuple[Any, MemoryReactorClock]:
+        """:returns: ``(service, reactor)``; see :func:`build`."""
+        return build(self, config, **kwargs)
+
+    def test_fakes_provide_interfaces(self) -> None:
+        """The store and reactor fakes used here provide their interfaces."""
+        root = self.mktemp()
+        os.makedirs(root)
+        self.assertTrue(verifyObject(IStore, MemoryStore(root)))
+        self.assertTrue(verifyObject(IReactorFromThreads, ThreadedMemoryReactor()))
+
+    def test_children(self) -> None:
+        """With a given store the children are the CPU pool and one listener, in that order."""
+        service, _ = self.build()
+        children = list(service)
+        self.assertEqual([c.name for c in children], ["cpu-threads", "http [::]:9999"])
+        self.assertIsInstance(children[0], ThreadPoolService)
+        self.assertIsInstance(children[1], ListenerService)
+        self.assertEqual(service.listeners, [children[1]])
+
+    def test_parts(self) -> None:
+        """The service keeps handles on what it assembled."""
+        config = Config(priority=12)
+        service, _ = self.build(config)
+        self.assertIs(service.config, config)
+        self.assertIsNotNone(service.metrics)
+        self.assertIsNotNone(service.app)
+        self.assertIsNone(service.secret_key)
+        self.assertIsInstance(service.site, PeernixSite)
+        self.assertEqual(service.site.timeOut, REQUEST_IDLE_TIMEOUT)
+
+    def test_dual_stack_listener(self) -> None:
+        """By default one listener on ``::`` takes IPv6 and IPv4, on the configured port."""
+        service, reactor = self.build(Config(port=8123), ip_stack="dual")
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual([(p, i) for p, _, _, i in reactor.tcpServers], [(8123, "::")])
+        self.assertIs(reactor.tcpServers[0][1], service.site)
+
+    def test_separate_stacks(self) -> None:
+        """Where IPv6 sockets are IPv6-only, it listens on ``::`` and ``0.0.0.0``."""
+        service, reactor = self.build(ip_stack="separate")
+        service.startService()
+        self.assertEqual([i for _, _, _, i in reactor.tcpServers], ["::", "0.0.0.0"])
+
+    def test_ipv4_only(self) -> None:
+        """Without IPv6 in the kernel it listens on ``0.0.0.0``."""
+        service, reactor = self.build(ip_stack="ipv4")
+        service.startService()
+        self.assertEqual([i for _, _, _, i in reactor.tcpServers], ["0.0.0.0"])
+
+    def test_interface(self) -> None:
+        """``--interface`` picks the one address, IPv4 or IPv6, whatever the stack."""
+        for address in ("127.0.0.1", "::1"):
+            service, reactor = self.build(Config(interface=address, port=0), ip_stack="separate")
+            service.startService()
+            self.assertEqual([(p, i) for p, _, _, i in reactor.tcpServers], [(0, address)])
+            service.stopService()
+
+    def test_listens_once(self) -> None:
+        """privilegedStartService then startService listens once, not twice."""
+        service, reactor = self.build()
+        service.privilegedStartService()
+        service.startService()
+        self.assertEqual(len(reactor.tcpServers), 1)
+
+    def test_start_stop_leaves_nothing(self) -> None:
+        """Stopping closes the listener and pool and leaves no timers behind."""
+        service, reactor = self.build()
+        service.startService()
+        listener = service.listeners[0]
+        pool = service.getServiceNamed("cpu-threads").pool
+        self.assertIsNotNone(listener.port)
+        self.assertTrue(pool.started)
+        self.successResultOf(service.stopService())
+        self.assertIsNone(listener.port)
+        self.assertFalse(pool.started)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+    def test_logs_nix_conf_line(self) -> None:
+        """Listening logs the substituter URL to put in nix.conf."""
+        service, _ = self.build(Config(port=8123))
+        with capturedLogs() as events:
+            service.startService()
+        urls = [e["url"] for e in events if "url" in e]
+        self.assertEqual(urls, ["http://127.0.0.1:8123/nix-cache"])
+        service.stopService()
+
+    def test_logs_where(self) -> None:
+        """The start-up line says which addresses are served, per listener."""
+        for stack, expected in [("dual", ["all addresses, IPv6 and IPv4"]),
+                                ("separate", ["all IPv6 addresses", "all IPv4 addresses"]),
+                                ("ipv4", ["all IPv4 addresses"])]:
+            service, _ = self.build(ip_stack=stack)
+            with capturedLogs() as events:
+                service.startService()
+            self.assertEqual([e["where"] for e in events if "where" in e], expected)
+            service.stopService()
+
+    def test_secret_key_loaded(self) -> None:
+        """``secret_key_file`` is read at build time."""
+        key = SecretKey("host-peernix-1", bytes(range(32)))
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(key.to_string() + "\n")
+        service, _ = self.build(Config(secret_key_file=path))
+        self.assertEqual(service.secret_key, key)
+
+    def test_bad_secret_key(self) -> None:
+        """A missing or malformed key file stops the build with KeyFormatError."""
+        path = self.mktemp()
+        self.assertRaises(KeyFormatError, self.build, Config(secret_key_file=path))
+        with open(path, "w") as f:
+            f.write("not a key\n")
+        self.assertRaises(KeyFormatError, self.build, Config(secret_key_file=path))
+
+    def test_missing_store(self) -> None:
+        """Without an injected store, a store root without a Nix database stops the build."""
+        root = self.mktemp()
+        os.makedirs(root)
+        error = self.assertRaises(
+            StoreError, build_service, Config(store_root=root), ThreadedMemoryReactor(), ip_stack="dual"
+        )
+        self.assertIn(root, str(error))
+
+
+class LocalStoreWiringTests(SynchronousTestCase):
+    """:func:`build_service` with the default :class:`LocalStore`, on a real chroot store."""
+
+    skip = SKIP_NO_NIX
+
+    def test_store_service(self) -> None:
+        """The local store is checked, and started and stopped by the first child."""
+        store = ChrootStore(os.path.abspath(self.mktemp()))
+        self.addCleanup(store.remove)
+        reactor = ThreadedMemoryReactor()
+        service = build_service(Config(store_root=store.root), reactor, ip_stack="dual")
+        first = list(service)[0]
+        self.assertIsInstance(first, LocalStoreService)
+        self.assertIsInstance(service.store, LocalStore)
+        self.assertIs(first.store, service.store)
+        service.startService()
+        self.successResultOf(service.stopService())
+        self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class ListenerServiceTests(SynchronousTestCase):
+    """:class:`ListenerService` on its own."""
+
+    def site(self) -> PeernixSite:
+        return PeernixSite(Resource(), reactor=MemoryReactorClock())
+
+    def test_listen_failure(self) -> None:
+        """A port in use raises ListenError with the address and a hint."""
+        reactor = RaisingMemoryReactor(
+            listenException=CannotListenError("0.0.0.0", 9999, OSError(98, "Address already in use"))
+        )
+        listener = ListenerService(TCP4ServerEndpoint(reactor, 9999), self.site(), "0.0.0.0:9999")
+        error = self.assertRaises(ListenError, listener.privilegedStartService)
+        self.assertIn("0.0.0.0:9999", str(error))
+        self.assertIn("--port", str(error))
+        self.assertIsNone(listener.port)
+
+    def test_on_listening(self) -> None:
+        """``on_listening`` gets the port once listening."""
+        reactor = MemoryReactorClock()
+        seen: list[Any] = []
+        listener = ListenerService(TCP4ServerEndpoint(reactor, 1234), self.site(), "x",
+                                   on_listening=seen.append)
+        listener.startService()
+        self.assertEqual([p.getHost().port for p in seen], [1234])
+        listener.stopService()
+
+
+class SiteTests(SynchronousTestCase):
+    """:class:`PeernixSite`."""
+
+    def logged(self, access_log: bool) -> str:
+        """:returns: what the site writes to its log file for one request."""
+        site = PeernixSite(Resource(), reactor=MemoryReactorClock(), access_log=access_log)
+        out = io.StringIO()
+        site.logFile = out
+        site._logFormatter = lambda timestamp, request: "GET /x"
+        site.log(object())  # type: ignore[arg-type]
+        return out.getvalue()
+
+    def test_access_log_off(self) -> None:
+        """Access logging is off by default: nothing is written."""
+        self.assertEqual(self.logged(False), "")
+
+    def test_access_log_on(self) -> None:
+        """With access_log, one line per request is written."""
+        self.assertEqual(self.logged(True), "GET /x\n")
+
+    def test_quiet(self) -> None:
+        """The site does not log factory start and stop."""
+        self.assertFalse(PeernixSite(Resource(), reactor=MemoryReactorClock()).noisy)
+
+
+class HelperTests(SynchronousTestCase):
+    """Small functions of the wiring."""
+
+    def test_local_cache_url(self) -> None:
+        """The nix.conf URL is loopback for all addresses, else the interface, IPv6 bracketed."""
+        self.assertEqual(local_cache_url(Config(), 9999), "http://127.0.0.1:9999/nix-cache")
+        self.assertEqual(local_cache_url(Config(interface="::1"), 80), "http://[::1]:80/nix-cache")
+        self.assertEqual(local_cache_url(Config(interface="192.0.2.1"), 1), "http://192.0.2.1:1/nix-cache")
+        self.assertEqual(local_cache_url(Config(interface="::"), 1), "http://127.0.0.1:1/nix-cache")
+
+    def test_probe(self) -> None:
+        """The IP stack probe answers one of the three known answers."""
+        self.assertIn(probe_ip_stack(), ("dual", "separate", "ipv4"))
