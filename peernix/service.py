@@ -27,10 +27,22 @@ from twisted.web.resource import IResource
 from twisted.web.http import Request
 from twisted.web.server import Site
 
+from treq.client import HTTPClient
+from twisted.web.client import Agent, HTTPConnectionPool
+
 import peernix
-from peernix.interfaces import IStore, IUpstream
-from peernix.nix.signing import SecretKey, load_secret_key_file
+from peernix.discovery.mdns import MdnsDiscoveryService, make_zeroconf
+from peernix.discovery.nodeinfo import NodeInfo, detect_node_info
+from peernix.discovery.static import StaticPeersService
+from peernix.discovery.udp import UdpDiscoveryService
+from peernix.interfaces import IPeerRegistry, IStore, IUpstream
+from peernix.nix.signing import PublicKey, SecretKey, load_secret_key_file, parse_public_key
 from peernix.options import Config
+from peernix.peers.client import PeerClient
+from peernix.peers.fanout import Fanout
+from peernix.peers.health import HealthChecker
+from peernix.peers.registry import PeerRegistry
+from peernix.peers.trust import TrustPolicy, read_nix_trusted_keys
 from peernix.store.local import LocalStore
 from peernix.web.app import WebApp
 from peernix.web.metrics import Metrics
@@ -215,6 +227,25 @@ class ListenerService(Service):
         return None
 
 
+class PeerClientService(Service):
+    """
+    Owns the peer side's network resources: on stop, cancels the fan-outs in
+    flight and closes the persistent HTTP connections to peers.
+    """
+
+    name = "peer-client"
+
+    def __init__(self, pool: HTTPConnectionPool, fanout: Fanout) -> None:
+        self.pool = pool
+        self.fanout = fanout
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        self.fanout.close()
+        closed: Deferred[None] = self.pool.closeCachedConnections()
+        return closed
+
+
 class PeernixSite(Site):
     """
     The HTTP server: a ``Site`` with an idle timeout on the injected reactor,
@@ -249,6 +280,9 @@ class PeernixService(MultiService):
         self.app: WebApp | None = None
         self.site: PeernixSite | None = None
         self.listeners: list[ListenerService] = []
+        self.registry: IPeerRegistry | None = None
+        self.upstream: IUpstream | None = None
+        self.node: NodeInfo | None = None
 
 
 # --------------------------------------------------------------------------
@@ -290,6 +324,86 @@ def load_secret_key(config: Config) -> SecretKey | None:
     if config.secret_key_file is None:
         return None
     return load_secret_key_file(config.secret_key_file)
+
+
+def trusted_keys(config: Config) -> list[PublicKey]:
+    """
+    :returns: the keys a peer's narinfo must be signed by:
+        ``--trusted-public-key`` when given, else the local Nix's
+        ``trusted-public-keys`` (``$NIX_CONF_DIR/nix.conf``).
+    :raises peernix.nix.signing.KeyFormatError: a configured key is malformed.
+    :raises peernix.peers.trust.NixConfError: nix.conf cannot be read.
+    """
+    if config.trusted_public_keys is not None:
+        return [parse_public_key(k) for k in config.trusted_public_keys]
+    return read_nix_trusted_keys()
+
+
+def make_peers(config: Config, reactor: Reactor, metrics: Metrics,
+               parent: PeernixService) -> tuple[PeerRegistry, Fanout]:
+    """
+    Make the peer side: the registry discovery feeds, one persistent
+    connection pool for every peer request, the trusted fan-out (the web
+    layer's upstream) and the health checker.
+
+    Blocking: reads nix.conf for the default trusted keys.
+    """
+    registry = PeerRegistry(reactor, ttl=config.peer_ttl)
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    # Nix runs up to 16 substitutions at once, each a narinfo then a NAR.
+    pool.maxPersistentPerHost = 16
+    pool.cachedConnectionTimeout = 120
+    agent = Agent(reactor, pool=pool, connectTimeout=config.peer_timeout)
+    client = PeerClient(HTTPClient(agent), reactor, timeout=config.peer_timeout, agent=agent)
+    fanout = Fanout(
+        registry,
+        client,
+        TrustPolicy(trusted_keys(config)),
+        reactor,
+        negative_ttl=config.negative_ttl,
+        lookup_timeout=max(config.peer_timeout * 1.5, config.peer_timeout + 0.5),
+        metrics_registry=metrics.registry,
+    )
+    PeerClientService(pool, fanout).setServiceParent(parent)
+    HealthChecker(registry, client, reactor).setServiceParent(parent)
+    return registry, fanout
+
+
+def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, store: IStore,
+                   node: NodeInfo, metrics: Metrics, parent: PeernixService) -> None:
+    """
+    Add the ways of finding peers: the static list, UDP (always listening,
+    to answer announcements and ``has_path`` queries; broadcasting unless
+    ``--no-broadcast``) and mDNS (unless ``--no-mdns``).  They start after
+    the HTTP listener, so a node announces itself only once it can serve.
+    """
+    StaticPeersService(registry, list(config.peers)).setServiceParent(parent)
+    UdpDiscoveryService(
+        udp=reactor,
+        clock=reactor,
+        registry=registry,
+        store=store,
+        node=node,
+        http_port=config.port,
+        udp_port=config.effective_udp_port,
+        broadcast=config.broadcast,
+        announce_interval=config.announce_interval,
+        metrics=metrics.registry,
+    ).setServiceParent(parent)
+    if config.mdns:
+        # zeroconf's blocking calls (construction, resolving, close) run on
+        # a small pool of their own, so they never wait behind NAR work.
+        pool = ThreadPool(minthreads=0, maxthreads=2, name="peernix-mdns")
+        ThreadPoolService(pool, "mdns-threads").setServiceParent(parent)
+        MdnsDiscoveryService(
+            registry=registry,
+            node=node,
+            http_port=config.port,
+            clock=reactor,
+            zeroconf_factory=make_zeroconf,
+            defer_to_thread=thread_pool_runner(reactor, pool),
+            call_from_thread=reactor.callFromThread,
+        ).setServiceParent(parent)
 
 
 def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
@@ -382,6 +496,7 @@ def build_service(
     defer_to_thread: DeferToThread | None = None,
     upstream: IUpstream | None = None,
     ip_stack: IPStack | None = None,
+    node: NodeInfo | None = None,
 ) -> PeernixService:
     """
     Assemble the daemon.
@@ -399,13 +514,18 @@ def build_service(
     :param defer_to_thread: runs CPU-heavy work off the reactor thread; by
         default on a pool of :data:`CPU_THREADS` threads started with the
         service.
-    :param upstream: where local clients' misses go (the peers); by
-        default none, so only the local store is served.
+    :param upstream: where local clients' misses go; by default the peer
+        fan-out, with its registry fed by the discovery services.  Passing
+        one leaves out the peer side and discovery (tests).
+    :param node: this node's self-description for announcements; by
+        default detected now (runs ``nix-store --version``).
     :param ip_stack: how the kernel does IPv6; by default probed now
         (:func:`probe_ip_stack`).
     :returns: the ``MultiService`` to start.
     :raises peernix.store.local.StoreError: the default store is unusable.
-    :raises peernix.nix.signing.KeyFormatError: the key file is unusable.
+    :raises peernix.nix.signing.KeyFormatError: the key file or a trusted
+        key is unusable.
+    :raises peernix.peers.trust.NixConfError: nix.conf cannot be read.
     """
     top = PeernixService(config)
     top.secret_key = secret_key if secret_key is not None else load_secret_key(config)
@@ -413,10 +533,18 @@ def build_service(
     if defer_to_thread is None:
         defer_to_thread = make_cpu_pool(reactor, top)
     top.metrics = metrics if metrics is not None else Metrics()
+    if upstream is None:
+        top.registry, top.upstream = make_peers(config, reactor, top.metrics, top)
+    else:
+        top.upstream = upstream
     top.app = make_web_app(config, reactor, top.store, defer_to_thread=defer_to_thread,
-                           secret_key=top.secret_key, metrics=top.metrics, upstream=upstream)
+                           secret_key=top.secret_key, metrics=top.metrics, upstream=top.upstream)
     top.site = PeernixSite(top.app.resource(), reactor=reactor, access_log=config.access_log)
     stack = ip_stack if ip_stack is not None else probe_ip_stack()
     top.listeners = make_listeners(config, reactor, top.site, stack, top)
+    if top.registry is not None:
+        top.node = node if node is not None else detect_node_info(
+            public_key=top.secret_key.public_key.to_string() if top.secret_key is not None else "")
+        make_discovery(config, reactor, top.registry, top.store, top.node, top.metrics, top)
     return top
 

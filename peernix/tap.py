@@ -24,6 +24,7 @@ from twisted.python.components import Componentized
 from peernix.nix.signing import KeyFormatError
 from peernix.options import Config, ConfigError, PeernixOptions, config_from_file
 from peernix.service import ListenError, build_service
+from peernix.peers.trust import NixConfError
 from peernix.store.local import StoreError
 
 __all__ = ["Options", "makeService", "service_for_config", "application_from_environment"]
@@ -105,7 +106,7 @@ def service_for_config(config: Config, reactor: Any = None, *, foreground: bool 
         reactor = global_reactor
     try:
         service = build_service(config, reactor)
-    except (StoreError, KeyFormatError, ConfigError) as e:
+    except (StoreError, KeyFormatError, ConfigError, NixConfError) as e:
         raise fail(str(e)) from None
     return _StartupErrors(service, foreground=foreground)
 

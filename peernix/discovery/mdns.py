@@ -154,7 +154,8 @@ class ResolvedPeer:
     """
     What a resolved ``ServiceInfo`` tells us.
 
-    :ivar urls: one base URL per usable address.
+    :ivar urls: the base URL at the peer's preferred address (see
+        :func:`resolved_peer`), or none when it has no usable address.
     :ivar public_key: ``name:base64`` or ``None`` (absent or malformed).
     :ivar node_id: the TXT ``id``, ``None`` for nodes without one (Go).
     """
@@ -177,13 +178,18 @@ def _txt(properties: dict[bytes, bytes | None], key: bytes) -> str | None:
 
 def resolved_peer(info: ServiceInfo, skip_loopback: bool = True) -> ResolvedPeer:
     """
-    Turn a resolved service into peer URLs.
+    Turn a resolved service into the peer's URL.
+
+    A host announces every address it has; one URL per host keeps the
+    fan-out from asking the same machine several times.  The preferred
+    address is IPv4, then a global (or ULA) IPv6 one, then link-local ones,
+    which need a zone and break when interfaces change.
 
     :param info: as ``get_service_info`` returns it.
     :param skip_loopback: drop loopback addresses (a misconfigured host name
         can resolve to ``127.0.1.1``, which would point at ourselves).
     """
-    urls: list[str] = []
+    candidates: list[tuple[int, str]] = []
     port = info.port
     if port is not None and 1 <= port <= 65535:
         for address in info.parsed_scoped_addresses():
@@ -194,9 +200,12 @@ def resolved_peer(info: ServiceInfo, skip_loopback: bool = True) -> ResolvedPeer
             if parsed.is_unspecified or parsed.is_multicast or (skip_loopback and parsed.is_loopback):
                 continue
             try:
-                urls.append(peer_url(address, port))
+                url = peer_url(address, port)
             except ValueError:
                 continue
+            rank = (0 if parsed.version == 4 else 1) + (2 if parsed.is_link_local else 0)
+            candidates.append((rank, url))
+    urls = [min(candidates)[1]] if candidates else []
     properties = info.properties
     public_key = _txt(properties, b"pubkey")
     if public_key is not None and not is_valid_public_key(public_key):

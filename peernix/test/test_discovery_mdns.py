@@ -69,13 +69,16 @@ class NamingTests(SynchronousTestCase):
         self.assertNotIn(b"pubkey", build_service_info(node, 1, "h-1-id", []).properties)
 
     def test_resolved_urls(self) -> None:
-        """IPv4 and IPv6 addresses become URLs, IPv6 bracketed, link-local with its zone; loopback skipped."""
-        info = peer_info(["192.0.2.5", "127.0.1.1", "fe80::1", "2001:db8::5"], interface_index=3, pubkey=PUBKEY)
-        self.assertEqual(
-            resolved_peer(info),
-            ResolvedPeer(("http://192.0.2.5:9999", "http://[fe80::1%3]:9999", "http://[2001:db8::5]:9999"), PUBKEY, "peerid"),
-        )
-        self.assertIn("http://127.0.1.1:9999", resolved_peer(info, skip_loopback=False).urls)
+        """One URL per peer: IPv4 first, then global IPv6 (bracketed), then link-local with its zone; loopback skipped."""
+        info = peer_info(["fe80::1", "2001:db8::5", "127.0.1.1", "192.0.2.5"], interface_index=3, pubkey=PUBKEY)
+        self.assertEqual(resolved_peer(info), ResolvedPeer(("http://192.0.2.5:9999",), PUBKEY, "peerid"))
+        info = peer_info(["fe80::1", "2001:db8::5"], interface_index=3)
+        self.assertEqual(resolved_peer(info).urls, ("http://[2001:db8::5]:9999",))
+        info = peer_info(["fe80::1"], interface_index=3)
+        self.assertEqual(resolved_peer(info).urls, ("http://[fe80::1%3]:9999",))
+        info = peer_info(["127.0.1.1"])
+        self.assertEqual(resolved_peer(info).urls, ())
+        self.assertEqual(resolved_peer(info, skip_loopback=False).urls, ("http://127.0.1.1:9999",))
 
     def test_bad_pubkey_dropped(self) -> None:
         """A malformed pubkey TXT record is treated as absent."""
@@ -139,12 +142,12 @@ class ServiceTests(SynchronousTestCase):
         self.successResultOf(f.service.stopService())
 
     def test_add_resolves(self) -> None:
-        """A new service is resolved and each of its URLs added with source mdns and its key."""
+        """A new service is resolved and its URL added once with source mdns and its key."""
         f = _Fixture()
         f.service.startService()
         f.zc.infos[PEER_NAME] = peer_info(["192.0.2.5", "2001:db8::5"], pubkey=PUBKEY)
         f.zc.fire("add_service", SERVICE_TYPE, PEER_NAME)
-        self.assertEqual(f.registry.adds(), [("add", "http://192.0.2.5:9999", "mdns", PUBKEY), ("add", "http://[2001:db8::5]:9999", "mdns", PUBKEY)])
+        self.assertEqual(f.registry.adds(), [("add", "http://192.0.2.5:9999", "mdns", PUBKEY)])
         self.assertIn(("get_service_info", PEER_NAME, 2000), f.zc.calls)
         self.successResultOf(f.service.stopService())
 

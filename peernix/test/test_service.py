@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+
+import attrs
 import os
 from typing import Any
 
@@ -29,29 +31,59 @@ from peernix.service import (
     build_service,
     local_cache_url,
     probe_ip_stack,
+    trusted_keys,
 )
 from peernix.store.local import LocalStore, StoreError
-from peernix.test.fakes import MemoryStore
+from peernix.discovery.nodeinfo import NodeInfo
+from peernix.test.discoveryfakes import MemoryUDPReactor
+from peernix.peers.fanout import Fanout
+from peernix.peers.registry import PeerRegistry
+from peernix.test.fakes import FakeUpstream, MemoryStore
 from peernix.test.nixenv import SKIP_NO_NIX, ChrootStore
 
 
 @implementer(IReactorFromThreads)
 class ThreadedMemoryReactor(MemoryReactorClock):
-    """A ``MemoryReactorClock`` that also takes calls from threads (run at once)."""
+    """
+    A ``MemoryReactorClock`` that also takes calls from threads (run at
+    once) and "listens" on UDP (recorded in ``udp_ports``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._udp = MemoryUDPReactor()
+        self.udp_ports = self._udp.udp_ports
 
     def callFromThread(self, callable: Any, *args: Any, **kwargs: Any) -> None:
         callable(*args, **kwargs)
 
+    def listenUDP(self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192) -> Any:
+        return self._udp.listenUDP(port, protocol, interface, maxPacketSize)
+
+
+#: This node, as announced (fixed, so no test runs ``nix-store --version``).
+NODE = NodeInfo("0.1.0", "2.8.0", "x86_64-linux", (), "", "testnode")
+
+#: No mDNS and no trusted keys from this machine's nix.conf: unit tests
+#: neither touch the network nor read /etc.
+QUIET = Config(mdns=False, trusted_public_keys=())
+
+
+def quiet(**changes: Any) -> Config:
+    """:returns: :data:`QUIET` with ``changes``."""
+    return attrs.evolve(QUIET, **changes)
+
 
 def build(case: SynchronousTestCase, config: Config | None = None,
-          **kwargs: Any) -> tuple[Any, MemoryReactorClock]:
+          **kwargs: Any) -> tuple[Any, ThreadedMemoryReactor]:
     """:returns: ``(service, reactor)`` built from ``config`` with a MemoryStore, on a memory reactor."""
-    reactor = MemoryReactorClock()
+    reactor = ThreadedMemoryReactor()
     root = case.mktemp()
     os.makedirs(root)
     kwargs.setdefault("store", MemoryStore(root))
     kwargs.setdefault("ip_stack", "dual")
-    return build_service(config or Config(), reactor, **kwargs), reactor
+    kwargs.setdefault("node", NODE)
+    return build_service(config or QUIET, reactor, **kwargs), reactor
 
 
 class BuildServiceTests(SynchronousTestCase):
@@ -69,17 +101,45 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IReactorFromThreads, ThreadedMemoryReactor()))
 
     def test_children(self) -> None:
-        """With a given store the children are the CPU pool and one listener, in that order."""
+        """With a given store: CPU pool, peer side, HTTP listener, then discovery, in that order."""
         service, _ = self.build()
         children = list(service)
-        self.assertEqual([c.name for c in children], ["cpu-threads", "http [::]:9999"])
+        self.assertEqual([c.name for c in children],
+                         ["cpu-threads", "peer-client", "peer-health", "http [::]:9999", "static", "udp"])
         self.assertIsInstance(children[0], ThreadPoolService)
-        self.assertIsInstance(children[1], ListenerService)
-        self.assertEqual(service.listeners, [children[1]])
+        self.assertIsInstance(children[3], ListenerService)
+        self.assertEqual(service.listeners, [children[3]])
+        self.assertIsInstance(service.upstream, Fanout)
+        self.assertIsInstance(service.registry, PeerRegistry)
+
+    def test_mdns_child(self) -> None:
+        """With mDNS on, an mDNS service with a thread pool of its own comes last."""
+        service, _ = self.build(quiet(mdns=True))
+        self.assertEqual([c.name for c in service][-3:], ["udp", "mdns-threads", "mdns"])
+
+    def test_static_peers_and_udp_ports(self) -> None:
+        """Static peers reach the registry at start; UDP listens on --udp-port."""
+        service, reactor = self.build(quiet(peers=("http://192.0.2.5:9999",), udp_port=9876))
+        service.startService()
+        self.assertEqual([p.url for p in service.registry.peers()], ["http://192.0.2.5:9999"])
+        self.assertEqual([p.port for p in reactor.udp_ports], [9876])
+        self.successResultOf(service.stopService())
+
+    def test_given_upstream_leaves_out_peers(self) -> None:
+        """An injected upstream replaces the peer side and discovery."""
+        upstream = FakeUpstream()
+        service, _ = self.build(upstream=upstream)
+        self.assertEqual([c.name for c in service], ["cpu-threads", "http [::]:9999"])
+        self.assertIs(service.upstream, upstream)
+
+    def test_trusted_keys_from_options(self) -> None:
+        """--trusted-public-key replaces the keys of nix.conf."""
+        key = SecretKey("k-1", b"\1" * 32).public_key
+        self.assertEqual(trusted_keys(quiet(trusted_public_keys=(key.to_string(),))), [key])
 
     def test_parts(self) -> None:
         """The service keeps handles on what it assembled."""
-        config = Config(priority=12)
+        config = quiet(priority=12)
         service, _ = self.build(config)
         self.assertIs(service.config, config)
         self.assertIsNotNone(service.metrics)
@@ -90,7 +150,7 @@ class BuildServiceTests(SynchronousTestCase):
 
     def test_dual_stack_listener(self) -> None:
         """By default one listener on ``::`` takes IPv6 and IPv4, on the configured port."""
-        service, reactor = self.build(Config(port=8123), ip_stack="dual")
+        service, reactor = self.build(quiet(port=8123), ip_stack="dual")
         service.privilegedStartService()
         service.startService()
         self.assertEqual([(p, i) for p, _, _, i in reactor.tcpServers], [(8123, "::")])
@@ -111,7 +171,7 @@ class BuildServiceTests(SynchronousTestCase):
     def test_interface(self) -> None:
         """``--interface`` picks the one address, IPv4 or IPv6, whatever the stack."""
         for address in ("127.0.0.1", "::1"):
-            service, reactor = self.build(Config(interface=address, port=0), ip_stack="separate")
+            service, reactor = self.build(quiet(interface=address, port=0), ip_stack="separate")
             service.startService()
             self.assertEqual([(p, i) for p, _, _, i in reactor.tcpServers], [(0, address)])
             service.stopService()
@@ -138,7 +198,7 @@ class BuildServiceTests(SynchronousTestCase):
 
     def test_logs_nix_conf_line(self) -> None:
         """Listening logs the substituter URL to put in nix.conf."""
-        service, _ = self.build(Config(port=8123))
+        service, _ = self.build(quiet(port=8123))
         with capturedLogs() as events:
             service.startService()
         urls = [e["url"] for e in events if "url" in e]
@@ -162,23 +222,23 @@ class BuildServiceTests(SynchronousTestCase):
         path = self.mktemp()
         with open(path, "w") as f:
             f.write(key.to_string() + "\n")
-        service, _ = self.build(Config(secret_key_file=path))
+        service, _ = self.build(quiet(secret_key_file=path))
         self.assertEqual(service.secret_key, key)
 
     def test_bad_secret_key(self) -> None:
         """A missing or malformed key file stops the build with KeyFormatError."""
         path = self.mktemp()
-        self.assertRaises(KeyFormatError, self.build, Config(secret_key_file=path))
+        self.assertRaises(KeyFormatError, self.build, quiet(secret_key_file=path))
         with open(path, "w") as f:
             f.write("not a key\n")
-        self.assertRaises(KeyFormatError, self.build, Config(secret_key_file=path))
+        self.assertRaises(KeyFormatError, self.build, quiet(secret_key_file=path))
 
     def test_missing_store(self) -> None:
         """Without an injected store, a store root without a Nix database stops the build."""
         root = self.mktemp()
         os.makedirs(root)
         error = self.assertRaises(
-            StoreError, build_service, Config(store_root=root), ThreadedMemoryReactor(), ip_stack="dual"
+            StoreError, build_service, quiet(store_root=root), ThreadedMemoryReactor(), ip_stack="dual"
         )
         self.assertIn(root, str(error))
 
@@ -193,7 +253,7 @@ class LocalStoreWiringTests(SynchronousTestCase):
         store = ChrootStore(os.path.abspath(self.mktemp()))
         self.addCleanup(store.remove)
         reactor = ThreadedMemoryReactor()
-        service = build_service(Config(store_root=store.root), reactor, ip_stack="dual")
+        service = build_service(quiet(store_root=store.root), reactor, ip_stack="dual", node=NODE)
         first = list(service)[0]
         self.assertIsInstance(first, LocalStoreService)
         self.assertIsInstance(service.store, LocalStore)

@@ -264,8 +264,9 @@ class HappyPathTests(TestCase):
         store = ChrootStore(os.path.abspath(self.mktemp()))
         self.addCleanup(store.remove)
         path = store.add_text("hello", "hello, peers\n")
+        # No broadcast or mDNS: test traffic stays on loopback.
         options = parse(["--store-root", store.root, "--port", "0", "--interface", "127.0.0.1",
-                         "--priority", "41"])
+                         "--priority", "41", "--no-broadcast", "--no-mdns", "--udp-port", "0"])
         service = tap.makeService(options)
         self.assertTrue(IService.providedBy(service))
         inner = list(service)[0]  # type: ignore[call-overload]
