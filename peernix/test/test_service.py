@@ -89,7 +89,7 @@ def build(case: SynchronousTestCase, config: Config | None = None,
 class BuildServiceTests(SynchronousTestCase):
     """:func:`build_service` with fakes."""
 
-    def build(self, config: Config | None = None, **kwargs: Any) -> tuple[Any, MemoryReactorClock]:
+    def build(self, config: Config | None = None, **kwargs: Any) -> tuple[Any, ThreadedMemoryReactor]:
         """:returns: ``(service, reactor)``; see :func:`build`."""
         return build(self, config, **kwargs)
 
