@@ -1,0 +1,1 @@
+"""The peernix benchmark suite: ``python -m bench [--quick] [--out DIR]`` (see bench/README.rst)."""

@@ -1,0 +1,243 @@
+"""
+The benchmark's figures, their targets (the issue's target table), the
+printed table and the JSON results file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import time
+from collections.abc import Sequence
+
+from attrs import frozen
+
+
+@frozen
+class Target:
+    """
+    A pass/fail rule.
+
+    :ivar on: ``"ratio"`` (peernix / reference) or ``"value"`` (peernix alone).
+    :ivar op: ``">="`` or ``"<="``.
+    :ivar limit: the bound.
+    """
+
+    on: str
+    op: str
+    limit: float
+
+    def describe(self, unit: str) -> str:
+        """:returns: e.g. ``ratio >= 0.5`` or ``<= 80 MB``."""
+        if self.on == "ratio":
+            return f"ratio {self.op} {self.limit:g}"
+        return f"{self.op} {self.limit:g} {unit}".strip()
+
+    def check(self, value: float, ratio: float | None) -> bool | None:
+        """:returns: whether the figure meets the target, ``None`` when it cannot be told."""
+        x = ratio if self.on == "ratio" else value
+        if x is None or math.isnan(x):
+            return None
+        return x >= self.limit if self.op == ">=" else x <= self.limit
+
+
+@frozen
+class Figure:
+    """
+    One row of the table.
+
+    :ivar label: what is measured.
+    :ivar key: the sample key of the peernix figure.
+    :ivar ref_key: the sample key of the reference (``None``: no reference).
+    :ivar ref_label: the reference's name.
+    :ivar unit: the unit of both figures.
+    :ivar target: the issue's target, if it sets one for this row.
+    """
+
+    label: str
+    key: str
+    ref_key: str | None
+    ref_label: str
+    unit: str
+    target: Target | None = None
+
+
+def _narinfo_figures() -> list[Figure]:
+    out = []
+    for c in (1, 16, 64):
+        out.append(Figure(f"narinfo req/s c{c}", f"narinfo.c{c}.peernix.rps", f"narinfo.c{c}.minimal.rps",
+                          "twisted.web minimal", "req/s",
+                          Target("ratio", ">=", 0.5) if c == 16 else None))
+        out.append(Figure(f"narinfo req/s c{c} vs nginx", f"narinfo.c{c}.peernix.rps", f"narinfo.c{c}.nginx.rps",
+                          "nginx", "req/s"))
+        out.append(Figure(f"narinfo p50 c{c}", f"narinfo.c{c}.peernix.p50_ms", f"narinfo.c{c}.nginx.p50_ms",
+                          "nginx", "ms", Target("value", "<=", 0.3) if c == 1 else None))
+        out.append(Figure(f"narinfo p99 c{c}", f"narinfo.c{c}.peernix.p99_ms", f"narinfo.c{c}.nginx.p99_ms",
+                          "nginx", "ms", Target("value", "<=", 10.0) if c == 64 else None))
+        out.append(Figure(f"narinfo errors c{c}", f"narinfo.c{c}.peernix.errors", f"narinfo.c{c}.nginx.errors",
+                          "nginx", "", Target("value", "<=", 0)))
+    return out
+
+
+FIGURES: list[Figure] = [
+    *_narinfo_figures(),
+    Figure("NAR 1 stream raw", "nar.peernix.raw1.mbps", "nar.dump.mbps", "nix store dump-path", "MB/s",
+           Target("ratio", ">=", 0.6)),
+    Figure("NAR 1 stream raw vs nginx", "nar.peernix.raw1.mbps", "nar.nginx.raw1.mbps", "nginx", "MB/s"),
+    Figure("NAR 4 streams raw", "nar.peernix.raw4.mbps", "nar.nginx.raw4.mbps", "nginx", "MB/s"),
+    Figure("NAR 1 stream zstd (NAR MB/s)", "nar.peernix.zstd1.mbps", "nar.zstdcli.mbps", "zstd -1 -T1", "MB/s"),
+    Figure("NAR 4 streams zstd (NAR MB/s)", "nar.peernix.zstd4.mbps", "nar.zstdcli.mbps", "zstd -1 -T1", "MB/s",
+           Target("value", ">=", 250)),
+    Figure("NAR 4 streams zstd (wire MB/s)", "nar.peernix.zstd4.wire_mbps", None, "", "MB/s"),
+    Figure("zstd wire ratio, big path", "nar.peernix.zstd1.wire_ratio", "nar.zstdcli.ratio", "zstd -1 -T1", ""),
+    Figure("zstd wire ratio, small paths", "nar.peernix.small_zstd_ratio", None, "", ""),
+    Figure("RSS before the 8 downloads", "rss.peernix.before_mb", None, "", "MB"),
+    Figure("peak RSS, 8 big NAR downloads", "rss.peernix.peak_mb", None, "", "MB", Target("value", "<=", 80)),
+    Figure("e2e small paths (b) [500; quick 100]", "e2e.small.peernix", "e2e.small.nginx", "nginx (a)", "s",
+           Target("ratio", "<=", 1.3)),
+    Figure("e2e small paths (c) proxy", "e2e.small.proxy", "e2e.small.nginx", "nginx (a)", "s"),
+    Figure("e2e chain (b)", "e2e.chain.peernix", "e2e.chain.nginx", "nginx (a)", "s", Target("ratio", "<=", 1.5)),
+    Figure("e2e chain (c) proxy", "e2e.chain.proxy", "e2e.chain.nginx", "nginx (a)", "s", Target("ratio", "<=", 2.5)),
+    Figure("e2e big path (b)", "e2e.big.peernix", "e2e.big.nginx", "nginx (a)", "s", Target("ratio", "<=", 1.3)),
+    Figure("e2e big path (c) proxy", "e2e.big.proxy", "e2e.big.nginx", "nginx (a)", "s", Target("ratio", "<=", 1.6)),
+    Figure("many conns: wrong+errors+dropped", "conns.peernix.bad", "conns.nginx.bad", "nginx", "",
+           Target("value", "<=", 0)),
+    Figure("many conns: most open at once", "conns.peernix.max_open", "conns.nginx.max_open", "nginx", ""),
+    Figure("many conns: requests/s", "conns.peernix.rps", "conns.nginx.rps", "nginx", "req/s"),
+    Figure("many conns: p99", "conns.peernix.p99_ms", "conns.nginx.p99_ms", "nginx", "ms"),
+    Figure("miss p50, 1 peer", "fanout.1.p50_ms", "fanout.nginx.p50_ms", "nginx 404", "ms"),
+    Figure("miss p99, 1 peer", "fanout.1.p99_ms", "fanout.nginx.p99_ms", "nginx 404", "ms"),
+    Figure("miss p50, 3 peers", "fanout.3.p50_ms", "fanout.nginx.p50_ms", "nginx 404", "ms",
+           Target("value", "<=", 5)),
+    Figure("miss p99, 3 peers", "fanout.3.p99_ms", "fanout.nginx.p99_ms", "nginx 404", "ms"),
+    Figure("miss p50, 10 peers", "fanout.10.p50_ms", "fanout.nginx.p50_ms", "nginx 404", "ms"),
+    Figure("miss p99, 10 peers", "fanout.10.p99_ms", "fanout.nginx.p99_ms", "nginx 404", "ms"),
+    Figure("miss p50, 3 peers, 1 just frozen", "fanout.frozen_now.p50_ms", None, "", "ms"),
+    Figure("miss p99, 3 peers, 1 just frozen", "fanout.frozen_now.p99_ms", None, "", "ms"),
+    Figure("miss p99, 3 peers, 10 s after freeze", "fanout.frozen_10s.p99_ms", "fanout.nginx.p99_ms", "nginx 404",
+           "ms", Target("value", "<=", 20)),
+]
+"""Every row of the table, in order."""
+
+
+@frozen
+class Stat:
+    """Median, minimum and maximum of a figure's repetitions."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, samples: Sequence[float]) -> Stat | None:
+        """:returns: the statistics, ``None`` for no samples."""
+        if not samples:
+            return None
+        return cls(statistics.median(samples), min(samples), max(samples), len(samples))
+
+    def show(self) -> str:
+        """:returns: ``median [min-max]`` (just the median for one sample or no spread)."""
+        if self.n == 1 or self.low == self.high:
+            return _num(self.median)
+        return f"{_num(self.median)} [{_num(self.low)}-{_num(self.high)}]"
+
+
+def _num(x: float) -> str:
+    if math.isnan(x):
+        return "nan"
+    if x == 0 or abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    if abs(x) >= 0.1:
+        return f"{x:.2f}"
+    return f"{x:.3f}"
+
+
+def evaluate(samples: dict[str, list[float]]) -> list[dict[str, object]]:
+    """:returns: one dict per :data:`FIGURES` row: values, ratio, target and verdict (pass/FAIL/n/a)."""
+    rows: list[dict[str, object]] = []
+    for fig in FIGURES:
+        mine = Stat.of(samples.get(fig.key, []))
+        ref = Stat.of(samples.get(fig.ref_key, [])) if fig.ref_key else None
+        ratio = None
+        if mine is not None and ref is not None and ref.median not in (0, 0.0):
+            ratio = mine.median / ref.median
+        verdict = "-"
+        if fig.target is not None:
+            ok = fig.target.check(mine.median, ratio) if mine is not None else None
+            verdict = "n/a" if ok is None else ("pass" if ok else "FAIL")
+        rows.append({
+            "figure": fig.label, "unit": fig.unit,
+            "peernix": None if mine is None else mine.median,
+            "peernix_min": None if mine is None else mine.low,
+            "peernix_max": None if mine is None else mine.high,
+            "peernix_text": "n/a" if mine is None else mine.show(),
+            "reference_name": fig.ref_label,
+            "reference": None if ref is None else ref.median,
+            "reference_text": "" if fig.ref_key is None else ("n/a" if ref is None else ref.show()),
+            "ratio": ratio,
+            "target": "" if fig.target is None else fig.target.describe(fig.unit),
+            "verdict": verdict,
+        })
+    return rows
+
+
+def table(rows: Sequence[dict[str, object]]) -> str:
+    """:returns: the rows as a plain-text table."""
+    head = ("figure", "unit", "peernix median [min-max]", "reference", "ref median [min-max]", "ratio",
+            "target", "result")
+    body = [(str(r["figure"]), str(r["unit"]), str(r["peernix_text"]), str(r["reference_name"]),
+             str(r["reference_text"]), "" if r["ratio"] is None else f"{r['ratio']:.2f}",
+             str(r["target"]), str(r["verdict"])) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    line = "  ".join("-" * w for w in widths)
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*head), line, *(fmt.format(*b) for b in body)])
+
+
+def machine() -> dict[str, object]:
+    """:returns: what the run ran on (host, CPU, cores, memory, kernel, Nix and Python versions)."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            mem_kb = int(f.readline().split()[1])
+    except OSError:
+        mem_kb = 0
+    try:
+        nix = subprocess.run(["nix", "--version"], capture_output=True, timeout=10).stdout.decode().strip()
+    except OSError:
+        nix = "not found"
+    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem_kb / 2**20, 1),
+            "kernel": platform.release(), "python": platform.python_version(), "nix": nix}
+
+
+def write_json(out_dir: str, payload: dict[str, object]) -> str:
+    """
+    Write ``payload`` to ``out_dir/<date>-<host>.json`` (``-2``, ``-3``...
+    appended when a file of that name exists).
+
+    :returns: the file written.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    stem = f"{time.strftime('%Y-%m-%d')}-{socket.gethostname()}"
+    path = os.path.join(out_dir, stem + ".json")
+    n = 2
+    while os.path.exists(path):
+        path = os.path.join(out_dir, f"{stem}-{n}.json")
+        n += 1
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1, sort_keys=True, default=str)
+        f.write("\n")
+    return path
