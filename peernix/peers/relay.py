@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, cast
 
-import zstandard
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -28,9 +27,11 @@ from zope.interface import implementer
 from peernix.nix.hashes import Hash
 from peernix.nix.nar import NarError, NarVerifier
 from peernix.peers.errors import NarRelayInterrupted, NarVerificationFailed
+from peernix.zstd import ZstdDecompressor, ZstdError
 
-#: Compressed bytes decompressed per step (bounds one step's output).
-_ZSTD_SLICE = 256
+#: Most decompressed bytes one step produces: a zstd bomb cannot make one
+#: step allocate more than this, however well it compresses.
+ZSTD_STEP_OUTPUT = 256 * 1024
 
 #: Compressions a relay can decode.
 SUPPORTED_COMPRESSIONS = frozenset({"none", "zstd"})
@@ -114,7 +115,7 @@ class NarRelay(Protocol):
         self._clock = clock
         self._silence = silence
         self._on_bytes = on_bytes
-        self._decompressor = zstandard.ZstdDecompressor().decompressobj() if compression == "zstd" else None
+        self._decompressor = ZstdDecompressor() if compression == "zstd" else None
         # Verified-later bytes not yet written: the whole NAR when it is
         # small enough, else just the latest chunk.
         self._held: list[bytes] = []
@@ -153,33 +154,51 @@ class NarRelay(Protocol):
 
     def _drain(self) -> None:
         """
-        Decompress queued input in small slices until paused.
+        Decompress queued input, at most :data:`ZSTD_STEP_OUTPUT` bytes a
+        step, until paused or out of input.
 
-        A slice of :data:`_ZSTD_SLICE` compressed bytes expands to a few MiB
-        at most, even for a zstd bomb, and what is left waits (compressed) in
-        ``_input`` while the client is slow: memory stays bounded.
+        The decompressor keeps input it could not expand yet, and what was
+        not fed waits (compressed) in ``_input`` while the client is slow
+        (the peer connection is paused meanwhile): memory stays bounded even
+        for a zstd bomb.
         """
-        while self._input and not self._paused and not self._finished:
+        while not self._paused and not self._finished:
             decompressor = self._decompressor
             assert decompressor is not None
             if decompressor.eof:
                 # Several concatenated frames are valid zstd (and Nix reads
                 # them); anything else after a frame fails below.
-                decompressor = self._decompressor = zstandard.ZstdDecompressor().decompressobj()
-            chunk = self._input.popleft()
-            piece, rest = chunk[:_ZSTD_SLICE], chunk[_ZSTD_SLICE:]
-            if rest:
-                self._input.appendleft(rest)
+                rest = decompressor.unused_data
+                if not rest and not self._input:
+                    break
+                decompressor = self._decompressor = ZstdDecompressor()
+                if rest:
+                    self._input.appendleft(memoryview(rest))
+            if decompressor.needs_input:
+                if not self._input:
+                    break
+                data: bytes | memoryview = self._input.popleft()
+            else:
+                data = b""
             try:
-                out = decompressor.decompress(piece)
-            except zstandard.ZstdError as e:
+                out = decompressor.decompress(data, max_length=ZSTD_STEP_OUTPUT)
+            except ZstdError as e:
                 self.fail("verification", NarVerificationFailed(f"corrupt zstd stream: {e}"))
                 return
-            if decompressor.eof and decompressor.unused_data:
-                self._input.appendleft(memoryview(decompressor.unused_data))
             self._emit(out)
-        if not self._input and self._end is not None:
+        if self._end is not None and not self._pending_input():
             self._complete()
+
+    def _pending_input(self) -> bool:
+        """:returns: whether compressed input is still waiting to be expanded."""
+        decompressor = self._decompressor
+        if decompressor is None:
+            return False
+        if self._input:
+            return True
+        if decompressor.eof:
+            return bool(decompressor.unused_data)
+        return not decompressor.needs_input
 
     def _emit(self, data: bytes) -> None:
         if not data or self._finished:
@@ -212,7 +231,7 @@ class NarRelay(Protocol):
             self.fail("connection", NarRelayInterrupted(f"peer connection lost: {reason.getErrorMessage()}"))
             return
         self._end = reason
-        if self._input:
+        if self._pending_input():
             # Compressed input still waits for the client to catch up;
             # _drain completes once it is through.
             return
