@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -231,6 +232,22 @@ class _Listener:
         self._call(self._on_remove, name)
 
 
+class _Made:
+    """
+    What the start-up thread jobs made, for the shutdown job.  Pool threads
+    read and write it only while holding :attr:`lock`, which also makes the
+    shutdown wait for a start-up step in progress.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.zc: IZeroconf | None = None
+        self.info: ServiceInfo | None = None
+        self.browsing = False
+        #: Set by the shutdown job; start-up steps after it do nothing.
+        self.closed = False
+
+
 @implementer(IDiscovery)
 class MdnsDiscoveryService(Service):
     """
@@ -297,8 +314,9 @@ class MdnsDiscoveryService(Service):
         self.service_name = f"{self.instance}.{SERVICE_TYPE}"
         self._listener = _Listener(call_from_thread, self._on_change, self._on_remove)
         self._zc: IZeroconf | None = None
-        self._info: ServiceInfo | None = None
-        self._browsing = False
+        # What the start-up jobs made, for the shutdown job; shared between
+        # pool threads, so only touched while holding its lock.
+        self._made = _Made()
         self._starting: Deferred[None] | None = None
         self._loop: LoopingCall | None = None
         self._known: dict[str, tuple[str, ...]] = {}
@@ -312,6 +330,7 @@ class MdnsDiscoveryService(Service):
     def startService(self) -> None:
         """Start zeroconf, register and browse, all off the reactor thread; failures are logged."""
         super().startService()  # type: ignore[no-untyped-call]
+        self._made = _Made()
         self._starting = Deferred.fromCoroutine(self._start())
         self._starting.addErrback(self._start_failed)
 
@@ -320,19 +339,41 @@ class MdnsDiscoveryService(Service):
             self.log.failure("mDNS discovery could not start", failure)
 
     async def _start(self) -> None:
-        zc: IZeroconf = await self._defer_to_thread(self._zeroconf_factory)
-        self._zc = zc
-        if not self.running:
+        made = self._made
+
+        def create() -> IZeroconf | None:
+            with made.lock:
+                if made.closed:
+                    return None
+                made.zc = self._zeroconf_factory()
+                return made.zc
+
+        zc = await self._defer_to_thread(create)
+        if zc is None or not self.running:
             return
+        # Set before browsing starts, so the first browse events are acted on.
+        self._zc = zc
         info = build_service_info(self._node, self._http_port, self.instance, await self._defer_to_thread(self._addresses))
         if not self.running:
             return
-        await self._defer_to_thread(lambda: zc.register_service(info))
-        self._info = info
+
+        def register() -> None:
+            with made.lock:
+                if not made.closed:
+                    zc.register_service(info)
+                    made.info = info
+
+        await self._defer_to_thread(register)
         if not self.running:
             return
-        await self._defer_to_thread(lambda: zc.add_service_listener(SERVICE_TYPE, self._listener))
-        self._browsing = True
+
+        def browse() -> None:
+            with made.lock:
+                if not made.closed:
+                    zc.add_service_listener(SERVICE_TYPE, self._listener)
+                    made.browsing = True
+
+        await self._defer_to_thread(browse)
         if not self.running:
             return
         self._loop = LoopingCall(self._refresh)
@@ -344,7 +385,17 @@ class MdnsDiscoveryService(Service):
         self.log.info("mDNS: registered {name}", name=self.service_name)
 
     def stopService(self) -> Deferred[None]:
-        """Stop browsing, unregister and close zeroconf (in a thread); the Deferred fires when done."""
+        """
+        Stop browsing, unregister and close zeroconf (in a thread); the
+        Deferred fires when done.
+
+        The shutdown job is handed to ``defer_to_thread`` before this
+        returns, also when start-up is still under way: the thread pool may
+        be stopped right after us (a ``MultiService`` stops its children
+        without waiting), and a pool runs only the work it already has.  The
+        job waits for a start-up step in progress and undoes what start-up
+        made; the remaining steps are skipped.
+        """
         super().stopService()  # type: ignore[no-untyped-call]
         if self._loop is not None and self._loop.running:
             self._loop.stop()
@@ -355,37 +406,35 @@ class MdnsDiscoveryService(Service):
             d.cancel()
         self._resolving.clear()
         self._again.clear()
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self) -> None:
-        starting, self._starting = self._starting, None
-        if starting is not None:
-            # Thread work cannot be interrupted: wait for start-up to reach a
-            # point where it notices we stopped (errors were logged already).
-            await starting
-        zc, self._zc = self._zc, None
-        info, self._info = self._info, None
-        browsing, self._browsing = self._browsing, False
+        self._starting = None
+        self._zc = None
         for name in list(self._known):
             self._forget(name)
-        if zc is None:
-            return
+        made = self._made
 
         def shutdown() -> None:
-            try:
-                if browsing:
-                    zc.remove_service_listener(self._listener)
-                if info is not None:
-                    zc.unregister_service(info)
-            finally:
-                zc.close()
+            with made.lock:
+                if made.closed:
+                    return
+                made.closed = True
+                zc, info, browsing = made.zc, made.info, made.browsing
+                if zc is None:
+                    return
+                try:
+                    if browsing:
+                        zc.remove_service_listener(self._listener)
+                    if info is not None:
+                        zc.unregister_service(info)
+                finally:
+                    zc.close()
 
-        try:
-            await self._defer_to_thread(shutdown)
-        except CancelledError:
-            raise
-        except Exception:
-            self.log.failure("mDNS shutdown failed")
+        return self._defer_to_thread(shutdown).addErrback(self._shutdown_failed)
+
+    def _shutdown_failed(self, failure: Failure) -> None:
+        # Whoever cancelled the stop gets the cancellation.
+        if isinstance(failure.value, CancelledError):
+            failure.raiseException()
+        self.log.failure("mDNS shutdown failed", failure)
 
     def _refresh(self) -> None:
         for name in list(self._known):

@@ -175,9 +175,9 @@ class PeerClient:
     :param timeout: deadline of a narinfo or probe request, headers and body
         together, and the time to the headers of a NAR download.
     :param max_narinfo_bytes: the largest narinfo body accepted.
-    :param agent: the ``IAgent`` under ``http``, used for peers whose URL
-        has an IPv6 zone id (treq cannot parse those); by default the
-        agent ``http`` wraps.
+    :param agent: the ``IAgent`` under ``http``, used for peers at IPv6
+        literals (treq cannot parse those); by default the agent ``http``
+        wraps.
     """
 
     def __init__(
@@ -193,10 +193,10 @@ class PeerClient:
         self._clock = clock
         self.timeout = timeout
         self._max_narinfo_bytes = max_narinfo_bytes
-        # treq parses URLs with hyperlink, which rejects IPv6 zone ids
-        # ("[fe80::1%eth0]", what mDNS finds on a LAN).  Those requests go
-        # to the Agent under the treq client directly, whose URI parser
-        # accepts them.
+        # treq parses URLs with hyperlink, which rejects IPv6 literals
+        # ("[fd00::1]", and zone ids like "[fe80::1%eth0]" that mDNS finds
+        # on a LAN).  Those requests go to the Agent under the treq client
+        # directly (the same connection pool), whose URI parser accepts them.
         self._agent: IAgent | None = agent if agent is not None else getattr(http, "_agent", None)
 
     def _bounded(self, coro: Coroutine[Any, Any, _T]) -> Deferred[_T]:
@@ -208,9 +208,9 @@ class PeerClient:
         return d
 
     def _get(self, url: str) -> Deferred[IResponse]:
-        if "%" in urlsplit(url).netloc:
+        if "[" in urlsplit(url).netloc:
             if self._agent is None:
-                raise PeerConnectionError(f"cannot request {url}: IPv6 zone ids need an agent")
+                raise PeerConnectionError(f"cannot request {url}: IPv6 peers need an agent")
             headers_ = Headers({PEER_HEADER.encode("ascii"): [b"1"]})
             return self._agent.request(b"GET", url.encode("ascii"), headers_)
         headers: dict[bytes | str, bytes | str] = {PEER_HEADER: "1"}

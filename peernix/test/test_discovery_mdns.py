@@ -252,6 +252,30 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(f.zc.calls, [("close",)])
         self.assertEqual(f.clock.getDelayedCalls(), [])
 
+    def test_stop_hands_shutdown_to_threads_at_once(self) -> None:
+        """Stop queues its thread work before returning, so a pool stopped right after still closes zeroconf."""
+        for steps_done in range(4):
+            threads = ManualThreads()
+            f = _Fixture(threads)
+            f.service.startService()
+            for _ in range(steps_done):
+                threads.run_next()
+            # One start-up step is in a thread when stop is called.
+            d = f.service.stopService()
+            # The pool is stopped now (a MultiService does not wait for us):
+            # it finishes the work it has and never runs anything queued later.
+            accepted, threads.queue = threads.queue, []
+            for job in accepted:
+                threads.queue = [job]
+                threads.run_next()
+            self.successResultOf(d)
+            made = [c[0] for c in f.zc.calls]
+            if f.factory_calls:
+                self.assertTrue(f.zc.closed, steps_done)
+                self.assertEqual(made.count("register_service"), made.count("unregister_service"), steps_done)
+                self.assertEqual(made.count("add_service_listener"), made.count("remove_service_listener"), steps_done)
+            self.assertEqual(f.clock.getDelayedCalls(), [])
+
     def test_pending_bounded(self) -> None:
         """At most max_pending resolutions are in flight; a repeat event for one in flight resolves once more after it."""
         threads = ManualThreads()

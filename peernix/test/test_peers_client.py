@@ -83,6 +83,17 @@ class PeerClientTests(SynchronousTestCase):
         agent.response.finish()
         self.assertEqual(self.successResultOf(d), self.info)
 
+    def test_ipv6_literal(self) -> None:
+        """A peer at a plain IPv6 literal (which treq cannot parse either) goes to the agent."""
+        agent = RecordingAgent()
+        client = PeerClient(self.client._http, self.clock, agent=agent)
+        d = client.fetch_narinfo(peer("[fd70:1::2]:9999"), self.h)
+        [(method, uri, headers)] = agent.requests
+        self.assertEqual(uri, f"http://[fd70:1::2]:9999/nix-cache/{self.h}.narinfo?compression=zstd".encode())
+        agent.response.send(render_narinfo(self.info).encode())
+        agent.response.finish()
+        self.assertEqual(self.successResultOf(d), self.info)
+
     def test_not_found(self) -> None:
         """404 means the peer does not have it: None."""
         self.lan.peer("a:1")
