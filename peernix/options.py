@@ -231,6 +231,22 @@ NETWORK = ValueType("network", "CIDR", (str,), _identity, _check_network, exampl
 BOOL = ValueType("boolean", "", (bool,), _text_to_bool, _identity, _show_bool, example="false")
 
 
+#: The values of ``--log-format``: ``text`` (the runner's own log lines) or
+#: ``json`` (one JSON object per line, see :mod:`peernix.logging`).
+LOG_FORMATS = ("text", "json")
+
+
+def _check_log_format(value: str) -> str:
+    lowered = value.strip().lower()
+    if lowered not in LOG_FORMATS:
+        raise ValueError(f"expected one of {', '.join(LOG_FORMATS)}, got {value!r}")
+    return lowered
+
+
+LOG_FORMAT = ValueType("log format: text or json", "FORMAT", (str,), _identity, _check_log_format,
+                       example='"json"')
+
+
 # --------------------------------------------------------------------------
 # The table.
 
@@ -350,6 +366,10 @@ SETTINGS: tuple[Setting, ...] = (
             "Announce this node this often.", group="discovery"),
     Setting("peer_ttl", "peer-ttl", SECONDS, 120.0,
             "Forget a discovered peer not heard from for this long.", group="discovery"),
+    # Logging (issue 7).
+    Setting("log_format", "log-format", LOG_FORMAT, "text",
+            "Write the log as text lines, or as one JSON object per line "
+            "(for journald or Loki).", group="logging"),
 )
 
 #: The settings by name.
@@ -360,6 +380,7 @@ GROUPS: Mapping[str, str] = {
     "serving": "Serving the local store",
     "peers": "Asking peers",
     "discovery": "Finding peers",
+    "logging": "Logging",
 }
 
 
@@ -393,6 +414,8 @@ class Config:
     mdns: bool = _default("mdns")
     announce_interval: float = _default("announce_interval")
     peer_ttl: float = _default("peer_ttl")
+    #: ``"text"`` or ``"json"``; see :mod:`peernix.logging`.
+    log_format: str = _default("log_format")
 
     @property
     def effective_udp_port(self) -> int:

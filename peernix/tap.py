@@ -18,9 +18,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Application, IService, MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
 from twisted.python.components import Componentized
 
+from peernix.logging import json_log_observer, use_log_format
 from peernix.nix.signing import KeyFormatError
 from peernix.options import Config, ConfigError, PeernixOptions, config_from_file
 from peernix.service import ListenError, build_service
@@ -117,7 +119,10 @@ def makeService(options: Options) -> IService:
 
     :raises SystemExit: the store, key or config is unusable.
     """
-    return service_for_config(options.config, foreground=runs_in_foreground(options))
+    service = service_for_config(options.config, foreground=runs_in_foreground(options))
+    # The log format is the runner's business: tell twist or twistd (see
+    # peernix.logging for how each one is told).
+    return use_log_format(service, options.config.log_format, options.parent)
 
 
 def runs_in_foreground(options: usage.Options) -> bool:
@@ -141,5 +146,8 @@ def application_from_environment(environ: Mapping[str, str]) -> Componentized:
     except ConfigError as e:
         raise fail(str(e)) from None
     application: Componentized = Application("peernix")
+    if config.log_format == "json":
+        # twistd logs to an application's ILogObserver component.
+        application.setComponent(ILogObserver, json_log_observer(sys.stdout))
     service_for_config(config).setServiceParent(application)
     return application

@@ -1,0 +1,105 @@
+# peernix, built from this checkout with nixpkgs' Python packages.
+#
+#   nix build .#default        (the flake)
+#   nix-build -E 'with import <nixpkgs> { }; callPackage ./nix/package.nix { }'
+#
+# $out/bin/peernix runs the daemon in the foreground: it is
+# `twistd --nodaemon --pidfile= peernix ARGS...`, so it takes peernix's options
+# (`peernix --help`).  The tests do not run here (they need a Nix store and
+# loopback sockets); the flake's `checks` run them.
+{ lib
+, python3Packages
+, nix
+, busybox
+, doCheck ? false
+}:
+
+let
+  inherit (python3Packages) python;
+  # setup.cfg's install_requires, by their nixpkgs names (Twisted[tls] is
+  # twisted plus its tls extra); ifaddr is imported directly for the
+  # interface list, besides being zeroconf's dependency.
+  dependencies = with python3Packages; [
+    twisted
+    klein
+    treq
+    attrs
+    zope-interface
+    pynacl
+    zeroconf
+    ifaddr
+    prometheus-client
+    zstandard
+  ] ++ python3Packages.twisted.optional-dependencies.tls
+  # peernix/zstd.py: Python 3.14's compression.zstd, else its backport.
+  ++ lib.optionals (python3Packages.pythonOlder "3.14") [ python3Packages.backports-zstd ];
+  version = builtins.head
+    (builtins.match ".*__version__ = \"([^\"]+)\".*" (builtins.readFile ../peernix/__init__.py));
+in
+python3Packages.buildPythonApplication {
+  pname = "peernix";
+  inherit version;
+  pyproject = true;
+
+  # Only what the wheel needs: no docs, benchmarks or CI scripts, no
+  # bytecode or trial leftovers of a working tree.
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.intersection
+      (lib.fileset.unions [
+        ../setup.py
+        ../setup.cfg
+        ../README.rst
+        ../peernix
+        ../twisted
+        ../peernix.tac
+      ])
+      (lib.fileset.fileFilter (file: !(file.hasExt "pyc")) ../.);
+  };
+
+  build-system = [ python3Packages.setuptools ];
+
+  inherit dependencies;
+
+  nativeCheckInputs = with python3Packages; [ hypothesis nix busybox ];
+
+  # The twistd plugin lives in $out's twisted/plugins; twistd finds it on
+  # sys.path.  Build Twisted's plugin cache now: the store is read-only at
+  # run time.  Then the daemon's entry point, wrapped (by the builder's
+  # wrapPythonPrograms) with every dependency on sys.path.
+  postInstall = ''
+    PYTHONPATH=$out/${python.sitePackages}:$PYTHONPATH ${python.interpreter} -c \
+      'from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; list(getPlugins(IPlugin, twisted.plugins))'
+    mkdir -p $out/bin
+    cat > $out/bin/peernix <<'EOF'
+    #!${python.interpreter}
+    """peernix: the daemon in the foreground, twistd --nodaemon --pidfile= peernix ARGS..."""
+    import sys
+    from twisted.scripts.twistd import run
+    sys.argv[1:1] = ["--nodaemon", "--pidfile=", "peernix"]
+    run()
+    EOF
+    chmod +x $out/bin/peernix
+  '';
+
+  inherit doCheck;
+  # Trial, as CI runs it; tests needing root (network namespaces) skip.
+  checkPhase = ''
+    runHook preCheck
+    export HOME=$(mktemp -d)
+    ${python.interpreter} -m twisted.trial --temp-directory="$HOME/_trial_temp" peernix
+    runHook postCheck
+  '';
+
+  # For the flake's checks, which need the same environment plus test tools.
+  passthru = { pythonDependencies = dependencies; };
+
+  pythonImportsCheck = [ "peernix" "peernix.tap" "peernix.service" ];
+
+  meta = {
+    description = "A LAN-wide Nix binary cache: every machine serves its store to its peers and substitutes from them";
+    license = lib.licenses.mit;
+    mainProgram = "peernix";
+    platforms = lib.platforms.linux ++ lib.platforms.darwin;
+  };
+}
