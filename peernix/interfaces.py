@@ -102,11 +102,13 @@ class IPeerRegistry(Interface):
     Bounded in size.  Discovery feeds it; the fan-out reads it.
     """
 
-    def add(url: str, source: str, public_key: str | None = None) -> Peer | None:
+    def add(url: str, source: str, public_key: str | None = None, verified: bool = False) -> Peer | None:
         """
         Note that a peer at base URL ``url`` (``http://host:port``) was seen
         by ``source`` (``"static"``, ``"udp"``, ``"mdns"``), refreshing its
-        last-seen time.
+        last-seen time.  ``verified``: the sighting is a signed announcement
+        that verified against a trusted key (marks the peer verified;
+        ``False`` never clears the mark).
 
         :returns: the peer, or ``None`` when the table is full and it was not
             admitted.

@@ -11,7 +11,10 @@ Wire-compatible with the Go predecessor zw3rk/peernix (``main.go``):
   field names case-insensitively.  We add two fields of our own that Go
   ignores: ``node_id`` (random per process; recognises our own broadcasts and
   a restarted peer) and ``reply`` (``true`` on an answer, which is never
-  answered again).
+  answered again).  Optionally signed (see :mod:`.signed`): ``ts`` (unix
+  seconds, an integer) and ``sig`` (``name:base64`` ed25519 signature of
+  :func:`signing_payload`, the canonical JSON of the announce without
+  ``sig``).
 * ``ping`` -> ``pong`` (legacy discovery).
 * ``has_path?<hash32>`` -> ``yes`` | ``not_found``.
 * ``has_path_with_narhash?<hash32>:<narhash>`` -> ``yes`` |
@@ -29,12 +32,14 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Mapping
 from typing import Union
 
+import attrs
 from attrs import field, frozen
 
 from peernix.nix.hashes import Hash, HashError, parse_hash
-from peernix.nix.signing import parse_public_key
+from peernix.nix.signing import SecretKey, parse_public_key
 from peernix.nix.storepath import is_hash_part
 
 #: Longest datagram we accept.
@@ -45,6 +50,8 @@ GO_MAX_DATAGRAM = 1024
 MAX_TEXT = 256
 MAX_FEATURES = 32
 MAX_FEATURE_LEN = 64
+#: Largest ``ts`` accepted (JavaScript's safe integers; far beyond any clock).
+MAX_TS = 2**53 - 1
 
 _HAS_PATH = "has_path?"
 _HAS_PATH_NARHASH = "has_path_with_narhash?"
@@ -77,6 +84,11 @@ class Announce:
     :ivar public_key: ``name:base64`` or ``""`` when the node has no key.
     :ivar node_id: ``None`` for nodes that do not send one (the Go predecessor).
     :ivar reply: whether this is an answer to an announce (never answered).
+    :ivar ts: the signing time, unix seconds, for signed announces.
+    :ivar sig: ``name:base64`` signature of :attr:`signed_payload`.
+    :ivar signed_payload: what ``sig`` signs: set by :func:`parse_datagram`
+        from the received JSON when it has a ``sig``, and by
+        :func:`sign_announce`; not part of equality.
     """
 
     peernix_version: str
@@ -87,6 +99,9 @@ class Announce:
     port: int | None = None
     node_id: str | None = None
     reply: bool = False
+    ts: int | None = None
+    sig: str | None = None
+    signed_payload: bytes | None = field(default=None, eq=False, repr=False)
 
 
 @frozen
@@ -184,6 +199,50 @@ def is_valid_public_key(text: str) -> bool:
     return True
 
 
+def signing_payload(obj: Mapping[str, object]) -> bytes:
+    """
+    The bytes an announce signature covers: the canonical JSON of the
+    announce object without its ``sig`` member -- keys sorted, no spaces,
+    ASCII only (``\\uXXXX`` escapes).
+
+    Computed from the *parsed* object on receipt, so what is verified is
+    exactly what is interpreted (duplicate keys, spacing and escapes in the
+    received bytes do not matter).
+
+    :param obj: a JSON object as :func:`json.loads` returns it.
+    :raises DatagramError: (reason ``"json"``) if it cannot be rendered
+        (nesting too deep).
+    """
+    try:
+        text = json.dumps(
+            {k: v for k, v in obj.items() if k != "sig"},
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=True,
+        )
+    except (ValueError, TypeError, RecursionError):
+        raise DatagramError("json", "announce cannot be canonicalised") from None
+    return text.encode("ascii")
+
+
+def _ts(obj: dict[str, object]) -> int | None:
+    value = obj.get("ts")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TS:
+        raise DatagramError("field", "announce field 'ts' must be a non-negative integer")
+    return value
+
+
+def _sig(obj: dict[str, object]) -> str | None:
+    value = obj.get("sig")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_TEXT or not value.isprintable():
+        raise DatagramError("field", "announce field 'sig' must be a short printable string")
+    return value
+
+
 def _reject_constant(name: str) -> object:
     raise DatagramError("json", f"non-standard JSON constant {name}")
 
@@ -212,6 +271,8 @@ def _parse_announce(text: str) -> Announce:
         reply = False
     if not isinstance(reply, bool):
         raise DatagramError("field", "announce field 'reply' must be a boolean")
+    ts = _ts(obj)
+    sig = _sig(obj)
     return Announce(
         peernix_version=_text(obj, "peernix_version", required=True),
         nix_version=_text(obj, "nix_version"),
@@ -221,6 +282,9 @@ def _parse_announce(text: str) -> Announce:
         port=_port(obj),
         node_id=node_id,
         reply=reply,
+        ts=ts,
+        sig=sig,
+        signed_payload=signing_payload(obj) if sig is not None else None,
     )
 
 
@@ -275,9 +339,9 @@ def parse_datagram(data: bytes) -> Datagram:
     raise DatagramError("unknown", "unknown datagram")
 
 
-def _render_announce(a: Announce) -> bytes:
+def _announce_object(a: Announce) -> dict[str, object]:
     # Field order and omissions as Go's json.Marshal of its struct, so a Go
-    # node sees exactly the shape it sends itself.
+    # node sees exactly the shape it sends itself; our fields follow.
     obj: dict[str, object] = {"cmd": "announce", "peernix_version": a.peernix_version}
     if a.nix_version:
         obj["nix_version"] = a.nix_version
@@ -293,7 +357,28 @@ def _render_announce(a: Announce) -> bytes:
         obj["node_id"] = a.node_id
     if a.reply:
         obj["reply"] = True
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if a.ts is not None:
+        obj["ts"] = a.ts
+    if a.sig is not None:
+        obj["sig"] = a.sig
+    return obj
+
+
+def _render_announce(a: Announce) -> bytes:
+    return json.dumps(_announce_object(a), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def sign_announce(announce: Announce, key: SecretKey, ts: int) -> Announce:
+    """
+    :param announce: the announce to sign (any ``ts``/``sig`` is replaced).
+    :param key: this node's Nix secret key; the announce's ``public_key``
+        should be its public key, or a receiver cannot verify it.
+    :param ts: the signing time, unix seconds.
+    :returns: ``announce`` with ``ts``, ``sig`` and ``signed_payload`` set.
+    """
+    unsigned = attrs.evolve(announce, ts=ts, sig=None, signed_payload=None)
+    payload = signing_payload(_announce_object(unsigned))
+    return attrs.evolve(unsigned, sig=key.sign(payload), signed_payload=payload)
 
 
 def render_datagram(datagram: Datagram) -> bytes:

@@ -5,19 +5,43 @@ UDP discovery and queries, wire-compatible with the Go predecessor.
 registry updates and store lookups; :class:`UdpDiscoveryService` listens,
 broadcasts our announce on a schedule, and stops everything cleanly.
 
-Loops and amplification: an announce we send as an answer carries
-``"reply": true`` and is never answered.  The Go predecessor ignores that
-field and answers every announce, so in addition we answer one source
-(address and node id) at most once per ``answer_holdoff`` seconds, which also
-collapses the copies of one broadcast that arrive through the directed and
-the limited broadcast address.  Query answers are never longer than the
-query; everything is rate-limited per source address and in total.
+Loops: an announce we send as an answer carries ``"reply": true`` and is
+never answered.  The Go predecessor ignores that field and answers every
+announce, so in addition we answer one source (address and node id) at most
+once per ``answer_holdoff`` seconds, which also collapses the copies of one
+broadcast that arrive through the directed and the limited broadcast address.
+
+No amplification: no datagram we send in answer is longer than the datagram
+that caused it (the source address of a UDP request may be spoofed, and an
+answer must not let anyone multiply traffic towards a victim).  ``pong`` and
+query answers are shorter than any request of their kind.  An announce is
+answered with the most informative of our announce's forms that fits
+(:meth:`DiscoveryProtocol.reply_for`): the full one, signed when we have a
+key; a compact one that keeps only what a receiver needs to add us
+(``peernix_version``, ``port``, ``reply``; and ``public_key``, ``ts``,
+``sig`` when signed); the same unsigned.  When even the compact form is
+longer than the announce, we do not answer at all.  The trade-off: a node
+whose announce is tiny (shorter than about 70 bytes: only ``cmd`` and
+``peernix_version``) learns of us from our next periodic broadcast instead
+of at once, and a Go node (whose announce, 150-250 bytes, never fits a
+signed reply) gets the compact unsigned reply, which is all it reads anyway
+(it keys peers by source address and shows the rest on its status page).
+
+Everything is rate-limited per source address (every datagram, and
+announces) and in total (announces, replies of every kind, signature
+checks); store lookups in flight are bounded.
+
+Signed announces (:mod:`.signed`): with a secret key, everything we
+announce is signed with a fresh ``ts``; a received announce that verifies
+against a trusted key marks its peer verified in the registry.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable
+
+import attrs
 
 from attrs import frozen
 from prometheus_client import CollectorRegistry, Counter
@@ -34,6 +58,7 @@ from zope.interface import implementer
 from peernix.discovery.addresses import ipv4_broadcast_addresses, peer_url
 from peernix.discovery.datagrams import (
     MAX_DATAGRAM,
+    GO_MAX_DATAGRAM,
     Announce,
     Answer,
     DatagramError,
@@ -45,9 +70,11 @@ from peernix.discovery.datagrams import (
     QueryAnswer,
     parse_datagram,
     render_datagram,
+    sign_announce,
 )
 from peernix.discovery.nodeinfo import NodeInfo
 from peernix.discovery.ratelimit import KeyedRateLimiter
+from peernix.discovery.signed import REPLAY_WINDOW, AnnounceKeys, AnnounceVerifier, Verdict
 from peernix.interfaces import IDiscovery, IPeerRegistry, IStore
 
 #: The registry source name of UDP discovery.
@@ -65,6 +92,15 @@ class UdpLimits:
     :ivar datagram_burst: burst of datagrams accepted per source address.
     :ivar announce_rate: announces per second accepted per source address.
     :ivar announce_burst: burst of announces per source address.
+    :ivar total_announce_rate: announces per second accepted in total (a
+        flood from many spoofed addresses cannot churn the registry faster).
+    :ivar total_announce_burst: burst of announces in total.
+    :ivar reply_rate: pongs and store lookups (query answers) per second in
+        total.
+    :ivar reply_burst: burst of pongs and store lookups in total.
+    :ivar verify_rate: signature checks per second in total.
+    :ivar verify_burst: burst of signature checks in total.
+    :ivar replay_window: accepted ``|now - ts|`` of a signed announce, seconds.
     :ivar answer_rate: announce answers per second we send in total.
     :ivar answer_burst: burst of announce answers in total.
     :ivar answer_holdoff: seconds during which one source (address and node
@@ -80,6 +116,13 @@ class UdpLimits:
     datagram_burst: float = 400.0
     announce_rate: float = 0.5
     announce_burst: float = 10.0
+    total_announce_rate: float = 50.0
+    total_announce_burst: float = 200.0
+    reply_rate: float = 200.0
+    reply_burst: float = 400.0
+    verify_rate: float = 20.0
+    verify_burst: float = 50.0
+    replay_window: float = REPLAY_WINDOW
     answer_rate: float = 20.0
     answer_burst: float = 50.0
     answer_holdoff: float = 2.0
@@ -119,6 +162,12 @@ class UdpMetrics:
         self.send_errors = Counter(
             "peernix_udp_send_errors", "UDP datagrams that could not be sent", registry=registry
         )
+        self.signatures = Counter(
+            "peernix_udp_announce_signatures",
+            "Announces by what their signature says (unsigned, verified, stale, bad_signature, ...)",
+            ["result"],
+            registry=registry,
+        )
 
 
 def _kind(datagram: object) -> str:
@@ -151,9 +200,11 @@ class DiscoveryProtocol(DatagramProtocol):
         http_port: int,
         metrics: UdpMetrics,
         limits: UdpLimits = UdpLimits(),
+        keys: AnnounceKeys = AnnounceKeys(),
     ) -> None:
         """
-        :param clock: time for rate limits and query timeouts.
+        :param clock: time for rate limits, query timeouts and the ``ts`` of
+            signed announces (the reactor: wall-clock seconds).
         :param registry: where discovered peers go (source ``"udp"``).
         :param store: the local store that answers queries.
         :param node: our self-description.
@@ -162,6 +213,9 @@ class DiscoveryProtocol(DatagramProtocol):
             uses its own port).
         :param metrics: counters to update.
         :param limits: rate and size bounds.
+        :param keys: our secret key (announces are signed when set; the
+            announced ``public_key`` is then its public key, whatever
+            ``node`` says) and the trusted keys that verify others.
         :raises DatagramError: if our announce would be too large for Go.
         """
         self._clock = clock
@@ -171,44 +225,94 @@ class DiscoveryProtocol(DatagramProtocol):
         self._http_port = http_port
         self._metrics = metrics
         self._limits = limits
+        self._secret_key = keys.secret_key
         self._datagram_limiter = KeyedRateLimiter(
             clock, limits.datagram_rate, limits.datagram_burst, limits.max_sources
         )
         self._announce_limiter = KeyedRateLimiter(
             clock, limits.announce_rate, limits.announce_burst, limits.max_sources
         )
+        self._total_announce_limiter = KeyedRateLimiter(clock, limits.total_announce_rate, limits.total_announce_burst, 1)
+        self._reply_limiter = KeyedRateLimiter(clock, limits.reply_rate, limits.reply_burst, 1)
         self._answer_limiter = KeyedRateLimiter(clock, limits.answer_rate, limits.answer_burst, 1)
+        self._verifier = AnnounceVerifier(
+            clock,
+            keys.trusted,
+            window=limits.replay_window,
+            budget=KeyedRateLimiter(clock, limits.verify_rate, limits.verify_burst, 1),
+        )
         self._answered: OrderedDict[tuple[str, str | None], float] = OrderedDict()
         self._pending: set[Deferred[None]] = set()
-        announce = Announce(
+        public_key = keys.secret_key.public_key.to_string() if keys.secret_key is not None else node.public_key
+        full = Announce(
             peernix_version=node.peernix_version,
             nix_version=node.nix_version,
             platform=node.platform,
             features=node.features,
-            public_key=node.public_key,
+            public_key=public_key,
             port=http_port,
             node_id=node.node_id,
         )
-        # Rendered once: our announce never changes while we run, and a
-        # too-large one fails at construction, not at the first broadcast.
-        self._announce = render_datagram(announce)
-        self._reply = render_datagram(
-            Announce(
-                peernix_version=announce.peernix_version,
-                nix_version=announce.nix_version,
-                platform=announce.platform,
-                features=announce.features,
-                public_key=announce.public_key,
-                port=announce.port,
-                node_id=announce.node_id,
-                reply=True,
-            )
-        )
+        full_reply = attrs.evolve(full, reply=True)
+        # Only what a receiver needs to add us: where (port), that it is a
+        # reply (never answered), and the key a signature is checked with.
+        compact = Announce(peernix_version=node.peernix_version, public_key=public_key, port=http_port, reply=True)
+        compact_unsigned = attrs.evolve(compact, public_key="")
+        self._broadcast_form = full
+        # Most informative first; reply_for() sends the first that fits.
+        if keys.secret_key is not None:
+            self._reply_forms: list[tuple[Announce, bool]] = [
+                (full_reply, True),
+                (compact, True),
+                (full_reply, False),
+                (compact_unsigned, False),
+            ]
+        else:
+            self._reply_forms = [(full_reply, False), (compact_unsigned, False)]
+        # Rendered now so that a too-large announce fails at construction,
+        # not at the first broadcast; signed forms with the longest ts we
+        # could ever put in them.
+        for form, signed in [(full, True), *self._reply_forms]:
+            self._render(form, signed, 10**11 - 1)
+        self._rendered: dict[int, bytes] = {}
+        self._rendered_ts: int | None = None
+
+    def _render(self, announce: Announce, signed: bool, ts: int) -> bytes:
+        if signed and self._secret_key is not None:
+            announce = sign_announce(announce, self._secret_key, ts)
+        return render_datagram(announce)
+
+    def _current(self, index: int, announce: Announce, signed: bool) -> bytes:
+        """
+        :param index: identifies the form (``announce``, ``signed``) in the cache.
+        :returns: ``announce`` rendered (and signed with the current ``ts``), cached for the current second.
+        """
+        ts = int(self._clock.seconds())
+        if ts != self._rendered_ts:
+            # Signatures are deterministic per (form, ts): one per second is enough.
+            self._rendered.clear()
+            self._rendered_ts = ts
+        data = self._rendered.get(index)
+        if data is None:
+            data = self._rendered[index] = self._render(announce, signed, ts)
+        return data
 
     @property
     def announce_datagram(self) -> bytes:
-        """:returns: the announce we broadcast."""
-        return self._announce
+        """:returns: the announce we broadcast now (signed with the current ``ts`` when we have a key)."""
+        return self._current(-1, self._broadcast_form, True)
+
+    def reply_for(self, request_size: int) -> bytes | None:
+        """
+        :param request_size: length of the announce being answered.
+        :returns: the most informative form of our announce, as a reply, that
+            is not longer than ``request_size``; ``None`` when none is.
+        """
+        for index, (form, signed) in enumerate(self._reply_forms):
+            data = self._current(index, form, signed)
+            if len(data) <= request_size:
+                return data
+        return None
 
     @property
     def pending_queries(self) -> int:
@@ -246,7 +350,8 @@ class DiscoveryProtocol(DatagramProtocol):
         :param port: the UDP port to send to.
         :returns: how many were sent.
         """
-        return sum(self._send(self._announce, (address, port), "announce") for address in addresses)
+        data = self.announce_datagram
+        return sum(self._send(data, (address, port), "announce") for address in addresses)
 
     def datagramReceived(self, datagram: bytes, addr: Address) -> None:  # type: ignore[override]
         """Handle one datagram; never raises."""
@@ -261,9 +366,12 @@ class DiscoveryProtocol(DatagramProtocol):
             return
         self._metrics.received.labels(_kind(parsed)).inc()
         if isinstance(parsed, Announce):
-            self._on_announce(parsed, addr)
+            self._on_announce(parsed, addr, len(datagram))
         elif isinstance(parsed, Ping):
-            self._send(b"pong", addr, "pong")
+            if not self._reply_limiter.allow(None):
+                self._drop("rate_limited_total", addr)
+                return
+            self._reply(b"pong", addr, len(datagram), "pong")
         elif isinstance(parsed, (HasPathQuery, HasPathWithNarHashQuery)):
             self._on_query(parsed, addr, len(datagram))
         else:
@@ -271,7 +379,15 @@ class DiscoveryProtocol(DatagramProtocol):
             # we ask over HTTP.
             self._drop("unsolicited", addr)
 
-    def _on_announce(self, announce: Announce, addr: Address) -> None:
+    def _reply(self, data: bytes, addr: Address, request_size: int, kind: str) -> None:
+        """Send an answer to a request of ``request_size`` bytes, unless it is longer (the one place answers go out)."""
+        if len(data) > request_size or len(data) > GO_MAX_DATAGRAM:
+            # Never amplify.
+            self._drop("amplification", addr)
+            return
+        self._send(data, addr, kind)
+
+    def _on_announce(self, announce: Announce, addr: Address, request_size: int) -> None:
         host = addr[0]
         if announce.node_id == self._node.node_id:
             self._drop("own", addr)
@@ -279,15 +395,30 @@ class DiscoveryProtocol(DatagramProtocol):
         if not self._announce_limiter.allow(host):
             self._drop("rate_limited", addr)
             return
+        if not self._total_announce_limiter.allow(None):
+            self._drop("rate_limited_total", addr)
+            return
         try:
             url = peer_url(host, announce.port if announce.port is not None else self._http_port)
         except ValueError as e:
             self._drop("address", addr, str(e))
             return
-        self._registry.add(url, SOURCE, announce.public_key or None)
+        verdict = self._verifier.check(announce, host)
+        self._metrics.signatures.labels(verdict.value).inc()
+        if verdict not in (Verdict.UNSIGNED, Verdict.VERIFIED, Verdict.DUPLICATE):
+            self.log.debug(
+                "Announce from {source} treated as unsigned: {verdict}", source=addr, verdict=verdict.value
+            )
+        self._registry.add(url, SOURCE, announce.public_key or None, verified=verdict is Verdict.VERIFIED)
         if announce.reply or not self._should_answer(host, announce.node_id):
             return
-        self._send(self._reply, addr, "announce_reply")
+        reply = self.reply_for(request_size)
+        if reply is None:
+            # Even our compact announce is longer than this one; our next
+            # periodic broadcast announces us instead.
+            self._drop("amplification", addr)
+            return
+        self._reply(reply, addr, request_size, "announce_reply")
 
     def _should_answer(self, host: str, node_id: str | None) -> bool:
         now = self._clock.seconds()
@@ -306,6 +437,10 @@ class DiscoveryProtocol(DatagramProtocol):
     def _on_query(self, query: Query, addr: Address, request_size: int) -> None:
         if len(self._pending) >= self._limits.max_pending_queries:
             self._drop("busy", addr)
+            return
+        # Spent before the lookup: the store work is what a flood costs us.
+        if not self._reply_limiter.allow(None):
+            self._drop("rate_limited_total", addr)
             return
         d = Deferred.fromCoroutine(self._answer_query(query, addr, request_size))
         # Kept until it fires; stop() cancels what is left.
@@ -338,13 +473,8 @@ class DiscoveryProtocol(DatagramProtocol):
             answer = Answer.NARHASH_MISMATCH
         else:
             answer = Answer.YES
-        data = render_datagram(QueryAnswer(answer))
-        if len(data) > request_size:
-            # Never amplify: no answer is larger than the question.
-            self._drop("amplification", addr)
-            return
         self._metrics.answers.labels(answer.value).inc()
-        self._send(data, addr, "answer")
+        self._reply(render_datagram(QueryAnswer(answer)), addr, request_size, "answer")
 
     def stop(self) -> None:
         """Cancel every store lookup in flight."""
@@ -382,6 +512,7 @@ class UdpDiscoveryService(Service):
         second_announce: float = 2.5,
         metrics: CollectorRegistry | None = None,
         limits: UdpLimits = UdpLimits(),
+        keys: AnnounceKeys = AnnounceKeys(),
     ) -> None:
         """
         :param udp: the reactor to listen with.
@@ -403,6 +534,8 @@ class UdpDiscoveryService(Service):
         :param second_announce: seconds after start of the second announce.
         :param metrics: registry for the counters; a private one if ``None``.
         :param limits: rate and size bounds.
+        :param keys: our secret key (sign our announces) and the trusted keys
+            (verify others'); by default neither.
         :raises DatagramError: if our announce would be too large for Go.
         """
         self._udp = udp
@@ -415,7 +548,7 @@ class UdpDiscoveryService(Service):
         self._interface = interface
         self._second_announce = second_announce
         self.metrics = UdpMetrics(metrics if metrics is not None else CollectorRegistry())
-        self.protocol = DiscoveryProtocol(clock, registry, store, node, http_port, self.metrics, limits)
+        self.protocol = DiscoveryProtocol(clock, registry, store, node, http_port, self.metrics, limits, keys)
         self._port: IListeningPort | None = None
         self._loop: LoopingCall | None = None
         self._second: IDelayedCall | None = None

@@ -7,6 +7,12 @@ with exponential backoff.  Peers that *misbehave* (untrusted answers, NARs
 that fail verification) collect "strikes" that a successful probe only
 halves, so a peer that answers health probes but lies is still kept out of
 fan-outs for a while.
+
+Peers whose signed announcement verified against a trusted key are
+*verified* (see :mod:`peernix.discovery.signed`): they come first in
+:meth:`PeerRegistry.healthy_peers`, and part of the table is kept for them,
+so a flood of unverified (possibly spoofed) newcomers can neither fill the
+whole table nor evict anyone healthy.
 """
 
 from __future__ import annotations
@@ -125,6 +131,11 @@ class Peer:
     :ivar strikes: weighted misbehaviour count (halved by each success).
     :ivar backoff_until: clock time before which the peer is skipped.
     :ivar failures: failure counts per kind, for status and metrics.
+    :ivar verified: whether a signed announcement by a trusted key vouched
+        for this peer within the TTL.  It orders peers (verified first) and
+        protects their place in the table; trust in answers still comes only
+        from narinfo signatures.
+    :ivar verified_at: clock time of the last verified announcement.
     """
 
     url: str
@@ -138,6 +149,8 @@ class Peer:
     backoff_until: float = 0.0
     successes: int = 0
     failures: dict[str, int] = field(factory=dict)
+    verified: bool = False
+    verified_at: float | None = None
 
     @property
     def nix_cache_url(self) -> str:
@@ -168,12 +181,17 @@ class PeerRegistry:
     :param clock: time source for last-seen, expiry and backoff.
     :param ttl: seconds after which a discovered peer not heard from (neither
         announced nor answering) is dropped by :meth:`expire`.
-    :param max_peers: table size.  When full, a discovered newcomer is not
-        admitted unless an unhealthy discovered peer can make room; a static
-        newcomer evicts the worst discovered peer.  Healthy long-lived peers
-        are never evicted for a discovered newcomer, so spoofed announcements
-        cannot flush the table.
+    :param max_peers: table size.  An unverified discovered newcomer is
+        admitted only while unverified discovered peers hold fewer than
+        ``max_peers - verified_reserve`` places and the table is not full,
+        or when a *failing* unverified discovered peer can make room for it:
+        healthy peers (and verified ones) are never evicted for it, so
+        spoofed announcements cannot flush the table.  A verified newcomer
+        evicts a failing discovered peer, else the worst unverified
+        discovered one.  A static newcomer evicts the worst discovered peer.
     :param backoff_cap: the longest a failing peer is skipped, seconds.
+    :param verified_reserve: places unverified discovered peers never take;
+        ``max_peers // 4`` by default.
     """
 
     def __init__(
@@ -183,9 +201,14 @@ class PeerRegistry:
         ttl: float = 120.0,
         max_peers: int = 256,
         backoff_cap: float = 60.0,
+        verified_reserve: int | None = None,
     ) -> None:
         if max_peers < 1:
             raise ValueError("max_peers must be at least 1")
+        reserve = max_peers // 4 if verified_reserve is None else verified_reserve
+        if not 0 <= reserve < max_peers:
+            raise ValueError("verified_reserve must be at least 0 and less than max_peers")
+        self._unverified_places = max_peers - reserve
         self._clock = clock
         self._ttl = ttl
         self._max_peers = max_peers
@@ -203,9 +226,14 @@ class PeerRegistry:
         except ValueError:
             return None
 
-    def add(self, url: str, source: str, public_key: str | None = None) -> Peer | None:
+    def add(self, url: str, source: str, public_key: str | None = None, verified: bool = False) -> Peer | None:
         """
         See :meth:`IPeerRegistry.add`.
+
+        ``verified=True`` marks the peer verified until the TTL passes
+        without another verified announcement; ``False`` never clears the
+        mark (an unsigned copy or a compact reply of a verified peer's
+        announcement does not make it less verified).
 
         An invalid ``url`` (see :func:`parse_peer_url`) is logged and not
         admitted (``None``): discovery feeds this from the network, and a bad
@@ -224,11 +252,22 @@ class PeerRegistry:
             peer.last_seen = now
             if public_key is not None:
                 peer.public_key = public_key
+            if verified:
+                peer.verified = True
+                peer.verified_at = now
             return peer
-        if len(self._peers) >= self._max_peers and not self._make_room(static=source == STATIC):
+        if not self._admit(static=source == STATIC, verified=verified):
             log.debug("peer table full, not admitting {url}", url=norm)
             return None
-        peer = Peer(url=norm, first_seen=now, last_seen=now, sources={source}, public_key=public_key)
+        peer = Peer(
+            url=norm,
+            first_seen=now,
+            last_seen=now,
+            sources={source},
+            public_key=public_key,
+            verified=verified,
+            verified_at=now if verified else None,
+        )
         self._peers[norm] = peer
         log.info("new peer {url} (from {source})", url=norm, source=source)
         for callback in list(self._subscribers):
@@ -239,13 +278,30 @@ class PeerRegistry:
                 log.failure("peer subscriber failed")
         return peer
 
-    def _make_room(self, *, static: bool) -> bool:
-        """Evict one discovered peer if the newcomer deserves it; :returns: whether room was made."""
+    def _admit(self, *, static: bool, verified: bool) -> bool:
+        """Make room for a newcomer if it may have a place; :returns: whether it may be added."""
         now = self._clock.seconds()
-        candidates = [p for p in self._peers.values() if not p.is_static]
-        if not static:
-            # Only peers that are failing right now may give way to a newcomer.
-            candidates = [p for p in candidates if p.backoff_until > now and (p.consecutive_failures or p.strikes)]
+        discovered = [p for p in self._peers.values() if not p.is_static]
+
+        def failing(p: Peer) -> bool:
+            return p.backoff_until > now and bool(p.consecutive_failures or p.strikes)
+
+        if static:
+            if len(self._peers) < self._max_peers:
+                return True
+            candidates = discovered
+        elif verified:
+            if len(self._peers) < self._max_peers:
+                return True
+            # Failing peers first; else the worst unverified one: verified
+            # peers are preferred.
+            candidates = [p for p in discovered if failing(p)] or [p for p in discovered if not p.verified]
+        else:
+            unverified = [p for p in discovered if not p.verified]
+            if len(self._peers) < self._max_peers and len(unverified) < self._unverified_places:
+                return True
+            # Only unverified peers that are failing right now may give way.
+            candidates = [p for p in unverified if failing(p)]
         if not candidates:
             return False
         worst = min(candidates, key=lambda p: (p.score, p.last_seen))
@@ -263,19 +319,25 @@ class PeerRegistry:
             del self._peers[peer.url]
 
     def expire(self) -> None:
-        """See :meth:`IPeerRegistry.expire`."""
+        """
+        See :meth:`IPeerRegistry.expire`.  A peer whose last verified
+        announcement is older than the TTL stays (if otherwise alive) but is
+        no longer verified.
+        """
         deadline = self._clock.seconds() - self._ttl
         for peer in list(self._peers.values()):
             if not peer.is_static and peer.last_seen < deadline:
                 log.info("peer {url} expired", url=peer.url)
                 del self._peers[peer.url]
+            elif peer.verified and (peer.verified_at is None or peer.verified_at < deadline):
+                peer.verified = False
 
     def peers(self) -> list[Peer]:
-        """:returns: every known peer, best score first."""
-        return sorted(self._peers.values(), key=lambda p: -p.score)
+        """:returns: every known peer, verified ones first, then best score first."""
+        return sorted(self._peers.values(), key=lambda p: (not p.verified, -p.score))
 
     def healthy_peers(self) -> list[Peer]:
-        """:returns: peers not in backoff, best score first."""
+        """:returns: peers not in backoff, verified ones first, then best score first."""
         now = self._clock.seconds()
         return [p for p in self.peers() if p.backoff_until <= now]
 

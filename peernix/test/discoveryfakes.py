@@ -121,15 +121,17 @@ class FakeRegistry:
     :ivar calls: ``("add", url, source, public_key)``, ``("remove", url,
         source)``, ``("expire",)`` in order.
     :ivar capacity: ``add`` of a new URL returns ``None`` beyond this.
+    :ivar verified: URLs of ``add(..., verified=True)`` calls, in order.
     """
 
     def __init__(self, capacity: int = 1000) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.capacity = capacity
+        self.verified: list[str] = []
         self._peers: dict[str, Peer] = {}
         self._subscribers: list[Callable[[Peer], object]] = []
 
-    def add(self, url: str, source: str, public_key: str | None = None) -> Peer | None:
+    def add(self, url: str, source: str, public_key: str | None = None, verified: bool = False) -> Peer | None:
         self.calls.append(("add", url, source, public_key))
         peer = self._peers.get(url)
         if peer is None:
@@ -142,6 +144,9 @@ class FakeRegistry:
         peer.sources.add(source)
         if public_key is not None:
             peer.public_key = public_key
+        if verified:
+            peer.verified = True
+            self.verified.append(url)
         return peer
 
     def remove(self, url: str, source: str) -> None:

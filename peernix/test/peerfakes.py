@@ -49,7 +49,7 @@ class FakeRegistry:
         for url in urls:
             self.add(url, "static")
 
-    def add(self, url: str, source: str, public_key: str | None = None) -> Peer | None:
+    def add(self, url: str, source: str, public_key: str | None = None, verified: bool = False) -> Peer | None:
         peer = self._peers.get(url)
         if peer is None:
             peer = Peer(url=url, first_seen=0.0, last_seen=0.0, sources={source}, public_key=public_key)
@@ -57,6 +57,8 @@ class FakeRegistry:
             for callback in list(self._subscribers):
                 callback(peer)
         peer.sources.add(source)
+        if verified:
+            peer.verified = True
         return peer
 
     def remove(self, url: str, source: str) -> None:

@@ -24,8 +24,11 @@ from peernix.discovery.datagrams import (
     is_valid_public_key,
     parse_datagram,
     render_datagram,
+    sign_announce,
+    signing_payload,
 )
 from peernix.nix.hashes import Hash
+from peernix.nix.signing import SecretKey
 
 HASH = "0c0ys3hg8kn9jbm6dl9g2rkq1l8ywyna"
 NARHASH = Hash.sha256_of(b"nar")
@@ -183,6 +186,14 @@ MALFORMED: dict[str, tuple[bytes, str]] = {
     "bad public key": (b'{"cmd":"announce","peernix_version":"1","public_key":"nocolon"}', "field"),
     "short public key": (b'{"cmd":"announce","peernix_version":"1","public_key":"k:AAAA"}', "field"),
     "node_id number": (b'{"cmd":"announce","peernix_version":"1","node_id":5}', "field"),
+    "ts string": (b'{"cmd":"announce","peernix_version":"1","ts":"1700000000"}', "field"),
+    "ts float": (b'{"cmd":"announce","peernix_version":"1","ts":1700000000.5}', "field"),
+    "ts bool": (b'{"cmd":"announce","peernix_version":"1","ts":true}', "field"),
+    "ts negative": (b'{"cmd":"announce","peernix_version":"1","ts":-1}', "field"),
+    "ts huge": (b'{"cmd":"announce","peernix_version":"1","ts":' + b"9" * 40 + b"}", "field"),
+    "sig number": (b'{"cmd":"announce","peernix_version":"1","sig":1}', "field"),
+    "sig empty": (b'{"cmd":"announce","peernix_version":"1","sig":""}', "field"),
+    "sig control char": (b'{"cmd":"announce","peernix_version":"1","sig":"k:\\n"}', "field"),
     "reply string": (b'{"cmd":"announce","peernix_version":"1","reply":"yes"}', "field"),
     "port string": (b'{"cmd":"announce","peernix_version":"1","port":"9999"}', "port"),
     "port float": (b'{"cmd":"announce","peernix_version":"1","port":9999.0}', "port"),
@@ -305,3 +316,49 @@ class RenderTests(SynchronousTestCase):
         self.assertFalse(is_valid_public_key(PUBKEY + "\n"))
         self.assertFalse(is_valid_public_key("peernix-1:" + "A" * 43))
         self.assertFalse(is_valid_public_key(""))
+
+
+class SignedAnnounceFormatTests(SynchronousTestCase):
+    """ts and sig on the wire, and the bytes a signature covers."""
+
+    KEY = SecretKey("peer-a-1", bytes(range(32)))
+
+    def test_signing_payload_canonical(self) -> None:
+        """The payload is the object without sig: keys sorted, no spaces, ASCII escapes."""
+        obj = {"sig": "x:y", "port": 1, "cmd": "announce", "platform": "caf\u00e9", "features": ["b", "a"]}
+        self.assertEqual(
+            signing_payload(obj),
+            b'{"cmd":"announce","features":["b","a"],"platform":"caf\\u00e9","port":1}',
+        )
+
+    def test_parse_keeps_payload_of_received_object(self) -> None:
+        """A received sig's payload is computed from the parsed object, whatever the spacing, order or escapes sent."""
+        data = b'{ "sig" : "k:s", "ts": 5, "peernix_version": "1", "cmd": "announce", "zz": [1, {"b": 2, "a": 1}] }'
+        parsed = parse_datagram(data)
+        assert isinstance(parsed, Announce)
+        self.assertEqual((parsed.ts, parsed.sig), (5, "k:s"))
+        self.assertEqual(parsed.signed_payload, b'{"cmd":"announce","peernix_version":"1","ts":5,"zz":[1,{"a":1,"b":2}]}')
+
+    def test_no_payload_without_sig(self) -> None:
+        """An announce without sig has no payload to check (ts alone is kept)."""
+        parsed = parse_datagram(b'{"cmd":"announce","peernix_version":"1","ts":7}')
+        assert isinstance(parsed, Announce)
+        self.assertEqual((parsed.ts, parsed.sig, parsed.signed_payload), (7, None, None))
+
+    def test_sign_render_parse_verify(self) -> None:
+        """sign_announce's signature, rendered and parsed back, verifies against the key; changing any field breaks it."""
+        ours = Announce("0.1.0", "2.8.0", "x86_64-linux", ("signing",), self.KEY.public_key.to_string(), 9999, "abc")
+        data = render_datagram(sign_announce(ours, self.KEY, 1_700_000_000))
+        parsed = parse_datagram(data)
+        assert isinstance(parsed, Announce) and parsed.sig is not None and parsed.signed_payload is not None
+        self.assertEqual(parsed.ts, 1_700_000_000)
+        self.assertTrue(self.KEY.public_key.verify(parsed.signed_payload, parsed.sig))
+        self.assertTrue(go_accepts_announce(data))
+        tampered = parse_datagram(data.replace(b"9999", b"9998"))
+        assert isinstance(tampered, Announce) and tampered.signed_payload is not None
+        self.assertFalse(self.KEY.public_key.verify(tampered.signed_payload, parsed.sig))
+
+    def test_round_trip_with_signature(self) -> None:
+        """A signed announce parses back to itself (the payload is not part of equality)."""
+        signed = sign_announce(Announce("1", port=1, reply=True), self.KEY, 3)
+        self.assertEqual(parse_datagram(render_datagram(signed)), signed)

@@ -13,14 +13,29 @@ from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from peernix.discovery.datagrams import HasPathQuery, HasPathWithNarHashQuery, render_datagram
+from peernix.discovery.datagrams import (
+    Announce,
+    HasPathQuery,
+    HasPathWithNarHashQuery,
+    parse_datagram,
+    render_datagram,
+    sign_announce,
+)
 from peernix.discovery.nodeinfo import NodeInfo
+from peernix.discovery.signed import AnnounceKeys
 from peernix.discovery.udp import UdpDiscoveryService, UdpLimits
 from peernix.interfaces import IDiscovery, IPeerRegistry, IStore
 from peernix.nix.hashes import Hash
 from peernix.nix.pathinfo import PathInfo
+from peernix.nix.signing import SecretKey
 from peernix.test.discoveryfakes import DictStore, FakeRegistry, FakeUDPPort, MemoryUDPReactor
-from peernix.test.test_discovery_datagrams import GO_ANNOUNCE_SIGNED, GO_ANNOUNCE_UNSIGNED, MALFORMED, PUBKEY
+from peernix.test.test_discovery_datagrams import (
+    GO_ANNOUNCE_SIGNED,
+    GO_ANNOUNCE_UNSIGNED,
+    MALFORMED,
+    PUBKEY,
+    go_accepts_announce,
+)
 
 HASH = "0c0ys3hg8kn9jbm6dl9g2rkq1l8ywyna"
 OTHER_HASH = "1c0ys3hg8kn9jbm6dl9g2rkq1l8ywyna"
@@ -37,9 +52,25 @@ def announce(**fields: Any) -> bytes:
     return json.dumps({k: v for k, v in obj.items() if v is not None}).encode()
 
 
+#: Our key and a peer's (made from fixed seeds: test keys, nothing secret).
+OUR_KEY = SecretKey("peer-a-1", bytes(range(32)))
+PEER_KEY = SecretKey("peer-b-1", bytes(range(1, 33)))
+#: Wall-clock time the fixtures start at (signed announces carry unix time).
+NOW = 1_700_000_000.0
+
+
 class _Fixture:
-    def __init__(self, broadcast: bool = True, limits: UdpLimits = UdpLimits(), udp_port: int = 9999) -> None:
+    def __init__(
+        self,
+        broadcast: bool = True,
+        limits: UdpLimits = UdpLimits(),
+        udp_port: int = 9999,
+        keys: AnnounceKeys = AnnounceKeys(),
+        node: NodeInfo = NODE,
+        start_at: float = 0.0,
+    ) -> None:
         self.reactor = MemoryUDPReactor()
+        self.reactor.advance(start_at)
         self.registry = FakeRegistry()
         self.store = DictStore({HASH: INFO})
         self.metrics = CollectorRegistry()
@@ -48,7 +79,7 @@ class _Fixture:
             clock=self.reactor,
             registry=self.registry,
             store=self.store,
-            node=NODE,
+            node=node,
             http_port=9999,
             udp_port=udp_port,
             broadcast=broadcast,
@@ -56,6 +87,7 @@ class _Fixture:
             broadcast_addresses=lambda: list(BROADCASTS),
             metrics=self.metrics,
             limits=limits,
+            keys=keys,
         )
 
     def start(self) -> FakeUDPPort:
@@ -205,12 +237,24 @@ class AnnounceTests(SynchronousTestCase):
         """An announce adds http://host:port with its key and is answered unicast with reply: true."""
         f = _Fixture()
         port = f.start()
-        f.receive(announce(public_key=PUBKEY))
+        f.receive(
+            announce(public_key=PUBKEY, nix_version="2.18.1", platform="x86_64-linux", features=["compression", "parallel", "health"])
+        )
         self.assertEqual(f.registry.adds(), [("add", "http://192.0.2.7:8080", "udp", PUBKEY)])
         [(data, addr)] = port.take()
         self.assertEqual(addr, PEER)
         obj = json.loads(data)
         self.assertEqual((obj["reply"], obj["node_id"], obj["port"]), (True, "ourid", 9999))
+
+    def test_small_announce_compact_answer(self) -> None:
+        """An announce shorter than our full one is answered with the compact form: version, port, reply."""
+        f = _Fixture()
+        port = f.start()
+        request = announce()
+        f.receive(request)
+        [(data, _)] = port.take()
+        self.assertLessEqual(len(data), len(request))
+        self.assertEqual(json.loads(data), {"cmd": "announce", "peernix_version": "0.1.0", "port": 9999, "reply": True})
 
     def test_reply_not_answered(self) -> None:
         """An announce marked as a reply adds the peer but is never answered."""
@@ -451,6 +495,261 @@ class HostileInputTests(SynchronousTestCase):
         self.assertLessEqual(len(protocol._datagram_limiter), 16)
         self.assertLessEqual(len(protocol._announce_limiter), 16)
         self.assertLessEqual(len(protocol._answered), 16)
+
+
+def signed_peer_announce(ts: float = NOW, key: SecretKey = PEER_KEY, **fields: Any) -> bytes:
+    """:returns: a peer's full announce signed by ``key`` at ``ts``, as our nodes send it."""
+    base: dict[str, Any] = dict(
+        peernix_version="0.1.0",
+        nix_version="2.8.0",
+        platform="x86_64-linux",
+        features=("compression", "parallel", "health", "signing"),
+        public_key=key.public_key.to_string(),
+        port=8080,
+        node_id="peer1",
+    )
+    base.update(fields)
+    return render_datagram(sign_announce(Announce(**base), key, int(ts)))
+
+
+def signed_fixture(**kwargs: Any) -> _Fixture:
+    """:returns: a fixture that signs with OUR_KEY and trusts PEER_KEY."""
+    return _Fixture(
+        keys=AnnounceKeys(OUR_KEY, [PEER_KEY.public_key]),
+        node=NodeInfo("0.1.0", "2.8.0", "x86_64-linux", ("compression", "signing"), OUR_KEY.public_key.to_string(), "ourid"),
+        start_at=NOW,
+        **kwargs,
+    )
+
+
+class AmplificationTests(SynchronousTestCase):
+    """No datagram we send in answer is longer than the datagram that caused it."""
+
+    def exchange(self, f: _Fixture, port: FakeUDPPort, request: bytes, addr: tuple[str, int]) -> list[bytes]:
+        f.receive(request, addr)
+        # Past the answer holdoff, so every announce is answered if it can be.
+        f.reactor.advance(5.0)
+        return [data for data, to in port.take() if to == addr]
+
+    def test_every_kind(self) -> None:
+        """For every datagram kind, signed or not, each answer is at most as long as its request."""
+        for keys in (AnnounceKeys(), AnnounceKeys(OUR_KEY, [PEER_KEY.public_key])):
+            f = _Fixture(keys=keys, start_at=NOW)
+            port = f.start()
+            requests = [
+                b"ping",
+                b"ping\n",
+                b"pong",
+                render_datagram(HasPathQuery(HASH)),
+                render_datagram(HasPathQuery(OTHER_HASH)),
+                render_datagram(HasPathWithNarHashQuery(HASH, NARHASH)),
+                render_datagram(HasPathWithNarHashQuery(HASH, Hash.sha256_of(b"x"))),
+                b"yes",
+                b"narhash_mismatch",
+                GO_ANNOUNCE_SIGNED,
+                GO_ANNOUNCE_UNSIGNED,
+                b'{"cmd":"announce","peernix_version":"1"}',
+                announce(),
+                announce(reply=True),
+                signed_peer_announce(ts=f.reactor.seconds()),
+                *(data for data, _ in MALFORMED.values()),
+            ]
+            answered = 0
+            for i, request in enumerate(requests):
+                answers = self.exchange(f, port, request, (f"192.0.2.{i + 10}", 9999))
+                answered += len(answers)
+                for answer in answers:
+                    self.assertLessEqual(len(answer), len(request), (request, answer))
+            self.assertEqual(answered, 10)
+
+    def test_go_signed_announce_gets_compact_answer(self) -> None:
+        """Go's signed announce (241 bytes) is too short for our signed reply: it gets the compact unsigned one, which Go accepts."""
+        f = signed_fixture()
+        port = f.start()
+        f.receive(GO_ANNOUNCE_SIGNED, ("192.0.2.8", 53211))
+        [(data, addr)] = port.take()
+        self.assertEqual(addr, ("192.0.2.8", 53211))
+        self.assertLessEqual(len(data), len(GO_ANNOUNCE_SIGNED))
+        self.assertTrue(go_accepts_announce(data))
+        parsed = parse_datagram(data)
+        assert isinstance(parsed, Announce)
+        self.assertEqual((parsed.port, parsed.reply, parsed.sig), (9999, True, None))
+
+    def test_go_unsigned_announce_answered(self) -> None:
+        """Go's unsigned announce (153 bytes) is answered too, in a form Go accepts."""
+        for keys in (AnnounceKeys(), AnnounceKeys(OUR_KEY, [PEER_KEY.public_key])):
+            f = _Fixture(keys=keys)
+            port = f.start()
+            f.receive(GO_ANNOUNCE_UNSIGNED, ("192.0.2.9", 53212))
+            [(data, _)] = port.take()
+            self.assertLessEqual(len(data), len(GO_ANNOUNCE_UNSIGNED))
+            self.assertTrue(go_accepts_announce(data))
+
+    def test_tiny_announce_not_answered(self) -> None:
+        """An announce shorter than our compact reply adds the peer but is not answered; the drop is counted."""
+        f = _Fixture()
+        port = f.start()
+        f.receive(b'{"cmd":"announce","peernix_version":"1"}')
+        self.assertEqual(port.take(), [])
+        self.assertEqual(f.registry.urls(), {"http://192.0.2.7:9999"})
+        self.assertEqual(f.sample("peernix_udp_datagrams_dropped_total", reason="amplification"), 1.0)
+
+    def test_signed_peer_gets_signed_answer(self) -> None:
+        """A peer's full signed announce is long enough for a signed reply, which verifies."""
+        f = signed_fixture()
+        port = f.start()
+        request = signed_peer_announce(ts=f.reactor.seconds())
+        f.receive(request)
+        [(data, _)] = port.take()
+        self.assertLessEqual(len(data), len(request))
+        parsed = parse_datagram(data)
+        assert isinstance(parsed, Announce) and parsed.sig is not None and parsed.signed_payload is not None
+        self.assertTrue(OUR_KEY.public_key.verify(parsed.signed_payload, parsed.sig))
+        self.assertEqual((parsed.reply, parsed.ts, parsed.public_key), (True, int(NOW), OUR_KEY.public_key.to_string()))
+
+    def test_largest_form_that_fits(self) -> None:
+        """reply_for picks the full signed reply, then the compact signed, then unsigned ones, as the request allows."""
+        f = signed_fixture()
+        protocol = f.service.protocol
+        sizes = [len(protocol.reply_for(n) or b"") for n in (2000, 300, 100, 60)]
+        full, compact_signed, compact = sizes[:3]
+        self.assertGreater(full, compact_signed)
+        self.assertGreater(compact_signed, compact)
+        self.assertLessEqual(compact_signed, 300)
+        self.assertEqual(sizes[3], 0)
+        self.assertIsNone(protocol.reply_for(compact - 1))
+        self.assertEqual(len(protocol.reply_for(compact) or b""), compact)
+
+
+class SignedAnnounceTests(SynchronousTestCase):
+    """Signing our announces and verifying others'."""
+
+    def test_broadcast_signed(self) -> None:
+        """With a key, our broadcast carries ts (clock time) and a sig over its canonical JSON by our key."""
+        f = signed_fixture()
+        f.service.startService()
+        port = f.reactor.udp_ports[0]
+        [(data, _), _] = port.take()
+        parsed = parse_datagram(data)
+        assert isinstance(parsed, Announce) and parsed.sig is not None and parsed.signed_payload is not None
+        self.assertEqual(parsed.ts, int(NOW))
+        self.assertEqual(parsed.public_key, OUR_KEY.public_key.to_string())
+        self.assertTrue(OUR_KEY.public_key.verify(parsed.signed_payload, parsed.sig))
+        self.assertTrue(go_accepts_announce(data))
+        f.reactor.advance(30.0)
+        later = parse_datagram(port.take()[-1][0])
+        assert isinstance(later, Announce)
+        self.assertEqual(later.ts, int(NOW) + 30)
+
+    def test_unsigned_without_key(self) -> None:
+        """Without a key our announce has neither ts nor sig."""
+        obj = json.loads(_Fixture().service.protocol.announce_datagram)
+        self.assertNotIn("ts", obj)
+        self.assertNotIn("sig", obj)
+
+    def test_trusted_signed_announce_verifies(self) -> None:
+        """A fresh announce signed by a trusted key naming that key marks the peer verified."""
+        f = signed_fixture()
+        f.start()
+        f.receive(signed_peer_announce(ts=NOW - 3))
+        self.assertEqual(f.registry.verified, ["http://192.0.2.7:8080"])
+        self.assertEqual(f.sample("peernix_udp_announce_signatures_total", result="verified"), 1.0)
+
+    def test_our_own_nodes_verify_each_other(self) -> None:
+        """Two nodes that trust each other's keys verify each other's broadcast."""
+        a = _Fixture(keys=AnnounceKeys(OUR_KEY, [PEER_KEY.public_key]), node=NodeInfo("0.1.0", "2.8.0", "x86_64-linux", (), "", "a"), start_at=NOW)
+        b = _Fixture(keys=AnnounceKeys(PEER_KEY, [OUR_KEY.public_key]), node=NodeInfo("0.1.0", "2.8.0", "x86_64-linux", (), "", "b"), start_at=NOW)
+        a_port, b_port = a.start(), b.start()
+        b.receive(a.service.protocol.announce_datagram, ("192.0.2.1", 9999))
+        [(reply, _)] = b_port.take()
+        a.receive(reply, ("192.0.2.2", 9999))
+        self.assertEqual(b.registry.verified, ["http://192.0.2.1:9999"])
+        self.assertEqual(a.registry.verified, ["http://192.0.2.2:9999"])
+        self.assertEqual(a_port.take(), [])
+
+    def test_unverified_cases(self) -> None:
+        """Untrusted key, stale or future ts, tampering, a key mismatch or half a signature: added, not verified, counted."""
+        stranger = SecretKey("stranger-1", bytes(32))
+        tampered = json.loads(signed_peer_announce())
+        tampered["port"] = 8081
+        missing_sig = json.loads(signed_peer_announce())
+        del missing_sig["sig"]
+        cases = {
+            "untrusted_key": signed_peer_announce(key=stranger),
+            "stale": signed_peer_announce(ts=NOW - 11),
+            "stale ": signed_peer_announce(ts=NOW + 11),
+            "bad_signature": json.dumps(tampered).encode(),
+            "key_mismatch": signed_peer_announce(public_key=PUBKEY),
+            "incomplete": json.dumps(missing_sig).encode(),
+        }
+        for result, data in cases.items():
+            with self.subTest(result):
+                f = signed_fixture()
+                f.start()
+                f.receive(data)
+                self.assertEqual(len(f.registry.adds()), 1)
+                self.assertEqual(f.registry.verified, [])
+                self.assertEqual(f.sample("peernix_udp_announce_signatures_total", result=result.strip()), 1.0)
+
+    def test_replay_and_duplicate(self) -> None:
+        """A verified announce repeated from another address is a replay (unverified); from the same address, a duplicate."""
+        f = signed_fixture()
+        f.start()
+        data = signed_peer_announce()
+        f.receive(data)
+        f.receive(data)
+        f.receive(data, ("192.0.2.66", 9999))
+        self.assertEqual(f.registry.verified, ["http://192.0.2.7:8080"])
+        self.assertEqual(f.registry.urls(), {"http://192.0.2.7:8080", "http://192.0.2.66:8080"})
+        self.assertEqual(f.sample("peernix_udp_announce_signatures_total", result="duplicate"), 1.0)
+        self.assertEqual(f.sample("peernix_udp_announce_signatures_total", result="replay"), 1.0)
+
+    def test_go_announces_stay_unsigned(self) -> None:
+        """The Go predecessor's announces are added unverified and counted as unsigned."""
+        f = signed_fixture()
+        f.start()
+        f.receive(GO_ANNOUNCE_SIGNED, ("192.0.2.8", 9999))
+        f.receive(GO_ANNOUNCE_UNSIGNED, ("192.0.2.9", 9999))
+        self.assertEqual(f.registry.urls(), {"http://192.0.2.8:9999", "http://192.0.2.9:9999"})
+        self.assertEqual(f.registry.verified, [])
+        self.assertEqual(f.sample("peernix_udp_announce_signatures_total", result="unsigned"), 2.0)
+
+    def test_verification_budget(self) -> None:
+        """Signature checks beyond the global budget are skipped (unverified, counted)."""
+        f = signed_fixture(limits=UdpLimits(verify_rate=1.0, verify_burst=2))
+        f.start()
+        for i in range(4):
+            f.receive(signed_peer_announce(node_id=f"n{i}"), (f"192.0.2.{i + 10}", 9999))
+        self.assertEqual(len(f.registry.verified), 2)
+        self.assertEqual(len(f.registry.adds()), 4)
+        self.assertEqual(f.sample("peernix_udp_announce_signatures_total", result="rate_limited"), 2.0)
+
+
+class GlobalLimitTests(SynchronousTestCase):
+    """Caps in total, whatever the number of (spoofed) source addresses."""
+
+    def test_total_announces(self) -> None:
+        """Announces beyond the total burst are dropped until tokens refill."""
+        f = _Fixture(limits=UdpLimits(total_announce_rate=1.0, total_announce_burst=5))
+        f.start()
+        for i in range(20):
+            f.receive(announce(reply=True), (f"10.0.0.{i}", 9999))
+        self.assertEqual(len(f.registry.adds()), 5)
+        self.assertEqual(f.sample("peernix_udp_datagrams_dropped_total", reason="rate_limited_total"), 15.0)
+        f.reactor.advance(1.0)
+        f.receive(announce(reply=True), ("10.0.1.1", 9999))
+        self.assertEqual(len(f.registry.adds()), 6)
+
+    def test_total_replies(self) -> None:
+        """Pongs and store lookups share one total budget."""
+        f = _Fixture(limits=UdpLimits(reply_rate=1.0, reply_burst=4))
+        port = f.start()
+        for i in range(4):
+            f.receive(b"ping", (f"10.0.0.{i}", 9999))
+            f.receive(render_datagram(HasPathQuery(HASH)), (f"10.0.1.{i}", 9999))
+        self.assertEqual(len(port.take()), 4)
+        self.assertEqual(len(f.store.queries), 2)
+        self.assertEqual(f.sample("peernix_udp_datagrams_dropped_total", reason="rate_limited_total"), 4.0)
 
 
 class LoopbackTests(TestCase):

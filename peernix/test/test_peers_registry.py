@@ -212,3 +212,120 @@ class PeerRegistryTests(SynchronousTestCase):
         self.registry.record_success(fast, 0.01)
         self.assertEqual(self.registry.healthy_peers(), [fast, slow])
         self.assertGreater(fast.score, slow.score)
+
+
+class VerifiedPeerTests(SynchronousTestCase):
+    """Verified peers (signed announcements by a trusted key): marked, preferred, and given room."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.registry = PeerRegistry(self.clock, ttl=120.0, max_peers=8, verified_reserve=2)
+
+    def fill(self, count: int, prefix: str = "p", verified: bool = False) -> list[Peer]:
+        peers = [self.registry.add(f"http://{prefix}{i}:1", "udp", verified=verified) for i in range(count)]
+        assert all(p is not None for p in peers)
+        return [p for p in peers if p is not None]
+
+    def urls(self) -> set[str]:
+        return {p.url for p in self.registry.peers()}
+
+    def test_mark_kept_and_lapses(self) -> None:
+        """verified=True marks a peer; an unverified sighting keeps the mark; it lapses a TTL after the last verified one."""
+        peer = self.registry.add("http://a:1", "udp", verified=True)
+        assert peer is not None
+        self.assertTrue(peer.verified)
+        self.registry.add("http://a:1", "udp")
+        self.assertTrue(peer.verified)
+        self.clock.advance(100)
+        self.registry.add("http://a:1", "udp", verified=True)
+        self.clock.advance(100)
+        self.registry.add("http://a:1", "udp")
+        self.registry.expire()
+        self.assertTrue(peer.verified)
+        self.clock.advance(21)
+        self.registry.expire()
+        self.assertFalse(peer.verified)
+        self.assertIs(self.registry.get("http://a:1"), peer)
+        self.assertFalse(self.registry.add("http://b:1", "udp").verified)  # type: ignore[union-attr]
+
+    def test_verified_first(self) -> None:
+        """healthy_peers() and peers() list verified peers first, then by score."""
+        fast = self.registry.add("http://fast:1", "udp")
+        slow = self.registry.add("http://slow:1", "udp", verified=True)
+        assert fast is not None and slow is not None
+        self.registry.record_success(fast, 0.001)
+        self.registry.record_success(slow, 2.0)
+        self.assertEqual(self.registry.healthy_peers(), [slow, fast])
+        self.assertEqual(self.registry.peers(), [slow, fast])
+
+    def test_unverified_flood_evicts_no_healthy_peer(self) -> None:
+        """With a full table of long-lived healthy peers, a flood of unverified newcomers changes nothing."""
+        old = self.fill(6) + self.fill(2, "v", verified=True)
+        for peer in old:
+            self.registry.record_success(peer, 0.01)
+        self.clock.advance(3600)
+        for peer in old:
+            self.registry.add(peer.url, "udp")
+        before = self.urls()
+        for i in range(1000):
+            self.assertIsNone(self.registry.add(f"http://10.0.{i // 256}.{i % 256}:9999", "udp"))
+        self.assertEqual(self.urls(), before)
+
+    def test_unverified_newcomers_never_evict_verified(self) -> None:
+        """A failing verified peer does not give way to an unverified newcomer; a failing unverified one does."""
+        unverified = self.fill(6)
+        verified = self.fill(2, "v", verified=True)
+        self.registry.record_failure(verified[0], "timeout")
+        self.assertIsNone(self.registry.add("http://new:1", "udp"))
+        self.registry.record_failure(unverified[3], "timeout")
+        self.assertIsNotNone(self.registry.add("http://new:1", "udp"))
+        self.assertNotIn(unverified[3].url, self.urls())
+        self.assertIn(verified[0].url, self.urls())
+
+    def test_reserve_for_verified(self) -> None:
+        """Unverified discovered peers never take the reserved places; verified newcomers get them."""
+        self.fill(6)
+        self.assertEqual(len(self.registry), 6)
+        self.assertIsNone(self.registry.add("http://u:1", "udp"))
+        self.assertIsNone(self.registry.add("http://u:1", "mdns"))
+        self.fill(2, "v", verified=True)
+        self.assertEqual(len(self.registry), 8)
+
+    def test_verified_newcomer_when_full(self) -> None:
+        """A verified newcomer to a full table evicts a failing peer first, else the worst unverified one, never a verified one."""
+        unverified = self.fill(6)
+        self.fill(2, "v", verified=True)
+        for peer in unverified:
+            self.registry.record_success(peer, 0.01)
+        self.registry.record_success(unverified[2], 0.5)
+        self.registry.record_failure(unverified[4], "connection")
+        self.assertIsNotNone(self.registry.add("http://w0:1", "udp", verified=True))
+        self.assertNotIn(unverified[4].url, self.urls())
+        self.assertIsNotNone(self.registry.add("http://w1:1", "udp", verified=True))
+        self.assertNotIn(unverified[2].url, self.urls())
+        for i in range(2, 6):
+            self.assertIsNotNone(self.registry.add(f"http://w{i}:1", "udp", verified=True))
+        self.assertTrue(all(p.verified for p in self.registry.peers()))
+        self.assertIsNone(self.registry.add("http://w9:1", "udp", verified=True))
+
+    def test_unverified_peer_becoming_verified(self) -> None:
+        """A known peer that proves itself is verified in place, without needing room."""
+        peers = self.fill(6)
+        self.fill(2, "v", verified=True)
+        again = self.registry.add(peers[0].url, "udp", verified=True)
+        self.assertIs(again, peers[0])
+        self.assertTrue(peers[0].verified)
+
+    def test_reserve_validated(self) -> None:
+        """The reserve must leave room for at least one unverified peer; the default is a quarter."""
+        self.assertRaises(ValueError, PeerRegistry, self.clock, max_peers=4, verified_reserve=4)
+        self.assertRaises(ValueError, PeerRegistry, self.clock, max_peers=4, verified_reserve=-1)
+        registry = PeerRegistry(self.clock, max_peers=8)
+        for i in range(7):
+            registry.add(f"http://p{i}:1", "udp")
+        self.assertEqual(len(registry), 6)
+
+    def test_fake_registry_marks_verified(self) -> None:
+        """The peer-side fake records the verified mark too."""
+        fake = FakeRegistry()
+        self.assertTrue(fake.add("http://a:1", "udp", verified=True).verified)  # type: ignore[union-attr]
