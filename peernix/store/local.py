@@ -14,6 +14,7 @@ import os
 import posixpath
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from urllib.parse import quote
 
@@ -34,6 +35,15 @@ from peernix.nix.storepath import STORE_DIR, StorePathError, is_hash_part, parse
 __all__ = ["LocalStore", "StoreError"]
 
 _log = Logger()
+
+#: A database file whose modification time is closer to now than this may
+#: still change without its time changing (timestamps are kept at the
+#: kernel's tick, a few ms): such an observation does not confirm the cache.
+SETTLE_SECONDS = 0.1
+
+#: What identifies one version of a database file: ``(inode, size,
+#: mtime_ns)``, or ``None`` when it does not exist.
+_FileState = tuple[int, int, int] | None
 
 #: Relative to the store root.
 DB_RELPATH = "nix/var/nix/db/db.sqlite"
@@ -103,6 +113,17 @@ class LocalStore:
     seconds (by ``reactor.seconds()``), at most ``cache_size`` entries, so a
     deleted or garbage-collected path stops being served within ``cache_ttl``
     seconds.  Concurrent lookups of one hash part share one database query.
+
+    Revalidation (``revalidate=True``): while lookups come in, a worker
+    checks every ``cache_ttl / 4`` seconds whether the database files
+    (``db.sqlite`` and its WAL) changed.  An expired entry whose lookup
+    started after the last change seen is then served on without a new
+    query, as long as a check that started less than ``cache_ttl`` seconds
+    ago saw no change: a database change (a path added, deleted or garbage
+    collected) is still seen within ``cache_ttl`` seconds, but a busy cache
+    no longer re-queries every hot path every ``cache_ttl`` seconds.
+    Results that depend on more than the database (a path hidden by its
+    ``.lock`` file or missing on disk) are never extended this way.
     """
 
     store_dir = STORE_DIR
@@ -116,6 +137,7 @@ class LocalStore:
         threads: int = 4,
         cache_size: int = 10000,
         threadpool: ThreadPool | None = None,
+        revalidate: bool = False,
     ) -> None:
         """
         :param store_root: the directory holding ``nix/store`` and
@@ -128,6 +150,8 @@ class LocalStore:
         :param cache_size: the most cached lookup results.
         :param threadpool: a pool to use instead of making a new one (tests);
             :meth:`start` and :meth:`stop` still start and stop it.
+        :param revalidate: extend expired entries while the database files
+            are unchanged (see the class docstring).
         """
         self.store_root = os.path.abspath(store_root)
         self.db_path = os.path.join(self.store_root, DB_RELPATH)
@@ -140,9 +164,19 @@ class LocalStore:
         self._pool = threadpool if threadpool is not None else ThreadPool(0, threads, name="peernix-store")
         self._running = False
         self._stopped = False
-        # hash part -> (expiry time, result); insertion order is expiry order
+        # hash part -> (expiry time, result, epoch when its lookup started or
+        # -1 when it may not be revalidated); insertion order is expiry order
         # because every entry lives exactly cache_ttl.
-        self._cache: OrderedDict[str, tuple[float, PathInfo | None]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, PathInfo | None, int]] = OrderedDict()
+        self._revalidate = revalidate
+        # Revalidation: the database files as last seen, a counter bumped
+        # whenever they change, when the last check that confirmed them
+        # started, when the last check started, and whether one runs.
+        self._db_state: tuple[_FileState, _FileState] | None = None
+        self._epoch = 0
+        self._confirmed_at = float("-inf")
+        self._checked_at = float("-inf")
+        self._checking = False
         # hash part -> Deferreds of callers waiting for the query in flight;
         # each caller has its own, so one cancelling never affects the others.
         self._inflight: dict[str, list[Deferred[PathInfo | None]]] = {}
@@ -250,7 +284,14 @@ class LocalStore:
         cached = self._cache.get(hash_part)
         if cached is not None:
             if cached[0] > now:
+                if self._revalidate and now - self._checked_at >= self._cache_ttl / 4:
+                    self._check_db(now)
                 return succeed(cached[1])
+            if self._revalidate:
+                if now - self._checked_at >= self._cache_ttl / 4:
+                    self._check_db(now)
+                if cached[2] == self._epoch and self._confirmed_at + self._cache_ttl > now:
+                    return succeed(cached[1])
             del self._cache[hash_part]
         mine: Deferred[PathInfo | None] = Deferred()
         waiters = self._inflight.get(hash_part)
@@ -258,10 +299,10 @@ class LocalStore:
             waiters.append(mine)
             return mine
         self._inflight[hash_part] = [mine]
-        work = deferToThreadPool(self._from_threads, self._pool, self._lookup, hash_part)
+        work = deferToThreadPool(self._from_threads, self._pool, self._lookup_durable, hash_part)
         # The thread cannot be cancelled; its result is delivered to whoever
         # still waits, and cached.
-        work.addBoth(self._lookup_done, hash_part)
+        work.addBoth(self._lookup_done, hash_part, self._epoch)
         return mine
 
     def real_path(self, store_path: str) -> str:
@@ -303,28 +344,80 @@ class LocalStore:
 
     # -- reactor-thread helpers -----------------------------------------------
 
-    def _lookup_done(self, result: PathInfo | None | Failure, hash_part: str) -> None:
+    def _lookup_done(
+        self, outcome: tuple[PathInfo | None, bool] | Failure, hash_part: str, epoch: int
+    ) -> None:
         waiters = self._inflight.pop(hash_part, [])
-        if isinstance(result, Failure):
+        if isinstance(outcome, Failure):
             for d in waiters:
-                d.errback(result)
+                d.errback(outcome)
             return
-        self._remember(hash_part, result)
+        result, durable = outcome
+        self._remember(hash_part, result, epoch if durable else -1)
         for d in waiters:
             d.callback(result)
 
-    def _remember(self, hash_part: str, result: PathInfo | None) -> None:
+    def _remember(self, hash_part: str, result: PathInfo | None, epoch: int = -1) -> None:
         now = self._clock.seconds()
-        self._cache[hash_part] = (now + self._cache_ttl, result)
-        self._cache.move_to_end(hash_part)
+        cache = self._cache
+        cache[hash_part] = (now + self._cache_ttl, result, epoch)
+        cache.move_to_end(hash_part)
+        if len(cache) <= self._cache_size:
+            # Expired entries are dropped lazily (when looked up again, or
+            # when the cache is full), so revalidation can still serve them.
+            return
         # Oldest first: drop expired entries, then enough to respect the bound.
-        while self._cache:
-            oldest, (expiry, _) = next(iter(self._cache.items()))
-            if expiry > now and len(self._cache) <= self._cache_size:
+        while cache:
+            oldest, (expiry, _, _) = next(iter(cache.items()))
+            if expiry > now and len(cache) <= self._cache_size:
                 break
-            del self._cache[oldest]
+            del cache[oldest]
+
+    def _check_db(self, now: float) -> None:
+        """Start a check of the database files unless one runs (revalidation)."""
+        if self._checking or self._stopped:
+            return
+        self._checking = True
+        self._checked_at = now
+        work = deferToThreadPool(self._from_threads, self._pool, self._db_files_state)
+        work.addBoth(self._db_checked, now)
+
+    def _db_checked(self, outcome: tuple[tuple[_FileState, _FileState], bool] | Failure, started: float) -> None:
+        self._checking = False
+        if isinstance(outcome, Failure):
+            # Nothing confirmed: entries expire as without revalidation.
+            _log.failure("Checking the Nix database files failed", outcome)
+            return
+        state, settled = outcome
+        if state != self._db_state:
+            # Changed (or first seen): no entry looked up before may be
+            # extended any more.
+            self._db_state = state
+            self._epoch += 1
+        if settled:
+            self._confirmed_at = started
 
     # -- worker-thread functions ----------------------------------------------
+
+    def _db_files_state(self) -> tuple[tuple[_FileState, _FileState], bool]:
+        """
+        :returns: the state of ``db.sqlite`` and ``db.sqlite-wal``, and
+            whether both last changed more than :data:`SETTLE_SECONDS` ago
+            (so a change after this call cannot leave their state as it is).
+        """
+        states: list[_FileState] = []
+        settled = True
+        now_ns = time.time_ns()
+        for path in (self.db_path, self.db_path + "-wal"):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                states.append(None)
+                continue
+            states.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            if now_ns - st.st_mtime_ns < SETTLE_SECONDS * 1e9:
+                settled = False
+        return (states[0], states[1]), settled
 
     def _connection(self) -> sqlite3.Connection:
         """:returns: this thread's read-only connection, opened on first use."""
@@ -355,6 +448,15 @@ class LocalStore:
         :returns: the path's info, or ``None`` when it is not servable.
         :raises StoreError: when the database fails.
         """
+        return self._lookup_durable(hash_part)[0]
+
+    def _lookup_durable(self, hash_part: str) -> tuple[PathInfo | None, bool]:
+        """
+        :returns: what :meth:`_lookup` returns, and whether it depends on the
+            database alone (not on a ``.lock`` file or the files on disk),
+            so that it stays true while the database does not change.
+        :raises StoreError: when the database fails.
+        """
         prefix = f"{STORE_DIR}/{hash_part}"
         conn = self._connection()
         try:
@@ -366,7 +468,7 @@ class LocalStore:
                 # Accept only this exact hash part: the next path in sort
                 # order may belong to another hash.
                 if row is None or not row[1].startswith(prefix + "-"):
-                    return None
+                    return None, True
                 refs = [r[0] for r in conn.execute(_REFS_QUERY, (row[0],)).fetchall()]
             finally:
                 conn.execute("COMMIT")
@@ -376,17 +478,17 @@ class LocalStore:
         _id, path, hash_text, registration_time, deriver, nar_size, sigs, ca = row
         info = self._row_to_info(path, hash_text, registration_time, deriver, nar_size, sigs, ca, refs)
         if info is None:
-            return None
+            return None, True
         real = self.real_path(path)
         try:
             # Nix holds <path>.lock while it writes the path; never serve a
             # half-written path.
             if os.path.lexists(real + ".lock"):
-                return None
+                return None, False
             os.lstat(real)
         except OSError:
-            return None
-        return info
+            return None, False
+        return info, True
 
     def _row_to_info(
         self,
