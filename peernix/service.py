@@ -33,6 +33,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 import peernix
 from peernix.discovery.mdns import MdnsDiscoveryService, make_zeroconf
 from peernix.discovery.nodeinfo import NodeInfo, detect_node_info
+from peernix.discovery.signed import AnnounceKeys
 from peernix.discovery.static import StaticPeersService
 from peernix.discovery.udp import UdpDiscoveryService
 from peernix.interfaces import IPeerRegistry, IStore, IUpstream
@@ -296,7 +297,7 @@ def make_store(config: Config, reactor: Reactor, parent: MultiService) -> LocalS
 
     :raises peernix.store.local.StoreError: the store is missing or unreadable.
     """
-    store = LocalStore(config.store_root, reactor)
+    store = LocalStore(config.store_root, reactor, revalidate=True)
     store.check()
     LocalStoreService(store).setServiceParent(parent)
     return store
@@ -324,6 +325,30 @@ def load_secret_key(config: Config) -> SecretKey | None:
     if config.secret_key_file is None:
         return None
     return load_secret_key_file(config.secret_key_file)
+
+
+#: The key name every zw3rk/peernix node signs with by default.  Nix keeps
+#: one trusted key per name, so two machines sharing it cannot both be trusted.
+SHARED_KEY_NAME = "peernix-1"
+
+
+def warn_about_key_name(key: SecretKey | None) -> None:
+    """
+    Log a warning when ``key`` is named :data:`SHARED_KEY_NAME`: Nix's
+    ``trusted-public-keys`` holds one key per name (the first one wins), so
+    on a LAN where several machines use that name, clients trust only one of
+    them and silently reject the others' signatures.  The warning names the
+    key, never its material.
+    """
+    if key is not None and key.name == SHARED_KEY_NAME:
+        _log.warn(
+            "The signing key is named {key_name!r}, the shared default of zw3rk/peernix."
+            " Nix trusts only one key per name, so other machines' keys with this name"
+            " are ignored; make a key with a name unique to this host:"
+            " nix-store --generate-binary-cache-key \"$(hostname)-peernix-1\" SECRET PUBLIC",
+            key_name=key.name,
+            public_key=key.public_key.to_string(),
+        )
 
 
 def trusted_keys(config: Config) -> list[PublicKey]:
@@ -389,6 +414,8 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
         broadcast=config.broadcast,
         announce_interval=config.announce_interval,
         metrics=metrics.registry,
+        # Sign our announces; verify others' against the fan-out's trusted keys.
+        keys=AnnounceKeys(parent.secret_key, trusted_keys(config)),
     ).setServiceParent(parent)
     if config.mdns:
         # zeroconf's blocking calls (construction, resolving, close) run on
@@ -408,8 +435,12 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
 
 def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
                  defer_to_thread: DeferToThread, secret_key: SecretKey | None,
-                 metrics: Metrics, upstream: IUpstream | None) -> WebApp:
-    """:returns: the HTTP application: the cache protocol, status page and metrics."""
+                 metrics: Metrics, upstream: IUpstream | None,
+                 registry: IPeerRegistry | None = None) -> WebApp:
+    """
+    :returns: the HTTP application: the cache protocol, status page and metrics.
+    :param registry: the peer table, shown on the status page (``None``: no peer side).
+    """
     return WebApp(
         store,
         reactor=reactor,
@@ -421,6 +452,7 @@ def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
         proxy_clients=config.proxy_clients,
         store_root=config.store_root,
         version=peernix.__version__,
+        registry=registry,
     )
 
 
@@ -529,6 +561,7 @@ def build_service(
     """
     top = PeernixService(config)
     top.secret_key = secret_key if secret_key is not None else load_secret_key(config)
+    warn_about_key_name(top.secret_key)
     top.store = store if store is not None else make_store(config, reactor, top)
     if defer_to_thread is None:
         defer_to_thread = make_cpu_pool(reactor, top)
@@ -538,7 +571,8 @@ def build_service(
     else:
         top.upstream = upstream
     top.app = make_web_app(config, reactor, top.store, defer_to_thread=defer_to_thread,
-                           secret_key=top.secret_key, metrics=top.metrics, upstream=top.upstream)
+                           secret_key=top.secret_key, metrics=top.metrics, upstream=top.upstream,
+                           registry=top.registry)
     top.site = PeernixSite(top.app.resource(), reactor=reactor, access_log=config.access_log)
     stack = ip_stack if ip_stack is not None else probe_ip_stack()
     top.listeners = make_listeners(config, reactor, top.site, stack, top)

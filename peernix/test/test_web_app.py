@@ -23,12 +23,14 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
-from peernix.interfaces import IStore, IUpstream
+from peernix.interfaces import IPeerRegistry, IStore, IUpstream
 from peernix.nix.hashes import Hash
 from peernix.nix.narinfo import NarInfo, parse_narinfo
 from peernix.nix.pathinfo import PathInfo
 from peernix.nix.signing import SecretKey, parse_secret_key
 from peernix.peers.errors import NarUnavailable, NarVerificationFailed
+from peernix.peers.metrics import PeerMetrics
+from peernix.peers.registry import PeerRegistry
 from peernix.test.fakes import FakeUpstream, MemoryStore, fake_hash_part, nar_bytes, run_synchronously
 from peernix.web.app import DEFAULT_PROXY_CLIENTS, WebApp, client_ip
 from peernix.web.metrics import Metrics
@@ -51,11 +53,13 @@ class Harness:
         upstream: FakeUpstream | None = None,
         proxy_clients: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = DEFAULT_PROXY_CLIENTS,
         defer_to_thread: Any = run_synchronously,
+        registry: PeerRegistry | None = None,
+        clock: Clock | None = None,
     ) -> None:
         root = testcase.mktemp()
         os.makedirs(root)
         self.store = MemoryStore(root)
-        self.clock = Clock()
+        self.clock = clock if clock is not None else Clock()
         self.metrics = Metrics()
         self.key = key
         self.app = WebApp(
@@ -69,6 +73,7 @@ class Harness:
             proxy_clients=proxy_clients,
             store_root=root,
             version="9.9.9-test",
+            registry=registry,
         )
         self.resource = self.app.resource()
         self.agent = RequestTraversalAgent(self.resource)
@@ -784,6 +789,119 @@ class RoutingTests(SynchronousTestCase):
         treq.get("http://peernix/nix-cache/nix-cache-info").addCallback(treq.content).addBoth(out.append)  # type: ignore[attr-defined]
         treq.flush()
         self.assertEqual(out, [b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n"])
+
+
+class PeerStatusTests(SynchronousTestCase):
+    """The status page and status.json show the peer table and the peer-side counters."""
+
+    KEY = "bob-peernix-1:" + "B" * 43 + "="
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.registry = PeerRegistry(self.clock)
+        verifyObject(IPeerRegistry, self.registry)
+        self.h = Harness(self, registry=self.registry, clock=self.clock)
+        # The fan-out registers these on the web metrics' registry (service.make_peers).
+        self.peer_metrics = PeerMetrics(self.h.metrics.registry)
+        good = self.registry.add("http://10.0.0.2:9999", "static")
+        assert good is not None
+        self.registry.add("http://10.0.0.2:9999", "udp", public_key=self.KEY)
+        self.registry.record_success(good, 0.025)
+        bad = self.registry.add("http://[fd00::3]:9999", "mdns")
+        assert bad is not None
+        self.clock.advance(7)
+        self.registry.record_failure(bad, "untrusted")
+        self.registry.record_failure(bad, "timeout")
+        self.clock.advance(3)
+        self.peer_metrics.peer_hits.inc(2)
+        self.peer_metrics.fanout_misses.inc(5)
+        self.peer_metrics.proxied_bytes.inc(123456)
+        self.peer_metrics.verification_failures.inc()
+        self.peer_metrics.peer_requests.labels("untrusted").inc(3)
+        self.peer_metrics.peer_requests.labels("hit").inc(2)
+        self.h.metrics.count_narinfo("peer")
+        self.h.metrics.count_narinfo("peer")
+        self.h.metrics.count_narinfo("local")
+
+    def test_status_json_peers(self) -> None:
+        """status.json lists every peer with sources, health, backoff, score, latency, last seen, failures and key."""
+        response, body = self.h.get("/status.json")
+        self.assertEqual(response.code, 200)
+        peers = json.loads(body)["peers"]
+        self.assertEqual([p["url"] for p in peers], ["http://10.0.0.2:9999", "http://[fd00::3]:9999"])
+        good, bad = peers
+        self.assertEqual(good["sources"], ["static", "udp"])
+        self.assertTrue(good["healthy"])
+        self.assertEqual(good["backoff_seconds"], 0)
+        self.assertEqual(good["latency"], 0.025)
+        self.assertEqual(good["last_seen_ago"], 10.0)
+        self.assertEqual(good["failures"], {})
+        self.assertEqual(good["public_key"], self.KEY)
+        self.assertAlmostEqual(good["score"], -0.025)
+        self.assertEqual(bad["sources"], ["mdns"])
+        self.assertFalse(bad["healthy"])
+        # 1 consecutive failure + 2 strikes = 3 weighted failures: 4 s backoff from t=1007.
+        self.assertEqual(bad["backoff_seconds"], 1.0)
+        self.assertEqual(bad["failures"], {"timeout": 1, "untrusted": 1})
+        self.assertIsNone(bad["latency"])
+        self.assertIsNone(bad["public_key"])
+        self.assertEqual(bad["last_seen_ago"], 10.0)
+
+    def test_status_json_counters(self) -> None:
+        """status.json shows narinfos served from peers, hits, misses, bytes proxied, verification failures and untrusted answers."""
+        counters = json.loads(self.h.get("/status.json")[1])["peer_counters"]
+        self.assertEqual(counters, {
+            "narinfos_from_peers": 2,
+            "peer_hits": 2,
+            "misses": 5,
+            "bytes_proxied": 123456,
+            "verification_failures": 1,
+            "untrusted_answers": 3,
+        })
+
+    def test_backoff_ends(self) -> None:
+        """A backing-off peer shows healthy again once its backoff has passed."""
+        self.clock.advance(1.5)
+        peers = json.loads(self.h.get("/status.json")[1])["peers"]
+        self.assertTrue(peers[1]["healthy"])
+        self.assertEqual(peers[1]["backoff_seconds"], 0)
+
+    def test_status_html_peers(self) -> None:
+        """The HTML page has a peer table (state, latency, failures, key) and the counters."""
+        response, body = self.h.get("/")
+        self.assertEqual(response.code, 200)
+        text = body.decode()
+        for expected in (
+            "http://10.0.0.2:9999", "static, udp", "healthy", "25.0 ms", self.KEY,
+            "http://[fd00::3]:9999", "backing off (1.0 s left)", "timeout: 1, untrusted: 1",
+            "NAR bytes proxied from peers</th><td>123456", "peer NARs failing verification</th><td>1",
+            "narinfos served from peers</th><td>2", "(misses)</th><td>5",
+        ):
+            self.assertIn(expected, text)
+
+    def test_peer_values_escaped(self) -> None:
+        """An announced public key (network input) is HTML-escaped on the page."""
+        self.registry.add("http://10.0.0.9:9999", "udp", public_key="<script>x</script>")
+        body = self.h.get("/")[1]
+        self.assertNotIn(b"<script>", body)
+        self.assertIn(b"&lt;script&gt;", body)
+
+    def test_counters_absent_are_zero(self) -> None:
+        """Without the fan-out's collectors on the registry every counter reads 0."""
+        h = Harness(self, registry=PeerRegistry(Clock()))
+        document = json.loads(h.get("/status.json")[1])
+        self.assertEqual(document["peers"], [])
+        self.assertEqual(set(document["peer_counters"].values()), {0})
+        self.assertIn(b"none known", h.get("/")[1])
+
+    def test_no_peer_side(self) -> None:
+        """Without a registry the peer table and counters are null, and the page says so."""
+        h = Harness(self)
+        document = json.loads(h.get("/status.json")[1])
+        self.assertIsNone(document["peers"])
+        self.assertIsNone(document["peer_counters"])
+        self.assertIn(b"No peer side", h.get("/")[1])
 
 
 class ClientIPTests(SynchronousTestCase):

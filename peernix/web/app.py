@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from typing import Any, Final, Union
+from typing import Any, Final, TypeVar, Union
 from urllib.parse import unquote_to_bytes
 
 import attrs
@@ -35,19 +35,20 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from peernix.interfaces import IStore, IUpstream
+from peernix.interfaces import IPeerRegistry, IStore, IUpstream
 from peernix.nix import nix32
 from peernix.nix.hashes import Hash
 from peernix.nix.listing import nar_listing, render_listing
-from peernix.nix.nar import nar_chunks, nar_size
+from peernix.nix.nar import nar_chunks
 from peernix.nix.narinfo import NarInfo, render_narinfo
+from peernix.nix.pathinfo import PathInfo
 from peernix.nix.signing import SecretKey, sign_narinfo
 from peernix.nix.storepath import STORE_DIR, StorePathError, parse_basename
 from peernix.peers.client import PEER_HEADER
 from peernix.peers.errors import NarUnavailable
 from peernix.web.encoding import RangeNotSatisfiable, choose_encoding, parse_range
 from peernix.web.metrics import Metrics, MetricsResource
-from peernix.web.status import Status, render_html, render_json
+from peernix.web.status import PeerStatus, Status, render_html, render_json
 from peernix.web.streaming import (
     DeferToThread,
     ProducerStopped,
@@ -78,6 +79,10 @@ COMPRESS_MIN_SIZE: Final = 64 * 1024
 NARINFO_CACHE_TTL: Final = 2.0
 #: The most rendered narinfos kept (a few MB at most).
 NARINFO_CACHE_SIZE: Final = 8192
+#: NARs up to this size (by the database) are made whole in one worker call
+#: and sent in one write; bigger ones are streamed.  One NAR chunk: a small
+#: answer holds no more memory than a streamed one has in flight.
+SMALL_NAR_SIZE: Final = 256 * 1024
 #: A consumer paused this long (a client that stopped reading) ends the stream.
 STALL_TIMEOUT: Final = 300.0
 
@@ -98,6 +103,7 @@ HTML_TYPE: Final = b"text/html; charset=utf-8"
 _BODY_HEADERS: Final = (b"Content-Encoding", b"Content-Range", b"Accept-Ranges", b"Content-Length")
 
 _log = Logger(namespace="peernix.web")
+_T = TypeVar("_T")
 
 _Handler = Coroutine[Any, Any, "bytes | None"]
 
@@ -118,6 +124,36 @@ def _nar_hash(data: bytes) -> Hash | None:
     except ValueError:
         # 52 characters can encode 260 bits; a first digit above 1 overflows.
         return None
+
+
+def _keep(result: _T, into: list[object]) -> _T:
+    """A Deferred callback that notes the result (or Failure) in ``into`` and passes it on unchanged."""
+    into.append(result)
+    return result
+
+
+def _whole_nar(fs_path: str, limit: int) -> bytes:
+    """
+    Make the NAR of ``fs_path`` in memory, reading at most one chunk past
+    ``limit`` bytes.  Blocking: run it in a worker thread.
+
+    :returns: the NAR, or a prefix of it longer than ``limit`` when the NAR is
+        longer (the caller compares the length with the size it expects).
+    :raises OSError: or :class:`~peernix.nix.nar.NarError` as
+        :func:`~peernix.nix.nar.nar_chunks`.
+    """
+    chunks = nar_chunks(fs_path)
+    parts: list[bytes] = []
+    total = 0
+    try:
+        for chunk in chunks:
+            parts.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                break
+    finally:
+        chunks.close()
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def client_ip(request: IRequest) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -235,6 +271,7 @@ class WebApp:
         proxy_clients: Sequence[IPNetwork] = DEFAULT_PROXY_CLIENTS,
         store_root: str = "/",
         version: str,
+        registry: IPeerRegistry | None = None,
     ) -> None:
         """
         :param store: the local store served to everyone.  If it also has a
@@ -259,6 +296,10 @@ class WebApp:
             a request never takes a second hop.
         :param store_root: shown on the status page.
         :param version: shown on the status page.
+        :param registry: the peer table, shown on the status page with the
+            peer-side counters (read from ``metrics.registry``, where the
+            fan-out registers its :class:`~peernix.peers.metrics.PeerMetrics`);
+            ``None`` (no peer side) shows neither.
         """
         self._store = store
         self._reactor = reactor
@@ -270,10 +311,14 @@ class WebApp:
         self._proxy_clients = tuple(proxy_clients)
         self._store_root = store_root
         self._version = version
+        self._registry = registry
         self._cache_info = b"StoreDir: %s\nWantMassQuery: 1\nPriority: %d\n" % (STORE_DIR.encode(), priority)
-        # (hash part, zstd URL?) -> (expiry, narinfo bytes).  Insertion order
-        # is expiry order since every entry lives NARINFO_CACHE_TTL.
-        self._narinfo_cache: dict[tuple[str, bool], tuple[float, bytes]] = {}
+        # (hash part, zstd URL?) -> (expiry, narinfo bytes, the PathInfo it
+        # was rendered from).  Insertion order is expiry order since every
+        # entry lives NARINFO_CACHE_TTL.  An expired entry is not served, but
+        # its body is reused when the store answers with an equal PathInfo:
+        # signing and rendering are most of the cost of a narinfo miss.
+        self._narinfo_cache: dict[tuple[str, bool], tuple[float, bytes, PathInfo]] = {}
         self._metrics_resource = MetricsResource(metrics.registry)
         self._klein = self._make_klein()
 
@@ -311,7 +356,52 @@ class WebApp:
             public_key=key.public_key.to_string() if key is not None else None,
             valid_paths=valid_paths,
             requests=self._metrics.request_counts(),
+            peers=self._peer_rows(),
+            peer_counters=self._peer_counters(),
         )
+
+    def _peer_rows(self) -> tuple[PeerStatus, ...] | None:
+        """:returns: a snapshot of the peer table for the status page, or ``None`` without a registry."""
+        if self._registry is None:
+            return None
+        now = self._reactor.seconds()
+        return tuple(
+            PeerStatus(
+                url=peer.url,
+                sources=tuple(sorted(peer.sources)),
+                healthy=peer.backoff_until <= now,
+                backoff_seconds=max(0.0, peer.backoff_until - now),
+                score=peer.score,
+                latency=peer.latency,
+                last_seen_ago=max(0.0, now - peer.last_seen),
+                failures=dict(peer.failures),
+                public_key=peer.public_key,
+            )
+            for peer in self._registry.peers()
+        )
+
+    def _peer_counters(self) -> dict[str, float] | None:
+        """
+        :returns: the peer-side counters for the status page, read from the
+            Prometheus registry by their exposed names (0 when a collector is
+            not registered there), or ``None`` without a peer registry.
+        """
+        if self._registry is None:
+            return None
+        registry = self._metrics.registry
+
+        def value(name: str, labels: dict[str, str] | None = None) -> float:
+            found = registry.get_sample_value(name, labels)
+            return 0.0 if found is None else float(found)
+
+        return {
+            "narinfos_from_peers": value("peernix_narinfo_served_total", {"source": "peer"}),
+            "peer_hits": value("peernix_peer_hits_total"),
+            "misses": value("peernix_fanout_misses_total"),
+            "bytes_proxied": value("peernix_proxied_bytes_total"),
+            "verification_failures": value("peernix_verification_failures_total"),
+            "untrusted_answers": value("peernix_peer_requests_total", {"result": "untrusted"}),
+        }
 
     async def _status_html(self, request: Request) -> bytes:
         body = render_html(await self._status())
@@ -447,17 +537,41 @@ class WebApp:
         if hash_part is None:
             return self._reply_error(request, "narinfo", 400, b"invalid store path hash\n")
         zstd = request.args.get(b"compression") == [b"zstd"]
-        cached = self._narinfo_cache.get((hash_part, zstd))
+        key = (hash_part, zstd)
+        cached = self._narinfo_cache.get(key)
         if cached is not None and cached[0] > self._reactor.seconds():
             self._metrics.count_store_lookup(True)
             self._metrics.count_narinfo("local")
             return self._reply(request, "narinfo", 200, NARINFO_TYPE, cached[1])
-        return self._run(request, "narinfo", self._narinfo(request, hash_part, zstd))
+        lookup = self._store.query_path_info(hash_part)
+        if cached is not None:
+            # Expired.  The store mostly answers at once from its own cache;
+            # an unchanged path is then answered here, synchronously, with
+            # the body already signed.
+            answer: list[object] = []
+            lookup.addBoth(_keep, answer)
+            if answer and answer[0] == cached[2]:
+                self._metrics.count_store_lookup(True)
+                self._remember_narinfo(key, cached[1], cached[2])
+                self._metrics.count_narinfo("local")
+                return self._reply(request, "narinfo", 200, NARINFO_TYPE, cached[1])
+        return self._run(request, "narinfo", self._narinfo(request, hash_part, zstd, lookup))
 
-    async def _narinfo(self, request: Request, hash_part: str, zstd: bool) -> bytes | None:
-        info = await self._store.query_path_info(hash_part)
+    async def _narinfo(
+        self, request: Request, hash_part: str, zstd: bool, lookup: Deferred[PathInfo | None]
+    ) -> bytes | None:
+        info = await lookup
         self._metrics.count_store_lookup(info is not None)
         if info is not None:
+            key = (hash_part, zstd)
+            previous = self._narinfo_cache.get(key)
+            if previous is not None and previous[2] == info:
+                # Revalidated: the same database row as when it was signed.
+                body = previous[1]
+                self._remember_narinfo(key, body, info)
+                self._metrics.count_narinfo("local")
+                _set_headers(request, 200, NARINFO_TYPE, len(body))
+                return body
             nar_hash = info.nar_hash.nix32()
             if zstd:
                 narinfo = NarInfo.from_path_info(info, f"nar/{hash_part}-{nar_hash}.nar.zst", "zstd")
@@ -466,7 +580,7 @@ class WebApp:
             if self._secret_key is not None:
                 narinfo = sign_narinfo(narinfo, self._secret_key)
             body = render_narinfo(narinfo).encode("utf-8")
-            self._remember_narinfo((hash_part, zstd), body)
+            self._remember_narinfo(key, body, info)
             self._metrics.count_narinfo("local")
             _set_headers(request, 200, NARINFO_TYPE, len(body))
             return body
@@ -487,7 +601,7 @@ class WebApp:
         _set_headers(request, 200, NARINFO_TYPE, len(body))
         return body
 
-    def _remember_narinfo(self, key: tuple[str, bool], body: bytes) -> None:
+    def _remember_narinfo(self, key: tuple[str, bool], body: bytes, info: PathInfo) -> None:
         cache = self._narinfo_cache
         now = self._reactor.seconds()
         if len(cache) >= NARINFO_CACHE_SIZE:
@@ -498,7 +612,7 @@ class WebApp:
                     break
                 del cache[old]
         cache.pop(key, None)
-        cache[key] = (now + NARINFO_CACHE_TTL, body)
+        cache[key] = (now + NARINFO_CACHE_TTL, body, info)
 
     def _may_proxy(self, request: Request) -> bool:
         """
@@ -569,17 +683,31 @@ class WebApp:
             # serving the current one would fail Nix's hash check.
             return _error_body(request, 404, b"not found (NAR hash differs)\n")
         fs_path = self._store.real_path(info.path)
-        size = await self._defer_to_thread(lambda: nar_size(fs_path))
-        if size != info.nar_size:
-            _log.warn(
-                "{store_path} on disk ({size} bytes of NAR) differs from its database entry ({db_size}); not served",
-                store_path=info.path,
-                size=size,
-                db_size=info.nar_size,
-            )
-            return _error_body(request, 404, b"not found\n")
+        size = info.nar_size
+        whole: bytes | None = None
+        made = self._reactor.seconds()
+        if size <= SMALL_NAR_SIZE:
+            # One worker call makes the whole NAR, and its length checks the
+            # database's size, so a small NAR (most of a closure) costs one
+            # thread hop and goes out in one write with its Content-Length.
+            whole = await self._defer_to_thread(lambda: _whole_nar(fs_path, size))
+            if len(whole) != size:
+                _log.warn(
+                    "{store_path} on disk ({disk_size} bytes of NAR or more) differs from its database"
+                    " entry ({db_size}); not served",
+                    store_path=info.path,
+                    disk_size=len(whole),
+                    db_size=size,
+                )
+                return _error_body(request, 404, b"not found\n")
+        # A bigger NAR is not walked twice (sizing it first costs a third
+        # of streaming it): exact_length checks the database's size while
+        # streaming and the connection is aborted on a mismatch, so Nix
+        # never takes a wrong NAR for a complete one.
 
         def raw() -> Iterator[bytes]:
+            if whole is not None:
+                return iter((whole,))
             return exact_length(nar_chunks(fs_path), size)
 
         make_source: Callable[[], Iterator[bytes]]
@@ -626,6 +754,13 @@ class WebApp:
             else:
                 headers.setRawHeaders(b"Content-Length", [b"%d" % size])
                 headers.setRawHeaders(b"Accept-Ranges", [b"bytes"])
+                if whole is not None:
+                    if _is_head(request):
+                        return b""
+                    # Written in one go by the caller: the stream's time is
+                    # the making of it.
+                    self._metrics.nar_stream_seconds.observe(self._reactor.seconds() - made)
+                    return whole
                 make_source = raw
         if _is_head(request):
             return b""

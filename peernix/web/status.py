@@ -3,9 +3,59 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from html import escape
 
 from attrs import frozen
+
+
+@frozen
+class PeerStatus:
+    """One row of the peer table, as plain data (a snapshot of a registry ``Peer``)."""
+
+    url: str
+    #: Where the peer was found (``static``, ``udp``, ``mdns``), sorted.
+    sources: tuple[str, ...]
+    #: ``False`` while the peer is skipped (backing off after failures).
+    healthy: bool
+    #: Seconds of backoff left; 0 when healthy.
+    backoff_seconds: float
+    #: Higher is better; orders candidates, never confers trust.
+    score: float
+    #: Smoothed answer latency in seconds, ``None`` before the first answer.
+    latency: float | None
+    #: Seconds since the peer was last heard from.
+    last_seen_ago: float
+    #: Failure counts by kind (``timeout``, ``connection``, ``http``,
+    #: ``untrusted``, ``verification``).
+    failures: Mapping[str, int]
+    #: The key the peer announced (informative: it confers no trust).
+    public_key: str | None
+
+    def document(self) -> dict[str, object]:
+        """:returns: this row as a JSON object."""
+        return {
+            "url": self.url,
+            "sources": list(self.sources),
+            "healthy": self.healthy,
+            "backoff_seconds": round(self.backoff_seconds, 3),
+            "score": round(self.score, 4),
+            "latency": None if self.latency is None else round(self.latency, 4),
+            "last_seen_ago": round(self.last_seen_ago, 3),
+            "failures": dict(sorted(self.failures.items())),
+            "public_key": self.public_key,
+        }
+
+
+#: The peer-side counters the status page shows: JSON key -> label.
+PEER_COUNTER_LABELS: Mapping[str, str] = {
+    "narinfos_from_peers": "narinfos served from peers",
+    "peer_hits": "fan-outs won by a trusted peer",
+    "misses": "fan-outs no peer answered (misses)",
+    "bytes_proxied": "NAR bytes proxied from peers",
+    "verification_failures": "peer NARs failing verification",
+    "untrusted_answers": "untrusted or lying peer narinfos ignored",
+}
 
 
 @frozen
@@ -21,6 +71,11 @@ class Status:
     valid_paths: int | None
     #: ``(route, status code) -> count`` of answered requests.
     requests: dict[tuple[str, int], int]
+    #: The peer table, best first; ``None`` when this node has no peer side.
+    peers: tuple[PeerStatus, ...] | None = None
+    #: Peer-side counters keyed as :data:`PEER_COUNTER_LABELS`; ``None``
+    #: when this node has no peer side.
+    peer_counters: Mapping[str, float] | None = None
 
     def document(self) -> dict[str, object]:
         """:returns: the JSON document of ``/status.json``."""
@@ -36,7 +91,16 @@ class Status:
             "public_key": self.public_key,
             "valid_paths": self.valid_paths,
             "requests": requests,
+            "peers": None if self.peers is None else [p.document() for p in self.peers],
+            "peer_counters": None if self.peer_counters is None else {
+                name: _number(value) for name, value in sorted(self.peer_counters.items())
+            },
         }
+
+
+def _number(value: float) -> int | float:
+    """Counters are floats in Prometheus; show whole numbers as integers."""
+    return int(value) if float(value).is_integer() else value
 
 
 def render_json(status: Status) -> bytes:
@@ -44,11 +108,46 @@ def render_json(status: Status) -> bytes:
     return json.dumps(status.document(), indent=2, sort_keys=True).encode("utf-8") + b"\n"
 
 
+def _peer_row(peer: PeerStatus) -> str:
+    state = "healthy" if peer.healthy else f"backing off ({peer.backoff_seconds:.1f} s left)"
+    latency = "unknown" if peer.latency is None else f"{peer.latency * 1000:.1f} ms"
+    failures = ", ".join(f"{kind}: {count}" for kind, count in sorted(peer.failures.items())) or "none"
+    cells = [
+        peer.url,
+        ", ".join(peer.sources),
+        state,
+        f"{peer.score:.3f}",
+        latency,
+        f"{peer.last_seen_ago:.0f} s ago",
+        failures,
+        peer.public_key if peer.public_key is not None else "unknown",
+    ]
+    return "<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in cells) + "</tr>"
+
+
+def _peer_section(status: Status) -> str:
+    if status.peers is None or status.peer_counters is None:
+        return "<h2>Peers</h2>\n<p>No peer side: this node only serves its own store.</p>\n"
+    peer_rows = "".join(_peer_row(p) for p in status.peers) or '<tr><td colspan="8">none known</td></tr>'
+    counter_rows = "".join(
+        f"<tr><th>{escape(label)}</th><td>{_number(status.peer_counters.get(name, 0.0))}</td></tr>"
+        for name, label in PEER_COUNTER_LABELS.items()
+    )
+    return (
+        "<h2>Peers</h2>\n"
+        "<table><tr><th>URL</th><th>Sources</th><th>State</th><th>Score</th><th>Latency</th>"
+        f"<th>Last seen</th><th>Failures</th><th>Announced key</th></tr>{peer_rows}</table>\n"
+        "<p>Peers are never trusted: a peer's narinfo is passed on only when signed by a trusted key"
+        " (or content-addressed), and its NAR is checked against the NarHash.</p>\n"
+        f"<h2>Peer traffic</h2>\n<table>{counter_rows}</table>\n"
+    )
+
+
 def render_html(status: Status) -> bytes:
     """
     :returns: a small self-contained HTML page; every value is HTML-escaped
-        (store roots and key names come from configuration, but a page must
-        never trust them).
+        (store roots, key names and peer URLs come from configuration or the
+        network, and a page must never trust them).
     """
 
     def row(label: str, value: object) -> str:
@@ -78,6 +177,7 @@ def render_html(status: Status) -> bytes:
         ' machine-readable status at <a href="status.json">status.json</a>,'
         ' metrics at <a href="metrics">metrics</a>.</p>\n'
         f"<table>{''.join(rows)}</table>\n"
+        f"{_peer_section(status)}"
         "<h2>Requests</h2>\n"
         f"<table><tr><th>Route</th><th>Status</th><th>Count</th></tr>{request_rows}</table>\n"
         "</body></html>\n"
