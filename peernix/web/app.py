@@ -866,6 +866,12 @@ class _Root(Resource):
                 return app.render_cache(request, path[len(CACHE_PREFIX) :])
             if path == CACHE_PREFIX[:-1]:
                 return app.render_cache(request, b"")
+            try:
+                path.decode("utf-8")
+            except UnicodeDecodeError:
+                # Klein decodes paths as UTF-8; a stranger's bytes get a
+                # plain 400 rather than a logged traceback.
+                return app._reply_error(request, "other", 400, b"bad request path\n")
             return app.render_other(request, self._klein)
         except CancelledError:
             raise

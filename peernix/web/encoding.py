@@ -108,6 +108,10 @@ def choose_encoding(header: bytes | None) -> str | None:
     return best
 
 
+#: Digits in a Range bound worth reading: 10**19 bytes is far beyond any NAR.
+MAX_RANGE_DIGITS = 19
+
+
 def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
     """
     Interpret a ``Range`` header against a representation of ``size`` bytes.
@@ -139,6 +143,9 @@ def parse_range(header: bytes | None, size: int) -> tuple[int, int] | None:
     first_text, dash, last_text = ranges[0].partition("-")
     first_text, last_text = first_text.strip(), last_text.strip()
     if not dash or (first_text and not _is_digits(first_text)) or (last_text and not _is_digits(last_text)):
+        return None
+    if len(first_text) > MAX_RANGE_DIGITS or len(last_text) > MAX_RANGE_DIGITS:
+        # No NAR is that large; also keeps int() away from its digit limit.
         return None
     if not first_text:
         if not last_text:
