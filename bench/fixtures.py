@@ -24,6 +24,9 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from attrs import asdict, frozen
 
+# The private Nix environment of the test fixtures: the same isolation here.
+from peernix.test.nixenv import isolated_env
+
 #: Where fixtures are kept (``bench/fixtures``, git-ignored).
 FIXTURES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
@@ -35,15 +38,6 @@ FIXTURE_VERSION = 2
 
 _NIX_COMMAND = ("--extra-experimental-features", "nix-command")
 
-_NIX_CONF = """\
-substituters =
-sandbox = false
-build-users-group =
-builders =
-require-sigs = true
-fallback = false
-narinfo-cache-negative-ttl = 0
-"""
 
 # A small vocabulary so small paths are realistic, compressible text.
 _WORDS = (
@@ -147,36 +141,6 @@ class Fixture:
 def hash_part(store_path: str) -> str:
     """:returns: the 32-character hash part of ``/nix/store/<hash>-<name>``."""
     return os.path.basename(store_path)[:32]
-
-
-def isolated_env(base_dir: str) -> dict[str, str]:
-    """
-    An environment in which Nix reads no user/system configuration and keeps
-    its state (narinfo disk cache, temporary files) under ``base_dir``.
-
-    :param base_dir: created if missing.
-    :returns: the environment for :func:`subprocess.run`.
-    """
-    base = os.path.abspath(base_dir)
-    for sub in ("conf", "cache", "config", "data", "state", "nix-state", "nix-log", "tmp"):
-        os.makedirs(os.path.join(base, sub), exist_ok=True)
-    conf = os.path.join(base, "conf", "nix.conf")
-    if not os.path.exists(conf):
-        with open(conf, "w") as f:
-            f.write(_NIX_CONF)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NIX_")}
-    env.update(
-        NIX_CONF_DIR=os.path.join(base, "conf"),
-        NIX_USER_CONF_FILES="",
-        XDG_CACHE_HOME=os.path.join(base, "cache"),
-        XDG_CONFIG_HOME=os.path.join(base, "config"),
-        XDG_DATA_HOME=os.path.join(base, "data"),
-        XDG_STATE_HOME=os.path.join(base, "state"),
-        NIX_STATE_DIR=os.path.join(base, "nix-state"),
-        NIX_LOG_DIR=os.path.join(base, "nix-log"),
-        TMPDIR=os.path.join(base, "tmp"),
-    )
-    return env
 
 
 def run(args: Sequence[str], env: Mapping[str, str], timeout: float = 1800) -> str:

@@ -21,7 +21,8 @@ import threading
 import time
 from collections.abc import Sequence
 
-from bench.fixtures import hash_part, isolated_env, remove_tree
+from bench.fixtures import hash_part, remove_tree
+from peernix.test.nixenv import isolated_env
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"

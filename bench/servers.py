@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import urllib.request
 from collections.abc import Sequence
 
 from bench.fixtures import Fixture
+from peernix.test.daemon import free_port as free_port  # re-exported for bench.soak
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 #: The repository root: peernix runs from here (``python -m twisted peernix``).
@@ -29,20 +29,6 @@ REPO_ROOT = os.path.dirname(_HERE)
 
 class Unavailable(Exception):
     """A server could not be started; the message says why (and holds its log)."""
-
-
-def free_port() -> int:
-    """:returns: a TCP port that was free on 127.0.0.1 a moment ago (and free for UDP)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
 
 
 def http_status(url: str, timeout: float = 2.0) -> int:
