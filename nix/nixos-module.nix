@@ -62,6 +62,23 @@ in
             default = peernixLib.defaults.mdns;
             description = "Find peers with mDNS (`_peernix._tcp`); `openFirewall` opens UDP 5353 for it.";
           };
+          share = mkOption {
+            type = types.enum [ "trusted" "all" ];
+            default = "trusted";
+            example = "all";
+            description = ''
+              What peers may download from this machine's store.
+              `trusted`: only paths whose Nix database entry carries a
+              signature by a trusted key (`trustedPublicKeys`, the rest of
+              `trusted-public-keys`, or this machine's own `secretKeyFile`
+              key when Nix signed the build with it): what came from
+              cache.nixos.org and your signed builds.  Unsigned local builds
+              (configuration, secrets, private sources) and unsigned
+              content-addressed paths are withheld and answer like missing
+              paths.  `all`: every valid path, for a LAN of machines you
+              administer.  Local clients always see the whole store.
+            '';
+          };
         };
       };
       default = { };
@@ -70,6 +87,7 @@ in
           peers = [ "http://192.0.2.7:9999" "http://[2001:db8::7]:9999" ];
           negative_ttl = 10;
           log_format = "json";
+          share = "all";
         }
       '';
       description = ''
