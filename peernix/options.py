@@ -231,6 +231,15 @@ NETWORK = ValueType("network", "CIDR", (str,), _identity, _check_network, exampl
 BOOL = ValueType("boolean", "", (bool,), _text_to_bool, _identity, _show_bool, example="false")
 
 
+def _check_count(value: int) -> int:
+    if value < 1:
+        raise ValueError(f"expected a whole number of 1 or more, got {value}")
+    return value
+
+
+COUNT = ValueType("whole number of 1 or more", "N", (int,), _text_to_int, _check_count, example="64")
+
+
 #: The values of ``--log-format``: ``text`` (the runner's own log lines) or
 #: ``json`` (one JSON object per line, see :mod:`peernix.logging`).
 LOG_FORMATS = ("text", "json")
@@ -245,6 +254,22 @@ def _check_log_format(value: str) -> str:
 
 LOG_FORMAT = ValueType("log format: text or json", "FORMAT", (str,), _identity, _check_log_format,
                        example='"json"')
+
+#: The values of ``--share``: ``trusted`` (only paths whose database
+#: signature verifies against a trusted key or this node's own) or ``all``;
+#: see :mod:`peernix.store.share`.
+SHARE_MODES = ("trusted", "all")
+
+
+def _check_share_mode(value: str) -> str:
+    lowered = value.strip().lower()
+    if lowered not in SHARE_MODES:
+        raise ValueError(f"expected one of {', '.join(SHARE_MODES)}, got {value!r}")
+    return lowered
+
+
+SHARE_MODE = ValueType("share mode: trusted or all", "MODE", (str,), _identity, _check_share_mode,
+                       example='"trusted"')
 
 
 # --------------------------------------------------------------------------
@@ -333,6 +358,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Priority announced in nix-cache-info (lower is preferred by Nix)."),
     Setting("access_log", "access-log", BOOL, False,
             "Log every HTTP request."),
+    Setting("share", "share", SHARE_MODE, "trusted",
+            "What peers may download: trusted, only paths whose database signature "
+            "verifies against a trusted key (--trusted-public-key) or this node's own "
+            "key (what came from cache.nixos.org, and builds Nix signed with "
+            "--secret-key-file); all, every valid path (private builds included). "
+            "Withheld paths answer as missing; local clients (--proxy-client) always "
+            "see the whole store."),
     Setting("config_file", "config", FILE, None,
             "Read settings from this TOML file; the command line wins over it.",
             in_file=False, default_text="none"),
@@ -370,6 +402,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log_format", "log-format", LOG_FORMAT, "text",
             "Write the log as text lines, or as one JSON object per line "
             "(for journald or Loki).", group="logging"),
+    # Bounds on what strangers can make the HTTP server hold (issue 8);
+    # see peernix.web.limits.
+    Setting("header_timeout", "header-timeout", SECONDS, 10.0,
+            "Close a connection whose request (line, headers and any body) has "
+            "not arrived whole this long after its first byte (slowloris).",
+            group="limits"),
+    Setting("max_connections", "max-connections", COUNT, 1024,
+            "Open HTTP connections at most; past it peers get 503 with Retry-After. "
+            "Local clients (--proxy-client) are counted but never refused.",
+            group="limits"),
+    Setting("max_connections_per_client", "max-connections-per-client", COUNT, 64,
+            "Open HTTP connections from one peer address at most; past it that "
+            "peer gets 503 with Retry-After.  Local clients are not capped.",
+            group="limits"),
 )
 
 #: The settings by name.
@@ -381,6 +427,7 @@ GROUPS: Mapping[str, str] = {
     "peers": "Asking peers",
     "discovery": "Finding peers",
     "logging": "Logging",
+    "limits": "Limits",
 }
 
 
@@ -401,6 +448,8 @@ class Config:
     secret_key_file: str | None = _default("secret_key_file")
     priority: int = _default("priority")
     access_log: bool = _default("access_log")
+    #: ``"trusted"`` or ``"all"``; see :mod:`peernix.store.share`.
+    share: str = _default("share")
     config_file: str | None = _default("config_file")
     peers: tuple[str, ...] = _default("peers")
     #: ``None``: use the local Nix's ``trusted-public-keys``.
@@ -416,6 +465,9 @@ class Config:
     peer_ttl: float = _default("peer_ttl")
     #: ``"text"`` or ``"json"``; see :mod:`peernix.logging`.
     log_format: str = _default("log_format")
+    header_timeout: float = _default("header_timeout")
+    max_connections: int = _default("max_connections")
+    max_connections_per_client: int = _default("max_connections_per_client")
 
     @property
     def effective_udp_port(self) -> int:

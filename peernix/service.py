@@ -16,10 +16,12 @@ import socket
 from collections.abc import Callable
 from typing import Any, Literal
 
+from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import IAddress, IListeningPort, IStreamServerEndpoint
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -45,7 +47,16 @@ from peernix.peers.health import HealthChecker
 from peernix.peers.registry import PeerRegistry
 from peernix.peers.trust import TrustPolicy, read_nix_trusted_keys
 from peernix.store.local import LocalStore
+from peernix.store.share import SharedStore, make_share_policy
 from peernix.web.app import WebApp
+from peernix.web.limits import (
+    HEADER_TIMEOUT,
+    ConnectionLimiter,
+    ConnectionLimits,
+    LimitedHTTPChannel,
+    RefusalProtocol,
+    ensure_file_limit,
+)
 from peernix.web.metrics import Metrics
 from peernix.web.streaming import DeferToThread, thread_pool_runner
 
@@ -250,15 +261,64 @@ class PeerClientService(Service):
 class PeernixSite(Site):
     """
     The HTTP server: a ``Site`` with an idle timeout on the injected reactor,
-    quiet unless ``access_log`` is on.
+    quiet unless ``access_log`` is on, and the bounds of
+    :mod:`peernix.web.limits`: a header timeout and size limits on every
+    request (:class:`LimitedHTTPChannel`), connection caps for peers (a
+    refused peer gets ``503`` with ``Retry-After``), none for local clients.
+
+    :ivar limiter: the connection counts.
     """
 
     noisy = False
+    # Plain HTTP/1.1 channels: without TLS there is no HTTP/2 to negotiate,
+    # so twisted's negotiating proxy around the channel would only add a hop.
+    protocol = LimitedHTTPChannel  # type: ignore[assignment]
 
     def __init__(self, resource: IResource, *, reactor: Reactor, access_log: bool = False,
-                 timeout: float = REQUEST_IDLE_TIMEOUT) -> None:
+                 timeout: float = REQUEST_IDLE_TIMEOUT, header_timeout: float | None = HEADER_TIMEOUT,
+                 limits: ConnectionLimits = ConnectionLimits(),
+                 metrics_registry: CollectorRegistry | None = None) -> None:
+        """
+        :param timeout: the idle timeout, seconds (see ``twisted.web``'s ``timeOut``).
+        :param header_timeout: seconds a request has to arrive whole (see
+            :class:`LimitedHTTPChannel`); ``None``: no limit.
+        :param limits: the connection caps; ``limits.exempt`` are the local
+            clients (``--proxy-client``).
+        :param metrics_registry: where the connection metrics go (a private
+            registry when ``None``).
+        """
         super().__init__(resource, timeout=timeout, reactor=reactor)
         self.access_log = access_log
+        self.header_timeout = header_timeout
+        self.limiter = ConnectionLimiter(limits, metrics_registry=metrics_registry)
+
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:  # type: ignore[override]
+        """
+        :returns: an HTTP channel for an admitted connection; a
+            :class:`RefusalProtocol` (503) for a peer over a cap; ``None``
+            (the connection is closed at once) when too many refusals are in
+            progress already.
+        """
+        admitted = self.limiter.admit(addr)
+        if isinstance(admitted, str):
+            if not self.limiter.start_refusal(admitted):
+                return None
+            refusal = RefusalProtocol(self.limiter.limits.retry_after, self.reactor,
+                                      on_lost=self.limiter.end_refusal)
+            refusal.factory = self
+            return refusal
+        try:
+            channel = super().buildProtocol(addr)
+        except BaseException:
+            self.limiter.release(admitted)
+            raise
+        assert isinstance(channel, LimitedHTTPChannel)
+        channel.header_timeout = self.header_timeout
+        channel.clock = self.reactor
+        channel.limiter = self.limiter
+        # Called once, when the connection closes.
+        channel.on_lost = functools.partial(self.limiter.release, admitted)
+        return channel
 
     def log(self, request: Request) -> None:
         """Write an access log line, only when access logging is on."""
@@ -284,6 +344,8 @@ class PeernixService(MultiService):
         self.registry: IPeerRegistry | None = None
         self.upstream: IUpstream | None = None
         self.node: NodeInfo | None = None
+        #: What peers see of :attr:`store` (``--share``).
+        self.peer_store: SharedStore | None = None
 
 
 # --------------------------------------------------------------------------
@@ -433,13 +495,36 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
         ).setServiceParent(parent)
 
 
+def make_peer_store(config: Config, reactor: Reactor, store: IStore,
+                    secret_key: SecretKey | None) -> SharedStore:
+    """
+    :returns: the view of ``store`` peers get (HTTP and UDP ``has_path``):
+        under ``--share trusted`` only paths whose database signature
+        verifies against the fan-out's trusted keys or ``secret_key``'s
+        public half; under ``--share all`` everything.  Its status-page
+        counts scan the database on the store's worker threads when
+        ``store`` is a :class:`LocalStore`.
+
+    Blocking under ``trusted``: reads nix.conf for the default trusted keys.
+
+    :raises peernix.nix.signing.KeyFormatError: a configured key is malformed.
+    :raises peernix.peers.trust.NixConfError: nix.conf cannot be read.
+    """
+    keys = trusted_keys(config) if config.share == "trusted" else []
+    policy = make_share_policy(config.share, keys, secret_key)
+    tally = store.tally_path_infos if isinstance(store, LocalStore) else None
+    return SharedStore(store, policy, clock=reactor, tally=tally)
+
+
 def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
                  defer_to_thread: DeferToThread, secret_key: SecretKey | None,
                  metrics: Metrics, upstream: IUpstream | None,
-                 registry: IPeerRegistry | None = None) -> WebApp:
+                 registry: IPeerRegistry | None = None,
+                 peer_store: IStore | None = None) -> WebApp:
     """
     :returns: the HTTP application: the cache protocol, status page and metrics.
     :param registry: the peer table, shown on the status page (``None``: no peer side).
+    :param peer_store: what peers see of ``store`` (``None``: all of it).
     """
     return WebApp(
         store,
@@ -453,7 +538,28 @@ def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
         store_root=config.store_root,
         version=peernix.__version__,
         registry=registry,
+        peer_store=peer_store,
     )
+
+
+def make_site(config: Config, reactor: Reactor, app: WebApp, metrics: Metrics) -> PeernixSite:
+    """
+    :returns: the HTTP server of ``app``, with the header timeout and the
+        connection caps of ``config``; local clients (``--proxy-client``)
+        are exempt from the caps.
+
+    Raises this process's limit of open files to fit ``--max-connections``
+    where the hard limit allows (see :func:`ensure_file_limit`).
+    """
+    limits = ConnectionLimits(
+        max_connections=config.max_connections,
+        max_per_client=config.max_connections_per_client,
+        exempt=tuple(config.proxy_clients),
+    )
+    ensure_file_limit(config.max_connections)
+    return PeernixSite(app.resource(), reactor=reactor, access_log=config.access_log,
+                       header_timeout=config.header_timeout, limits=limits,
+                       metrics_registry=metrics.registry)
 
 
 def listen_addresses(config: Config, stack: IPStack) -> list[str]:
@@ -570,15 +676,17 @@ def build_service(
         top.registry, top.upstream = make_peers(config, reactor, top.metrics, top)
     else:
         top.upstream = upstream
+    top.peer_store = make_peer_store(config, reactor, top.store, top.secret_key)
     top.app = make_web_app(config, reactor, top.store, defer_to_thread=defer_to_thread,
                            secret_key=top.secret_key, metrics=top.metrics, upstream=top.upstream,
-                           registry=top.registry)
-    top.site = PeernixSite(top.app.resource(), reactor=reactor, access_log=config.access_log)
+                           registry=top.registry, peer_store=top.peer_store)
+    top.site = make_site(config, reactor, top.app, top.metrics)
     stack = ip_stack if ip_stack is not None else probe_ip_stack()
     top.listeners = make_listeners(config, reactor, top.site, stack, top)
     if top.registry is not None:
         top.node = node if node is not None else detect_node_info(
             public_key=top.secret_key.public_key.to_string() if top.secret_key is not None else "")
-        make_discovery(config, reactor, top.registry, top.store, top.node, top.metrics, top)
+        # has_path answers come from what peers may download, nothing more.
+        make_discovery(config, reactor, top.registry, top.peer_store, top.node, top.metrics, top)
     return top
 

@@ -33,9 +33,14 @@ from peernix.peers.errors import (
 )
 from peernix.peers.registry import Peer
 
+#: The largest 404/410 body read (so its connection can be reused); a larger
+#: one closes the connection.
+MAX_MISS_BODY_BYTES = 4096
+
 #: The request header that marks a request as coming from a peernix peer; the
 #: web layer answers such requests from the local store only.
 PEER_HEADER = "X-Peernix-Peer"
+_PEER_HEADER_BYTES = PEER_HEADER.encode("ascii")
 
 _T = TypeVar("_T")
 
@@ -208,11 +213,14 @@ class PeerClient:
         return d
 
     def _get(self, url: str) -> Deferred[IResponse]:
+        if self._agent is not None:
+            # The agent directly, whenever there is one: treq's wrappers
+            # would follow redirects (to hosts nar_url never checked), ask
+            # for gzip and inflate it unbounded, and cost a URL parse per
+            # request on the proxy's hot path.
+            return self._agent.request(b"GET", url.encode("ascii"), Headers({_PEER_HEADER_BYTES: [b"1"]}))
         if "[" in urlsplit(url).netloc:
-            if self._agent is None:
-                raise PeerConnectionError(f"cannot request {url}: IPv6 peers need an agent")
-            headers_ = Headers({PEER_HEADER.encode("ascii"): [b"1"]})
-            return self._agent.request(b"GET", url.encode("ascii"), headers_)
+            raise PeerConnectionError(f"cannot request {url}: IPv6 peers need an agent")
         headers: dict[bytes | str, bytes | str] = {PEER_HEADER: "1"}
         return cast("Deferred[IResponse]", self._http.get(url, headers=headers, unbuffered=True))
 
@@ -237,7 +245,15 @@ class PeerClient:
     async def _fetch_narinfo(self, url: str) -> NarInfo | None:
         response = await self._get(url)
         if response.code in (404, 410):
-            discard_body(response)
+            # Read the (small) miss body instead of closing the connection:
+            # a fully read response returns its connection to the pool, so
+            # the next lookup of a miss costs no new TCP connection (and no
+            # name resolution in a thread).  Bounded like any body; a peer
+            # that sends too much or stalls only loses the connection.
+            try:
+                await read_limited(response, MAX_MISS_BODY_BYTES, self._clock, self.timeout)
+            except PeerError:
+                pass
             return None
         if response.code != 200:
             discard_body(response)

@@ -12,6 +12,15 @@ The local Nix's upstream: first *trusted* answer across all peers.
 - ``relay_nar``: streams the NAR from a peer known to hold exactly the
   NarHash (see :mod:`peernix.peers.relay`), trying the next peer when one
   fails before any byte reached the client.
+
+Every request to a peer (narinfo fan-out, prefetch, offers and NAR opens)
+takes a slot of :class:`PeerSlots` first: at most ``per_peer_concurrency``
+requests in flight to one peer and ``total_concurrency`` to all, the rest
+queued.  A lookup waiting for a slot still ends at its ``lookup_timeout``.
+A peer that went into backoff while a request waited (its other answers
+were bad, or it failed) is skipped when the slot comes, so a peer flooding
+us with bad answers is asked less and less: the registry's backoff grows
+exponentially with every bad answer.
 """
 
 from __future__ import annotations
@@ -53,6 +62,107 @@ class PeerOffer:
 
 class _Rejected(Exception):
     """A peer's answer did not qualify (absent, lying or untrusted)."""
+
+
+class PeersBusy(Exception):
+    """Too many requests are queued for peers already; this one was not queued."""
+
+
+class PeerSlots:
+    """
+    Bounded concurrency of requests to peers: at most ``per_peer`` in flight
+    to one peer and ``total`` to all of them; up to ``max_waiting`` more wait
+    in a queue, served first come first served (a waiter for a peer at its
+    own cap does not hold up waiters for other peers).
+
+    :param per_peer: requests in flight to one peer at most (at least 1).
+    :param total: requests in flight to all peers at most (at least 1).
+    :param max_waiting: queued requests at most; past it :meth:`acquire`
+        fails at once with :class:`PeersBusy`.
+    """
+
+    def __init__(self, per_peer: int = 8, total: int = 64, max_waiting: int = 4096) -> None:
+        if per_peer < 1 or total < 1:
+            raise ValueError("per_peer and total must be at least 1")
+        self.per_peer = per_peer
+        self.total = total
+        self.max_waiting = max_waiting
+        self._in_flight: dict[str, int] = {}
+        self._total_in_flight = 0
+        self._waiting: deque[tuple[str, Deferred[None]]] = deque()
+
+    def in_flight(self, key: str | None = None) -> int:
+        """:returns: the slots held for peer ``key``, or for all peers when ``None``."""
+        if key is None:
+            return self._total_in_flight
+        return self._in_flight.get(key, 0)
+
+    @property
+    def waiting(self) -> int:
+        """:returns: how many requests wait for a slot."""
+        return len(self._waiting)
+
+    def _free(self, key: str) -> bool:
+        return self._total_in_flight < self.total and self._in_flight.get(key, 0) < self.per_peer
+
+    def _take(self, key: str) -> None:
+        self._total_in_flight += 1
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+
+    def acquire(self, key: str) -> Deferred[None]:
+        """
+        Take a slot for a request to peer ``key``; give it back with
+        :meth:`release` exactly once.
+
+        :returns: a Deferred firing once the slot is taken (at once when
+            one is free).  Cancelling it while it waits leaves the queue
+            (no slot is taken); it fails with :class:`PeersBusy` when the
+            queue is full.
+        """
+        if self._free(key):
+            # Whoever waits is held by their own peer's cap (a free total
+            # would have been handed to them already), so this does not
+            # jump ahead of anyone who could run.
+            self._take(key)
+            return succeed(None)
+        if len(self._waiting) >= self.max_waiting:
+            busy: Deferred[None] = Deferred()
+            busy.errback(PeersBusy(f"{len(self._waiting)} requests to peers queued already"))
+            return busy
+
+        def leave(d: Deferred[None]) -> None:
+            # The waiter gave up (lookup deadline, client gone): no slot.
+            try:
+                self._waiting.remove((key, d))
+            except ValueError:
+                pass
+
+        waiter: Deferred[None] = Deferred(leave)
+        self._waiting.append((key, waiter))
+        return waiter
+
+    def release(self, key: str) -> None:
+        """Give back a slot taken by :meth:`acquire` and hand it to the first waiter that may have it."""
+        left = self._in_flight.get(key, 0) - 1
+        if left > 0:
+            self._in_flight[key] = left
+        else:
+            self._in_flight.pop(key, None)
+        self._total_in_flight -= 1
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self._total_in_flight < self.total:
+            for index, (key, waiter) in enumerate(self._waiting):
+                if self._in_flight.get(key, 0) < self.per_peer:
+                    break
+            else:
+                return
+            del self._waiting[index]
+            self._take(key)
+            # May run the waiter's request (and even a release) right here;
+            # the loop re-reads the state afterwards.
+            waiter.callback(None)
 
 
 class _Shared:
@@ -103,6 +213,9 @@ class Fanout:
     :param cache_size: entries kept in each of the positive, negative and
         offer caches (least recently used dropped first).
     :param prefetch_queue: references waiting for prefetch, at most.
+    :param per_peer_concurrency: requests in flight to one peer at most
+        (narinfos, offers, NAR opens; see :class:`PeerSlots`).
+    :param total_concurrency: requests in flight to all peers at most.
     :param relay_hold_back: NARs up to this size are verified whole before
         the client gets a byte, so a bad peer is replaced by the next one
         without the client noticing (see :class:`NarRelay`).
@@ -125,6 +238,8 @@ class Fanout:
         positive_ttl: float = 60.0,
         cache_size: int = 4096,
         prefetch_queue: int = 256,
+        per_peer_concurrency: int = 8,
+        total_concurrency: int = 64,
         nar_silence_timeout: float = 30.0,
         relay_hold_back: int = HOLD_BACK_BYTES,
         metrics_registry: CollectorRegistry | None = None,
@@ -148,6 +263,7 @@ class Fanout:
         self._inflight: dict[str, _Shared] = {}
         self._prefetch_waiting: deque[str] = deque()
         self._prefetch_running = 0
+        self.slots = PeerSlots(per_peer_concurrency, total_concurrency)
         registry.subscribe(self._on_new_peer)
 
     # -- caches ----------------------------------------------------------
@@ -266,12 +382,51 @@ class Fanout:
         log.debug("{hash_part} found on {peer}", hash_part=hash_part, peer=peer.url)
         return info
 
+    # -- slots ---------------------------------------------------------
+
+    async def _slot(self, peer: Peer, *, skip_backed_off: bool = True) -> None:
+        """
+        Wait for a slot for a request to ``peer`` (release it with
+        ``self.slots.release(peer.url)``), at most ``lookup_timeout``.
+
+        :param skip_backed_off: give up when the peer is in backoff once the
+            slot comes (lookups; a NAR relay still asks the peer that
+            offered the NAR, which may be its only holder).
+        :raises _Rejected: when the queue is full, the wait timed out, or
+            the peer is backed off (no slot is held then).
+        """
+        d = self.slots.acquire(peer.url)
+        if not d.called:
+            # Cancels the wait (leaving the queue) at the deadline; the
+            # timer is cancelled when the slot comes first.
+            d.addTimeout(self._lookup_timeout, self._clock)
+        try:
+            await d
+        except (PeersBusy, TimeoutError) as e:
+            raise _Rejected(f"no slot for a request to {peer.url}: {e}") from None
+        if skip_backed_off and peer.backoff_until > self._clock.seconds():
+            # It failed or lied while we waited: spare it (and us) the request.
+            self.slots.release(peer.url)
+            raise _Rejected(f"{peer.url} is backed off")
+
+    # -- asking one peer -------------------------------------------------
+
     async def _ask(self, peer: Peer, hash_part: str) -> tuple[Peer, NarInfo]:
         """
         Ask one peer.  :returns: the peer and its narinfo when it qualifies.
         :raises _Rejected: or :class:`PeerError` otherwise (race keeps
             waiting for the others).
         """
+        await self._slot(peer)
+        try:
+            return await self._judge(peer, hash_part)
+        finally:
+            # Released only once the answer was judged, so a request queued
+            # for this peer sees the backoff a bad answer just caused.
+            self.slots.release(peer.url)
+
+    async def _judge(self, peer: Peer, hash_part: str) -> tuple[Peer, NarInfo]:
+        """Ask ``peer`` (holding a slot) and judge its answer; see :meth:`_ask`."""
         start = self._clock.seconds()
         try:
             info = await self._client.fetch_narinfo(peer, hash_part)
@@ -398,10 +553,16 @@ class Fanout:
 
     async def _offer_from(self, peer: Peer, hash_part: str, info: NarInfo) -> tuple[Peer, PeerOffer] | None:
         try:
+            await self._slot(peer)
+        except _Rejected:
+            return None
+        try:
             theirs = await self._client.fetch_narinfo(peer, hash_part)
         except PeerError as e:
             self._registry.record_failure(peer, e.kind)
             return None
+        finally:
+            self.slots.release(peer.url)
         # Trust comes from ``info`` (already checked) and the NAR is verified
         # against it, so the peer's narinfo only has to name the same content.
         if theirs is None or theirs.store_path != info.store_path or theirs.nar_hash != info.nar_hash:
@@ -423,12 +584,20 @@ class Fanout:
         tried.add(peer.url)
         if offer.compression not in SUPPORTED_COMPRESSIONS:
             return False
+        try:
+            await self._slot(peer, skip_backed_off=False)
+        except _Rejected:
+            return False
         start = self._clock.seconds()
         try:
+            # The slot covers the open (up to the response headers); the
+            # body's pace is the client's, bounded by the relay's timers.
             response = await self._client.open_nar(peer, offer.url)
         except PeerError as e:
             self._registry.record_failure(peer, e.kind)
             return False
+        finally:
+            self.slots.release(peer.url)
         self._registry.record_success(peer, self._clock.seconds() - start)
         relay = NarRelay(
             consumer,

@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -59,6 +60,17 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 _ROW_QUERY = (
     "SELECT id, path, hash, registrationTime, deriver, narSize, sigs, ca"
     " FROM ValidPaths WHERE path >= ? ORDER BY path LIMIT 1"
+)
+#: Rows per read transaction of :meth:`LocalStore.tally_path_infos`.
+SCAN_BATCH = 500
+_SCAN_QUERY = (
+    "SELECT id, path, hash, registrationTime, deriver, narSize, sigs, ca"
+    " FROM ValidPaths WHERE path > ? ORDER BY path LIMIT ?"
+)
+# The references of exactly the rows of _SCAN_QUERY, in the same snapshot.
+_SCAN_REFS_QUERY = (
+    "SELECT referrer, ValidPaths.path FROM Refs JOIN ValidPaths ON reference = ValidPaths.id"
+    " WHERE referrer IN (SELECT id FROM ValidPaths WHERE path > ? ORDER BY path LIMIT ?)"
 )
 # Nix's own query (local-store.cc queryReferences); rows come back unsorted.
 _REFS_QUERY = "SELECT path FROM Refs JOIN ValidPaths ON reference = id WHERE referrer = ?"
@@ -342,6 +354,27 @@ class LocalStore:
             return fail(StoreError("the local store is stopped"))
         return deferToThreadPool(self._from_threads, self._pool, self._count)
 
+    def tally_path_infos(self, classify: Callable[[PathInfo], str]) -> Deferred[dict[str, int]]:
+        """
+        Count every servable path of the database by ``classify`` (for the
+        status page's shared and withheld counts).  The scan runs on one
+        worker thread, in batches of :data:`SCAN_BATCH` rows, each batch its
+        own short read transaction (so Nix's WAL checkpoints are never held
+        back for long) and no more than one batch in memory.  Rows a lookup
+        would not serve (unknown ``NarSize``, bad paths) are not counted;
+        ``.lock`` files and the files on disk are not looked at.
+
+        :param classify: called on the worker thread with each path's info;
+            it must be thread-safe and return a short label.
+        :returns: a Deferred firing with ``{label: number of paths}``; it
+            fails with :class:`StoreError` when the database fails or the
+            store stops during the scan, and with whatever ``classify``
+            raises.
+        """
+        if self._stopped:
+            return fail(StoreError("the local store is stopped"))
+        return deferToThreadPool(self._from_threads, self._pool, self._tally, classify)
+
     # -- reactor-thread helpers -----------------------------------------------
 
     def _lookup_done(
@@ -545,6 +578,36 @@ class LocalStore:
             if os.path.isfile(candidate):
                 return candidate
         return None
+
+    def _tally(self, classify: Callable[[PathInfo], str]) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        after = ""
+        while True:
+            if self._stopped:
+                raise StoreError("the local store is stopped")
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN")
+                try:
+                    rows = conn.execute(_SCAN_QUERY, (after, SCAN_BATCH)).fetchall()
+                    refs: dict[int, list[str]] = {}
+                    for referrer, ref in conn.execute(_SCAN_REFS_QUERY, (after, SCAN_BATCH)):
+                        refs.setdefault(referrer, []).append(ref)
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._drop_connection()
+                raise StoreError(f"reading the Nix database {self.db_path} failed: {e}") from e
+            for row_id, path, hash_text, registration_time, deriver, nar_size, sigs, ca in rows:
+                info = self._row_to_info(
+                    path, hash_text, registration_time, deriver, nar_size, sigs, ca, refs.get(row_id, [])
+                )
+                if info is not None:
+                    label = classify(info)
+                    counts[label] = counts.get(label, 0) + 1
+            if len(rows) < SCAN_BATCH:
+                return counts
+            after = rows[-1][1]
 
     def _count(self) -> int:
         conn = self._connection()

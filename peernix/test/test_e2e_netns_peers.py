@@ -211,8 +211,10 @@ class MaliciousPeerEndToEndTests(SynchronousTestCase):
         counters = status["peer_counters"]
         print(f"C's failures at A: {c_failures}; B's: {b_failures}; A's counters: {counters}")
         self.assertEqual(b_failures, {})
-        self.assertGreater(c_failures.get("untrusted", 0) + c_failures.get("verification", 0), 0)
-        self.assertGreater(counters["untrusted_answers"] + counters["verification_failures"], 0)
+        # Whether A judged (and counted) one of C's lies depends on who
+        # answered first: when B's honest answer wins the race, C's request
+        # is cancelled unjudged.  Which is fine: the client got B's paths.
+        # test_liar_alone_gives_nothing checks C's lies are refused and counted.
 
     def test_liar_alone_gives_nothing(self) -> None:
         """With only C as peer, A passes on no forged narinfo and no corrupted NAR; the client fails cleanly."""

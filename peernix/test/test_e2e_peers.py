@@ -143,7 +143,9 @@ class _Fixture:
         self.a_store = self.store("a")
         a_port, b_port = free_port(), free_port()
         # A and B list each other: the no-second-hop test needs the loop.
-        self.b = self.daemon("b", b_port, self.b_store, [a_port], self.b_sk)
+        # B shares everything (--share all), so A is offered B's unsigned
+        # builds and its own trust check is what keeps them out.
+        self.b = self.daemon("b", b_port, self.b_store, [a_port], self.b_sk, ["--share", "all"])
         # Only 127.0.0.1 may make A fan out, so 127.0.0.2 is a "non-proxy client".
         self.a = self.daemon("a", a_port, self.a_store, [b_port], self.a_sk, ["--proxy-client", "127.0.0.1/32"])
         for d in (self.a, self.b):
@@ -396,6 +398,11 @@ class PeersEndToEndTests(SynchronousTestCase):
         copied = late.make_big_path(BIG_SIZE, seed=BIG_SEED)
         self.assertEqual(copied, big)
         late.sign([big], fx.upstream_sk)
+        # C2's store answers from a cache of a couple of seconds: wait until
+        # it serves the new path to peers, as a later real attempt would find.
+        hash_part = big[len("/nix/store/"):][:32]
+        wait_for(lambda: http_get(f"{c2.url}/{hash_part}.narinfo", headers={"X-Peernix-Peer": "1"})[0] == 200,
+                 what="C2 to serve the copied path")
         started = time.monotonic()
         done = client.substitute([big], a3.url, [fx.upstream_pk])
         print(f"second attempt from C2: {time.monotonic() - started:.2f} s")

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from peernix.nix.narinfo import render_narinfo
 from peernix.nix.signing import SecretKey
-from peernix.peers.client import PEER_HEADER, PeerClient
+from peernix.peers.client import MAX_MISS_BODY_BYTES, PEER_HEADER, PeerClient
 from peernix.peers.errors import PeerConnectionError, PeerHTTPError, PeerProtocolError, PeerTimeout
 from peernix.peers.registry import Peer
 from peernix.test.peerfakes import FakeLan, FakeResponse, file_nar, hash_part_of, lan_client, make_info, store_path_for
@@ -98,6 +98,41 @@ class PeerClientTests(SynchronousTestCase):
         """404 means the peer does not have it: None."""
         self.lan.peer("a:1")
         self.assertIsNone(self.successResultOf(self.fetch("a:1")))  # type: ignore[arg-type]
+
+    def test_not_found_body_read(self) -> None:
+        """A 404's small body is read to its end (the connection is kept for reuse), not cut off."""
+        agent = RecordingAgent()
+        agent.response = FakeResponse(404)
+        client = PeerClient(self.client._http, self.clock, agent=agent)
+        d = client.fetch_narinfo(peer("[fd70:1::2]:9999"), self.h)
+        self.assertNoResult(d)
+        agent.response.send(b"not found\n")
+        self.assertNoResult(d)
+        agent.response.finish()
+        self.assertIsNone(self.successResultOf(d))
+        self.assertFalse(agent.response.transport.stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_not_found_big_body_dropped(self) -> None:
+        """A 404 with a body above the miss-body cap is still a miss, and its connection is closed."""
+        agent = RecordingAgent()
+        agent.response = FakeResponse(404)
+        client = PeerClient(self.client._http, self.clock, agent=agent)
+        d = client.fetch_narinfo(peer("[fd70:1::2]:9999"), self.h)
+        agent.response.send(b"x" * (MAX_MISS_BODY_BYTES + 1))
+        self.assertIsNone(self.successResultOf(d))
+        self.assertTrue(agent.response.transport.stopped)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_redirect_not_followed(self) -> None:
+        """A redirect is not followed (it could lead off the peer): it fails with PeerHTTPError after one request."""
+        agent = RecordingAgent()
+        agent.response = FakeResponse(302)
+        agent.response.headers.setRawHeaders(b"Location", [b"http://elsewhere:80/x.nar"])
+        client = PeerClient(self.client._http, self.clock, agent=agent)
+        d = client.open_nar(peer("a:1"), "nar/x.nar")
+        self.assertEqual(self.failureResultOf(d, PeerHTTPError).value.code, 302)
+        self.assertEqual(len(agent.requests), 1)
 
     def test_server_error(self) -> None:
         """Other statuses fail with PeerHTTPError (kind http)."""

@@ -23,7 +23,7 @@ from peernix.nix.narinfo import NarInfo, render_narinfo
 from peernix.nix.signing import SecretKey
 from peernix.peers.client import PeerClient
 from peernix.peers.errors import NarUnavailable, NarVerificationFailed
-from peernix.peers.fanout import Fanout
+from peernix.peers.fanout import Fanout, PeersBusy, PeerSlots
 from peernix.peers.registry import Peer, PeerRegistry
 from peernix.peers.trust import TrustPolicy
 from peernix.test.peerfakes import (
@@ -527,3 +527,251 @@ class FanoutRelayTests(FanoutTestMixin, SynchronousTestCase):
         response.finish()
         self.successResultOf(d)
         self.assertEqual(consumer.value(), self.nar)
+
+
+class PeerSlotsTests(SynchronousTestCase):
+    """:class:`PeerSlots` on its own."""
+
+    def test_per_peer_and_total(self) -> None:
+        """Slots are granted up to the per-peer and total caps; the rest wait."""
+        slots = PeerSlots(per_peer=2, total=3)
+        got = [slots.acquire(k) for k in ("a", "a", "a", "b", "c")]
+        self.assertEqual([d.called for d in got], [True, True, False, True, False])
+        self.assertEqual((slots.in_flight("a"), slots.in_flight(), slots.waiting), (2, 3, 2))
+
+    def test_release_grants_first_eligible(self) -> None:
+        """A released slot goes to the first waiter whose peer is below its cap, not blocked by others."""
+        slots = PeerSlots(per_peer=1, total=2)
+        slots.acquire("a")
+        slots.acquire("b")
+        wait_a, wait_c = slots.acquire("a"), slots.acquire("c")
+        slots.release("b")
+        # "a" is still at its cap: "c" goes first.
+        self.assertFalse(wait_a.called)
+        self.assertTrue(wait_c.called)
+        slots.release("a")
+        self.assertTrue(wait_a.called)
+        self.assertEqual((slots.in_flight("a"), slots.in_flight("c"), slots.waiting), (1, 1, 0))
+
+    def test_cancel_leaves_queue(self) -> None:
+        """A cancelled waiter leaves the queue and never takes a slot."""
+        slots = PeerSlots(per_peer=1, total=1)
+        slots.acquire("a")
+        waiting = slots.acquire("a")
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(slots.waiting, 0)
+        slots.release("a")
+        self.assertEqual(slots.in_flight(), 0)
+
+    def test_queue_bounded(self) -> None:
+        """Past max_waiting, acquire fails at once with PeersBusy."""
+        slots = PeerSlots(per_peer=1, total=1, max_waiting=1)
+        slots.acquire("a")
+        slots.acquire("a")
+        self.failureResultOf(slots.acquire("b"), PeersBusy)
+        self.assertEqual(slots.waiting, 1)
+
+    def test_no_leak(self) -> None:
+        """After every granted slot is released, nothing is counted or queued."""
+        slots = PeerSlots(per_peer=2, total=3)
+        keys = ["a", "b", "a", "c", "b", "a", "c"]
+        granted: list[str] = []
+        for key in keys:
+            slots.acquire(key).addCallback(lambda _, k: granted.append(k), key)
+        released = 0
+        while released < len(granted):
+            slots.release(granted[released])
+            released += 1
+        self.assertEqual(sorted(granted), sorted(keys))
+        self.assertEqual((slots.in_flight(), slots.waiting, slots._in_flight), (0, 0, {}))
+
+    def test_invalid(self) -> None:
+        """Caps below 1 are refused."""
+        self.assertRaises(ValueError, PeerSlots, per_peer=0)
+        self.assertRaises(ValueError, PeerSlots, total=0)
+
+
+class FanoutConcurrencyTests(FanoutTestMixin, SynchronousTestCase):
+    """Bounded concurrency of requests to peers."""
+
+    def hashes(self, n: int) -> list[str]:
+        return [hash_part_of(store_path_for(f"c{i}")) for i in range(n)]
+
+    def in_flight(self, host: str) -> int:
+        """:returns: the requests ``host`` holds open right now."""
+        return sum(1 for r in self.lan.peer(host).pending if not r.finished and not r._disconnected)
+
+    def test_per_peer(self) -> None:
+        """At most per_peer_concurrency lookups are in flight to one peer; the others queue and follow."""
+        self.make(["slow:9999"], per_peer_concurrency=2, client_timeout=30.0, lookup_timeout=30.0)
+        peer = self.lan.peer("slow:9999")
+        peer.mode = "slow"
+        ds = [self.lookup(h) for h in self.hashes(5)]
+        self.assertEqual(self.in_flight("slow:9999"), 2)
+        self.assertEqual(self.fanout.slots.waiting, 3)
+        for served in range(5):
+            request = next(r for r in peer.pending if not r.finished)
+            answer(request, b"", 404)
+            self.agent.flush()
+            self.assertLessEqual(self.in_flight("slow:9999"), 2)
+        for d in ds:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.lan.count("slow:9999"), 5)
+        self.assertEqual((self.fanout.slots.in_flight(), self.fanout.slots.waiting), (0, 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_total(self) -> None:
+        """At most total_concurrency requests are in flight to all peers together."""
+        hosts = [f"p{i}:9999" for i in range(4)]
+        self.make(hosts, total_concurrency=3, client_timeout=30.0, lookup_timeout=30.0)
+        for host in hosts:
+            self.lan.peer(host).mode = "slow"
+        d = self.lookup()
+        self.assertEqual(sum(self.in_flight(h) for h in hosts), 3)
+        first = next(h for h in hosts if self.in_flight(h))
+        answer(self.lan.peer(first).pending[0], b"", 404)
+        self.agent.flush()
+        self.assertEqual(sum(self.in_flight(h) for h in hosts), 3)
+        self.assertEqual(sum(self.lan.count(h) for h in hosts), 4)
+        self.assertNoResult(d)
+        self.fanout.close()
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_waiting_lookup_times_out(self) -> None:
+        """A lookup waiting for a slot still ends as a miss at lookup_timeout, leaving the queue."""
+        self.make(["slow:9999"], per_peer_concurrency=1, client_timeout=30.0, lookup_timeout=3.0)
+        self.lan.peer("slow:9999").mode = "slow"
+        first = self.lookup(self.hashes(1)[0])
+        self.clock.advance(1.0)
+        second = self.lookup()
+        self.assertEqual(self.fanout.slots.waiting, 1)
+        self.clock.advance(2.0)
+        self.assertIsNone(self.successResultOf(first))
+        # The slot came free at 3 s, but the second lookup had waited only
+        # 2 s: it was asked with the second left of its deadline.
+        self.assertNoResult(second)
+        self.assertEqual(self.lan.count("slow:9999"), 2)
+        self.clock.advance(1.0)
+        self.assertIsNone(self.successResultOf(second))
+        self.assertEqual((self.fanout.slots.in_flight(), self.fanout.slots.waiting), (0, 0))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_waiter_gives_up_unasked(self) -> None:
+        """A lookup whose deadline passes while it waits for a slot is a miss and never reaches the peer."""
+        self.make(["slow:9999"], per_peer_concurrency=1, lookup_timeout=3.0)
+        # Another request holds the peer's only slot throughout.
+        self.successResultOf(self.fanout.slots.acquire("http://slow:9999"))
+        d = self.lookup()
+        self.assertEqual(self.fanout.slots.waiting, 1)
+        self.clock.advance(2.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.fanout.slots.waiting, 0)
+        self.assertEqual(self.lan.requests, [])
+        self.assertEqual(self.registry.failures, [])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_prefetch_bounded_per_peer(self) -> None:
+        """Prefetching many references never has more than per_peer_concurrency requests at one peer."""
+        self.make([HONEST], prefetch_concurrency=10, per_peer_concurrency=3, client_timeout=30.0,
+                  lookup_timeout=30.0)
+        refs = [make_info(store_path_for(f"dep{i}"), file_nar(b"dep %d\n" % i), key=TRUSTED) for i in range(8)]
+        top = make_info(self.info.store_path, self.nar, key=TRUSTED,
+                        references=[r.store_path.rsplit("/", 1)[1] for r in refs])
+        peer = self.lan.peer(HONEST)
+        peer.serve(top)
+        peer.hold.update(hash_part_of(r.store_path) for r in refs)
+        self.assertEqual(self.successResultOf(self.lookup()), top)
+        self.assertEqual(self.in_flight(HONEST), 3)
+        for _ in refs:
+            request = next(r for r in peer.pending if not r.finished)
+            answer(request, b"", 404)
+            self.agent.flush()
+            self.assertLessEqual(self.in_flight(HONEST), 3)
+        self.assertEqual(self.lan.count(HONEST, ".narinfo"), 1 + len(refs))
+
+    def test_relay_opens_bounded(self) -> None:
+        """NAR opens take a slot until the response headers arrive."""
+        self.make([HONEST], per_peer_concurrency=1)
+        self.info = make_info(self.info.store_path, self.nar, key=TRUSTED)
+        self.lan.peer(HONEST).serve(self.info, self.nar)
+        self.successResultOf(self.lookup())
+        client = HeldOpenClient(self.http, self.clock)
+        self.fanout._client = client
+        d1 = self.fanout.relay_nar(self.info, StringTransport())
+        d2 = self.fanout.relay_nar(self.info, StringTransport())
+        self.assertEqual(len(client.opens), 1)
+        response = FakeResponse()
+        client.opens[0].callback(response)
+        # Headers are in: the slot is free for the second open while the
+        # first body is still streaming.
+        self.assertEqual(len(client.opens), 2)
+        client.opens[1].callback(FakeResponse())
+        response.send(self.nar)
+        response.finish()
+        self.successResultOf(d1)
+        self.assertNoResult(d2)
+        d2.cancel()
+        self.failureResultOf(d2, CancelledError)
+        self.assertEqual(self.fanout.slots.in_flight(), 0)
+
+
+class HeldOpenClient(PeerClient):
+    """A PeerClient whose NAR opens wait until the test fires them."""
+
+    def __init__(self, http: HTTPClient, clock: Clock) -> None:
+        super().__init__(http, clock)
+        self.opens: list[Deferred[IResponse]] = []
+
+    def open_nar(self, peer: Peer, url: str) -> Deferred[IResponse]:
+        d: Deferred[IResponse] = Deferred()
+        self.opens.append(d)
+        return d
+
+
+class FanoutBackoffTests(FanoutTestMixin, SynchronousTestCase):
+    """A peer answering badly is asked less and less (real registry)."""
+
+    def liar(self) -> None:
+        """Make LIAR answer every lookup with a validly signed narinfo of another path."""
+        self.make([LIAR], registry_factory=PeerRegistry, per_peer_concurrency=1)
+        self.other = render_narinfo(make_info(store_path_for("evil"), file_nar(b"evil\n"), key=TRUSTED)).encode()
+        self.hashes = [hash_part_of(store_path_for(f"b{i}")) for i in range(40)]
+        for h in self.hashes:
+            self.lan.peer(LIAR).narinfos[h] = self.other
+
+    def test_backoff_grows(self) -> None:
+        """Each bad answer doubles (or more) the backoff, up to the cap, and a backed-off peer is not asked."""
+        self.liar()
+        [peer] = self.registry.peers()
+        delays = []
+        asked = 0
+        for h in self.hashes[:6]:
+            self.assertIsNone(self.successResultOf(self.lookup(h)))
+            asked += 1
+            self.assertEqual(self.lan.count(LIAR), asked)
+            delay = peer.backoff_until - self.clock.seconds()
+            delays.append(delay)
+            # While backed off, lookups do not reach it.
+            self.clock.advance(delay / 2)
+            self.assertIsNone(self.successResultOf(self.lookup(self.hashes[-1 - asked])))
+            self.assertEqual(self.lan.count(LIAR), asked)
+            self.clock.advance(delay / 2)
+        self.assertEqual(delays, [2.0, 8.0, 32.0, 60.0, 60.0, 60.0])
+
+    def test_queued_requests_skip_a_peer_gone_bad(self) -> None:
+        """Lookups queued for a peer are not sent once its first answer put it into backoff."""
+        self.liar()
+        self.lan.peer(LIAR).mode = "slow"
+        ds = [self.lookup(h) for h in self.hashes[:10]]
+        self.assertEqual(self.fanout.slots.waiting, 9)
+        [request] = self.lan.peer(LIAR).pending
+        answer(request, self.other)
+        self.agent.flush()
+        for d in ds:
+            self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.lan.count(LIAR), 1)
+        self.assertEqual(self.fanout.slots.waiting, 0)
+        self.assertEqual(self.fanout.slots.in_flight(), 0)

@@ -469,6 +469,144 @@ class QueryPathInfoTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), expected)
 
 
+def _remove_if_there(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def _age_db_files(root: str) -> None:
+    """Date the database files 10 s back, so a check sees them as settled."""
+    old = time.time() - 10
+    for suffix in ("", "-wal", "-shm"):
+        path = os.path.join(root, local.DB_RELPATH) + suffix
+        if os.path.exists(path):
+            os.utime(path, (old, old))
+
+
+class RevalidationTests(SynchronousTestCase):
+    """``revalidate=True``: expired entries are served on while the database files are unchanged."""
+
+    skip = nixenv.SKIP_NO_BUILD
+
+    def setUp(self) -> None:
+        self.shared = _get_shared()
+        self.root = _copy_store(self, self.shared.store)
+        self.clock = ThreadlessClock()
+        self.pool = ManualPool()
+        self.store = LocalStore(self.root, self.clock, cache_ttl=TTL, threadpool=self.pool, revalidate=True)
+        self.store.start()
+        self.addCleanup(self.store.stop)
+        self.h = _hash_part(self.shared.text)
+
+    def _extendable(self, hash_part: str) -> PathInfo | None:
+        """
+        Bring ``hash_part``'s entry to where revalidation may extend it: looked
+        up after a first check of the (settled) files, expired once and looked
+        up again, then a check shortly before its expiry confirmed the files.
+        The clock ends at that entry's expiry, with no work queued.
+        """
+        first = _query(self, self.store, self.pool, hash_part)
+        # The read-only connection made the WAL files just now; settle them.
+        _age_db_files(self.root)
+        self.clock.advance(TTL / 4)
+        self.assertEqual(self.successResultOf(self.store.query_path_info(hash_part)), first)
+        self.pool.run_all()  # the first check: the files as they are
+        self.clock.advance(TTL)
+        # Expired, and looked up before the first check: a new lookup.
+        self.assertEqual(_query(self, self.store, self.pool, hash_part), first)
+        # A hit shortly before expiry starts a check that confirms the files.
+        self.clock.advance(TTL - TTL / 4)
+        self.assertEqual(self.successResultOf(self.store.query_path_info(hash_part)), first)
+        self.pool.run_all()
+        self.clock.advance(TTL / 4)
+        return first
+
+    def test_unchanged_db_extends_expired_entry(self) -> None:
+        """An expired entry is answered at once, without a lookup, while a recent check saw the DB unchanged."""
+        info = self._extendable(self.h)
+        self.assertIsNotNone(info)
+        calls = self.pool.calls
+        d = self.store.query_path_info(self.h)
+        self.assertEqual(self.successResultOf(d), info)
+        # Only the periodic check of the files was queued, no lookup.
+        self.assertEqual([func.__name__ for _, func, _ in self.pool.queue], ["_db_files_state"])
+        self.pool.run_all()
+        self.assertEqual(self.pool.calls, calls + 1)
+        # Misses are extended too.
+        miss = "0" * 32
+        self.assertIsNone(self._extendable(miss))
+        self.assertIsNone(self.successResultOf(self.store.query_path_info(miss)))
+        self.assertEqual([func.__name__ for _, func, _ in self.pool.queue], ["_db_files_state"])
+
+    def test_change_seen_within_ttl(self) -> None:
+        """A path deleted from the database stops being served within cache_ttl of the change."""
+        self.assertIsNotNone(self._extendable(self.h))
+        self.assertIsNotNone(self.successResultOf(self.store.query_path_info(self.h)))
+        self.pool.run_all()
+        changed_at = self.clock.seconds()
+        _write(self.root, "DELETE FROM ValidPaths WHERE path = ?", self.shared.text)
+        while True:
+            self.clock.advance(0.1)
+            info = _query(self, self.store, self.pool, self.h)
+            if info is None:
+                break
+            self.assertLess(self.clock.seconds() - changed_at, TTL)
+        self.assertLessEqual(self.clock.seconds() - changed_at, TTL)
+
+    def test_missing_on_disk_not_extended(self) -> None:
+        """A row whose path is missing on disk is re-checked after cache_ttl, never extended."""
+        ghost = f"/nix/store/{'1' * 32}-ghost"
+        _write(
+            self.root,
+            "INSERT INTO ValidPaths (path, hash, registrationTime, narSize)"
+            " SELECT ?, hash, registrationTime, narSize FROM ValidPaths WHERE path = ?",
+            ghost,
+            self.shared.text,
+        )
+        h = "1" * 32
+        self.assertIsNone(self._extendable(h))
+        d = self.store.query_path_info(h)
+        self.assertNoResult(d)
+        self.assertIn("_lookup_durable", [func.__name__ for _, func, _ in self.pool.queue])
+        self.pool.run_all()
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_lock_not_extended(self) -> None:
+        """A path hidden by its .lock file is looked up again after cache_ttl, so it shows once the lock goes."""
+        lock = self.store.real_path(self.shared.text) + ".lock"
+        with open(lock, "w"):
+            pass
+        self.addCleanup(_remove_if_there, lock)
+        self.assertIsNone(self._extendable(self.h))
+        os.remove(lock)
+        info = _query(self, self.store, self.pool, self.h)
+        assert info is not None
+        self.assertEqual(info.path, self.shared.text)
+
+    def test_idle_then_new_lookup(self) -> None:
+        """After more than cache_ttl without lookups (so without checks), an expired entry is looked up again."""
+        self.assertIsNotNone(self._extendable(self.h))
+        self.clock.advance(TTL)
+        d = self.store.query_path_info(self.h)
+        self.assertNoResult(d)
+        self.assertEqual(
+            sorted(func.__name__ for _, func, _ in self.pool.queue), ["_db_files_state", "_lookup_durable"]
+        )
+        self.pool.run_all()
+        self.assertIsNotNone(self.successResultOf(d))
+
+    def test_off_by_default(self) -> None:
+        """Without revalidate=True an expired entry is always looked up again."""
+        store, clock, pool = _make_store(self, self.root)
+        _query(self, store, pool, self.h)
+        _age_db_files(self.root)
+        for _ in range(3):
+            clock.advance(TTL)
+            calls = pool.calls
+            _query(self, store, pool, self.h)
+            self.assertEqual(pool.calls, calls + 1)
+
+
 class FindLogTests(SynchronousTestCase):
     """``find_log``: build logs below nix/var/log/nix/drvs."""
 

@@ -32,7 +32,7 @@ from peernix.peers.errors import NarUnavailable, NarVerificationFailed
 from peernix.peers.metrics import PeerMetrics
 from peernix.peers.registry import PeerRegistry
 from peernix.test.fakes import FakeUpstream, MemoryStore, fake_hash_part, nar_bytes, run_synchronously
-from peernix.web.app import DEFAULT_PROXY_CLIENTS, WebApp, client_ip
+from peernix.web.app import COMPRESS_MIN_SIZE, DEFAULT_PROXY_CLIENTS, WebApp, client_ip
 from peernix.web.metrics import Metrics
 
 #: The throwaway test key of nix-protocol.md §1.5.
@@ -216,13 +216,22 @@ class NarInfoTests(SynchronousTestCase):
         self.assertEqual(parse_narinfo(body).sigs, (OTHER_SIG,))
 
     def test_zstd_query(self) -> None:
-        """?compression=zstd points at the .nar.zst URL and says Compression: zstd."""
+        """?compression=zstd points a NAR of COMPRESS_MIN_SIZE or more at the .nar.zst URL, Compression: zstd."""
+        info = self.h.store.add_file("big", b"z" * COMPRESS_MIN_SIZE)
+        _, body = self.h.get(f"/nix-cache/{info.hash_part}.narinfo?compression=zstd")
+        narinfo = parse_narinfo(body)
+        self.assertEqual(narinfo.url, f"nar/{info.hash_part}-{info.nar_hash.nix32()}.nar.zst")
+        self.assertEqual(narinfo.compression, "zstd")
+        _, plain = self.h.get(f"/nix-cache/{info.hash_part}.narinfo")
+        self.assertEqual(parse_narinfo(plain).compression, "none")
+
+    def test_zstd_query_small_nar(self) -> None:
+        """?compression=zstd still offers a NAR smaller than COMPRESS_MIN_SIZE raw (.nar, Compression: none)."""
+        self.assertLess(self.info.nar_size, COMPRESS_MIN_SIZE)
         _, body = self.h.get(f"/nix-cache/{self.info.hash_part}.narinfo?compression=zstd")
         narinfo = parse_narinfo(body)
-        self.assertEqual(narinfo.url, f"nar/{self.info.hash_part}-{self.info.nar_hash.nix32()}.nar.zst")
-        self.assertEqual(narinfo.compression, "zstd")
-        _, plain = self.h.get(f"/nix-cache/{self.info.hash_part}.narinfo")
-        self.assertEqual(parse_narinfo(plain).compression, "none")
+        self.assertEqual(narinfo.url, f"nar/{self.info.hash_part}-{self.info.nar_hash.nix32()}.nar")
+        self.assertEqual(narinfo.compression, "none")
 
     def test_head_matches_get(self) -> None:
         """HEAD gives GET's status and Content-Length, without a body, for hits, misses and bad hashes."""
@@ -595,22 +604,26 @@ class StreamingOverHTTPTests(SynchronousTestCase):
 
     def _start(self) -> tuple[StringTransport, Any]:
         transport, channel = self.h.raw(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % nar_url(self.info).encode())
-        self.threads.run_one()  # nar_size
+        self.threads.run_one()  # the first chunk
         return transport, channel
 
     def test_pause_bounds_reads(self) -> None:
-        """While the transport is paused at most one more chunk is produced, however big the NAR."""
-        transport, channel = self._start()
-        self.threads.run_one()  # first chunk
+        """While the transport is paused one chunk is made ahead and kept, none sent: at most 2 in flight."""
+        transport, channel = self._start()  # the first chunk was written
         self.assertEqual(len(self.threads.queue), 1)
         channel_producer = transport.producer  # the HTTPChannel
         assert channel_producer is not None
+        sent_before = len(transport.value())
         channel_producer.pauseProducing()  # the transport's buffer is full
         self.threads.run_all()
         self.assertEqual(self.threads.queue, [])
-        sent = len(transport.value())
-        self.assertLess(sent, 3 * 256 * 1024 + 1024)
+        # Nothing more was written while paused (the chunk made ahead waits)...
+        self.assertEqual(len(transport.value()), sent_before)
+        self.assertLess(sent_before, 256 * 1024 + 1024)
+        # ...and resuming writes it at once, before any new worker call.
         channel_producer.resumeProducing()
+        self.assertGreater(len(transport.value()), sent_before + 256 * 1024 - 1024)
+        self.assertEqual(len(self.threads.queue), 1)
         self.threads.run_all()
         self.assertTrue(transport.value().endswith(self.nar))
 

@@ -160,7 +160,7 @@ class ThreadedProducerTests(SynchronousTestCase):
         self.assertTrue(source.closed)
 
     def test_one_chunk_in_flight(self) -> None:
-        """A new next() starts only after the previous chunk was written."""
+        """Without backpressure a new next() starts only after the previous chunk was written."""
         threads = ManualThreads()
         consumer = FakeConsumer()
         ThreadedProducer(Source([b"1", b"2", b"3"]), consumer, threads).start()
@@ -169,8 +169,26 @@ class ThreadedProducerTests(SynchronousTestCase):
             self.assertEqual(len(consumer.chunks), written)
             threads.run_one()
 
-    def test_pause_stops_pulling(self) -> None:
-        """While paused no chunk is requested: at most the one already in flight is delivered."""
+    def test_at_most_two_chunks_in_flight(self) -> None:
+        """A consumer that pauses at every write gets one chunk made ahead, never two, whatever the source size."""
+        source = Source([b"z"] * 100)
+        threads = ManualThreads()
+        consumer = FakeConsumer(high_water=0)
+        producer = ThreadedProducer(source, consumer, threads)
+        producer.start()
+        for written in range(1, 50):
+            threads.run_all()
+            # One chunk written (in the transport) and one made ahead.
+            self.assertEqual(len(consumer.chunks), written)
+            self.assertEqual(source.nexts, written + 1)
+            self.assertEqual(threads.queue, [])
+            producer.resumeProducing()
+            # The chunk made ahead is written at once; the next is asked for.
+            self.assertEqual(len(consumer.chunks), written + 1)
+            self.assertEqual(len(threads.queue), 1)
+
+    def test_pause_makes_one_chunk_ahead(self) -> None:
+        """While paused exactly one chunk is made ahead and kept; resuming writes it at once, then pulls on."""
         source = Source([b"x"] * 100)
         threads = ManualThreads()
         consumer = FakeConsumer()
@@ -178,28 +196,44 @@ class ThreadedProducerTests(SynchronousTestCase):
         producer.start()
         threads.run_one()
         producer.pauseProducing()
-        threads.run_all()  # only the chunk in flight when paused
-        self.assertEqual(len(consumer.chunks), 2)
+        threads.run_all()  # the chunk in flight when paused is kept, no further pull
+        self.assertEqual(len(consumer.chunks), 1)
         self.assertEqual(source.nexts, 2)
         self.assertEqual(threads.queue, [])
         producer.resumeProducing()
+        self.assertEqual(len(consumer.chunks), 2)
         self.assertEqual(len(threads.queue), 1)
         threads.run_one()
         self.assertEqual(len(consumer.chunks), 3)
 
     def test_pause_from_write_bounds_memory(self) -> None:
-        """A consumer pausing inside write() gets no further chunk pulled, whatever the source size."""
+        """A consumer pausing inside write() gets at most one more chunk made, whatever the source size."""
         source = Source([b"y" * 10] * 1000)
         consumer = FakeConsumer(high_water=2)
         producer = ThreadedProducer(source, consumer, run_synchronously)
         producer.start()
         self.assertEqual(len(consumer.chunks), 2)
-        self.assertEqual(source.nexts, 2)
-        self.assertEqual(producer.pulls, 2)
+        self.assertEqual(source.nexts, 3)
+        self.assertEqual(producer.pulls, 3)
         consumer.chunks.clear()
         producer.resumeProducing()
         self.assertEqual(len(consumer.chunks), 2)
-        self.assertEqual(source.nexts, 4)
+        self.assertEqual(source.nexts, 5)
+
+    def test_end_while_paused(self) -> None:
+        """A source that ends while the consumer is paused finishes only after resume, with every byte written."""
+        threads = ManualThreads()
+        consumer = FakeConsumer(high_water=0)
+        producer = ThreadedProducer(Source([b"a", b"b"]), consumer, threads)
+        result = _result(producer.start())
+        threads.run_all()  # "a" written (pausing), "b" made ahead
+        producer.resumeProducing()  # "b" written (pausing again), the end found ahead
+        threads.run_all()
+        self.assertEqual(result, [])
+        self.assertEqual(consumer.chunks, [b"a", b"b"])
+        producer.resumeProducing()
+        self.assertEqual(result, [2])
+        self.assertEqual(consumer.unregistered, 1)
 
     def test_synchronous_runner_does_not_recurse(self) -> None:
         """A synchronous defer_to_thread streams many chunks in a loop, not a recursion."""

@@ -46,6 +46,7 @@ from peernix.nix.signing import SecretKey, sign_narinfo
 from peernix.nix.storepath import STORE_DIR, StorePathError, parse_basename
 from peernix.peers.client import PEER_HEADER
 from peernix.peers.errors import NarUnavailable
+from peernix.store.share import SharedStore
 from peernix.web.encoding import RangeNotSatisfiable, choose_encoding, parse_range
 from peernix.web.metrics import Metrics, MetricsResource
 from peernix.web.status import PeerStatus, Status, render_html, render_json
@@ -85,6 +86,8 @@ NARINFO_CACHE_SIZE: Final = 8192
 SMALL_NAR_SIZE: Final = 256 * 1024
 #: A consumer paused this long (a client that stopped reading) ends the stream.
 STALL_TIMEOUT: Final = 300.0
+#: Client addresses whose "proxy client or peer?" decision is remembered.
+CLIENT_DECISION_CACHE_SIZE: Final = 4096
 
 CACHE_PREFIX: Final = b"/nix-cache/"
 _NIX32_BYTES: Final = frozenset(nix32.ALPHABET.encode("ascii"))
@@ -272,9 +275,11 @@ class WebApp:
         store_root: str = "/",
         version: str,
         registry: IPeerRegistry | None = None,
+        peer_store: IStore | None = None,
     ) -> None:
         """
-        :param store: the local store served to everyone.  If it also has a
+        :param store: the whole local store, served to local clients
+            (``proxy_clients`` without ``X-Peernix-Peer``).  If it also has a
             ``path_count() -> Deferred[int]`` method (``LocalStore`` does),
             the status page shows the number of valid paths.
         :param reactor: a clock: ``seconds()`` for the narinfo cache and the
@@ -300,8 +305,20 @@ class WebApp:
             peer-side counters (read from ``metrics.registry``, where the
             fan-out registers its :class:`~peernix.peers.metrics.PeerMetrics`);
             ``None`` (no peer side) shows neither.
+        :param peer_store: the view of ``store`` served to peers (requests
+            from outside ``proxy_clients`` or marked ``X-Peernix-Peer``): a
+            :class:`~peernix.store.share.SharedStore`, whose withheld paths
+            answer as missing on every route; the status page then shows
+            its counts.  ``None``: peers see ``store``.
         """
         self._store = store
+        self._peer_store = peer_store if peer_store is not None else store
+        #: Whether peers get another view than local clients; without one
+        #: no request pays for telling them apart.
+        self._split = self._peer_store is not store
+        #: Client host -> whether it is in ``proxy_clients``: decided once
+        #: per address, a dict lookup on the hot path afterwards.
+        self._local_hosts: dict[object, bool] = {}
         self._reactor = reactor
         self._defer_to_thread = defer_to_thread
         self._secret_key = secret_key
@@ -313,12 +330,12 @@ class WebApp:
         self._version = version
         self._registry = registry
         self._cache_info = b"StoreDir: %s\nWantMassQuery: 1\nPriority: %d\n" % (STORE_DIR.encode(), priority)
-        # (hash part, zstd URL?) -> (expiry, narinfo bytes, the PathInfo it
-        # was rendered from).  Insertion order is expiry order since every
-        # entry lives NARINFO_CACHE_TTL.  An expired entry is not served, but
+        # (hash part, zstd URL?, peer view?) -> (expiry, narinfo bytes, the
+        # PathInfo it was rendered from).  Insertion order is expiry order
+        # since every entry lives NARINFO_CACHE_TTL.  An expired entry is not served, but
         # its body is reused when the store answers with an equal PathInfo:
         # signing and rendering are most of the cost of a narinfo miss.
-        self._narinfo_cache: dict[tuple[str, bool], tuple[float, bytes, PathInfo]] = {}
+        self._narinfo_cache: dict[tuple[str, bool, bool], tuple[float, bytes, PathInfo]] = {}
         self._metrics_resource = MetricsResource(metrics.registry)
         self._klein = self._make_klein()
 
@@ -358,6 +375,8 @@ class WebApp:
             requests=self._metrics.request_counts(),
             peers=self._peer_rows(),
             peer_counters=self._peer_counters(),
+            # Never waits: the count runs on the store's worker thread.
+            sharing=self._peer_store.share_status() if isinstance(self._peer_store, SharedStore) else None,
         )
 
     def _peer_rows(self) -> tuple[PeerStatus, ...] | None:
@@ -537,13 +556,16 @@ class WebApp:
         if hash_part is None:
             return self._reply_error(request, "narinfo", 400, b"invalid store path hash\n")
         zstd = request.args.get(b"compression") == [b"zstd"]
-        key = (hash_part, zstd)
+        # A peer's answer is cached apart: a local client's may name a path
+        # peers must not see.
+        for_peer = self._split and self._is_peer(request)
+        key = (hash_part, zstd, for_peer)
         cached = self._narinfo_cache.get(key)
         if cached is not None and cached[0] > self._reactor.seconds():
             self._metrics.count_store_lookup(True)
             self._metrics.count_narinfo("local")
             return self._reply(request, "narinfo", 200, NARINFO_TYPE, cached[1])
-        lookup = self._store.query_path_info(hash_part)
+        lookup = (self._peer_store if for_peer else self._store).query_path_info(hash_part)
         if cached is not None:
             # Expired.  The store mostly answers at once from its own cache;
             # an unchanged path is then answered here, synchronously, with
@@ -555,15 +577,15 @@ class WebApp:
                 self._remember_narinfo(key, cached[1], cached[2])
                 self._metrics.count_narinfo("local")
                 return self._reply(request, "narinfo", 200, NARINFO_TYPE, cached[1])
-        return self._run(request, "narinfo", self._narinfo(request, hash_part, zstd, lookup))
+        return self._run(request, "narinfo", self._narinfo(request, hash_part, zstd, for_peer, lookup))
 
     async def _narinfo(
-        self, request: Request, hash_part: str, zstd: bool, lookup: Deferred[PathInfo | None]
+        self, request: Request, hash_part: str, zstd: bool, for_peer: bool, lookup: Deferred[PathInfo | None]
     ) -> bytes | None:
         info = await lookup
         self._metrics.count_store_lookup(info is not None)
         if info is not None:
-            key = (hash_part, zstd)
+            key = (hash_part, zstd, for_peer)
             previous = self._narinfo_cache.get(key)
             if previous is not None and previous[2] == info:
                 # Revalidated: the same database row as when it was signed.
@@ -573,7 +595,10 @@ class WebApp:
                 _set_headers(request, 200, NARINFO_TYPE, len(body))
                 return body
             nar_hash = info.nar_hash.nix32()
-            if zstd:
+            # A peer asking for zstd gets it only where it pays: a small NAR
+            # goes raw, in one write with its Content-Length, instead of
+            # costing a compressor and chunked encoding for a few bytes saved.
+            if zstd and info.nar_size >= COMPRESS_MIN_SIZE:
                 narinfo = NarInfo.from_path_info(info, f"nar/{hash_part}-{nar_hash}.nar.zst", "zstd")
             else:
                 narinfo = NarInfo.from_path_info(info, f"nar/{hash_part}-{nar_hash}.nar", "none")
@@ -601,7 +626,7 @@ class WebApp:
         _set_headers(request, 200, NARINFO_TYPE, len(body))
         return body
 
-    def _remember_narinfo(self, key: tuple[str, bool], body: bytes, info: PathInfo) -> None:
+    def _remember_narinfo(self, key: tuple[str, bool, bool], body: bytes, info: PathInfo) -> None:
         cache = self._narinfo_cache
         now = self._reactor.seconds()
         if len(cache) >= NARINFO_CACHE_SIZE:
@@ -622,10 +647,32 @@ class WebApp:
             daemons share an address.  A stranger sending the header only
             loses the fan-out.
         """
-        if self._upstream is None or request.requestHeaders.hasHeader(PEER_HEADER):
-            return False
-        ip = client_ip(request)
-        return ip is not None and any(ip in net for net in self._proxy_clients)
+        return self._upstream is not None and not self._is_peer(request)
+
+    def _is_peer(self, request: Request) -> bool:
+        """
+        :returns: whether ``request`` is a peer's: marked ``X-Peernix-Peer``
+            or from a client outside ``proxy_clients``.  The address part is
+            decided once per client address (a bounded cache), so a local
+            client's request costs a header check and a dict lookup.
+        """
+        if request.requestHeaders.hasHeader(PEER_HEADER):
+            return True
+        host = getattr(request.getClientAddress(), "host", None)  # type: ignore[no-untyped-call]
+        local = self._local_hosts.get(host)
+        if local is None:
+            ip = client_ip(request)
+            local = ip is not None and any(ip in net for net in self._proxy_clients)
+            if len(self._local_hosts) >= CLIENT_DECISION_CACHE_SIZE:
+                self._local_hosts.clear()
+            self._local_hosts[host] = local
+        return not local
+
+    def _store_for(self, request: Request) -> IStore:
+        """:returns: the store ``request`` sees: the peers' view for a peer, else the whole store."""
+        if self._split and self._is_peer(request):
+            return self._peer_store
+        return self._store
 
     async def _ask_upstream(self, request: Request, hash_part: str) -> NarInfo | None:
         """:returns: a trusted peer narinfo for a proxy client's miss, else ``None`` (failures logged)."""
@@ -672,7 +719,8 @@ class WebApp:
         return self._run(request, "nar", self._nar(request, hash_part, nar_hash, zst))
 
     async def _nar(self, request: Request, hash_part: str, nar_hash: Hash, zst: bool) -> bytes | None:
-        info = await self._store.query_path_info(hash_part)
+        # A path withheld from peers is None here, so it answers as missing.
+        info = await self._store_for(request).query_path_info(hash_part)
         self._metrics.count_store_lookup(info is not None)
         if info is None:
             if zst:
@@ -800,7 +848,7 @@ class WebApp:
     # -- listings and logs --------------------------------------------------------
 
     async def _listing(self, request: Request, hash_part: str) -> bytes | None:
-        info = await self._store.query_path_info(hash_part)
+        info = await self._store_for(request).query_path_info(hash_part)
         self._metrics.count_store_lookup(info is not None)
         if info is None:
             return _error_body(request, 404, b"not found\n")
@@ -823,7 +871,7 @@ class WebApp:
         return self._run(request, "log", self._log_file(request, basename))
 
     async def _log_file(self, request: Request, drv_basename: str) -> bytes | None:
-        path = await self._store.find_log(drv_basename)
+        path = await self._store_for(request).find_log(drv_basename)
         if path is None:
             return _error_body(request, 404, b"not found\n")
         request.setResponseCode(200)

@@ -8,6 +8,8 @@ from html import escape
 
 from attrs import frozen
 
+from peernix.store.share import WITHHELD_REASONS, ShareStatus
+
 
 @frozen
 class PeerStatus:
@@ -76,6 +78,10 @@ class Status:
     #: Peer-side counters keyed as :data:`PEER_COUNTER_LABELS`; ``None``
     #: when this node has no peer side.
     peer_counters: Mapping[str, float] | None = None
+    #: What peers may download (``--share``) and the last count of shared
+    #: and withheld paths; ``None`` when peers see the whole store
+    #: unfiltered by any policy.
+    sharing: ShareStatus | None = None
 
     def document(self) -> dict[str, object]:
         """:returns: the JSON document of ``/status.json``."""
@@ -95,7 +101,25 @@ class Status:
             "peer_counters": None if self.peer_counters is None else {
                 name: _number(value) for name, value in sorted(self.peer_counters.items())
             },
+            "sharing": None if self.sharing is None else _sharing_document(self.sharing),
         }
+
+
+def _sharing_document(sharing: ShareStatus) -> dict[str, object]:
+    """
+    :returns: ``{"mode", "counting", "counted": false}`` before the first
+        count, then also ``"shared"``, ``"withheld"`` and
+        ``"withheld_by_reason"`` (every reason of :data:`WITHHELD_REASONS`,
+        0 included).
+    """
+    document: dict[str, object] = {"mode": sharing.mode, "counting": sharing.counting}
+    counts = sharing.counts
+    document["counted"] = counts is not None
+    if counts is not None:
+        document["shared"] = counts.shared
+        document["withheld"] = counts.withheld_total
+        document["withheld_by_reason"] = {reason: counts.withheld.get(reason, 0) for reason in WITHHELD_REASONS}
+    return document
 
 
 def _number(value: float) -> int | float:
@@ -143,6 +167,31 @@ def _peer_section(status: Status) -> str:
     )
 
 
+def _sharing_section(sharing: ShareStatus | None) -> str:
+    if sharing is None:
+        return ""
+    if sharing.mode == "all":
+        policy = "all: peers may download every valid path of this store."
+    else:
+        policy = ("trusted: peers may download only paths signed by a trusted key (or this node's own);"
+                  " everything else answers as missing.")
+    rows = [f"<tr><th>Mode</th><td>{escape(policy)}</td></tr>"]
+    counts = sharing.counts
+    if counts is None:
+        state = "counting..." if sharing.counting else "unknown"
+        rows.append(f"<tr><th>Shared paths</th><td>{state}</td></tr>")
+    else:
+        rows.append(f"<tr><th>Shared paths</th><td>{counts.shared}</td></tr>")
+        rows.append(f"<tr><th>Withheld paths</th><td>{counts.withheld_total}</td></tr>")
+        for reason, label in WITHHELD_REASONS.items():
+            rows.append(f"<tr><th>&nbsp;&nbsp;{escape(label)}</th><td>{counts.withheld.get(reason, 0)}</td></tr>")
+    return (
+        "<h2>Shared with peers</h2>\n"
+        f"<table>{''.join(rows)}</table>\n"
+        "<p>Local clients (proxy clients) always see the whole store; counts are refreshed every few minutes.</p>\n"
+    )
+
+
 def render_html(status: Status) -> bytes:
     """
     :returns: a small self-contained HTML page; every value is HTML-escaped
@@ -177,6 +226,7 @@ def render_html(status: Status) -> bytes:
         ' machine-readable status at <a href="status.json">status.json</a>,'
         ' metrics at <a href="metrics">metrics</a>.</p>\n'
         f"<table>{''.join(rows)}</table>\n"
+        f"{_sharing_section(status.sharing)}"
         f"{_peer_section(status)}"
         "<h2>Requests</h2>\n"
         f"<table><tr><th>Route</th><th>Status</th><th>Count</th></tr>{request_rows}</table>\n"

@@ -4,10 +4,13 @@ Streaming blocking byte sources to HTTP consumers with backpressure.
 A *source* is a blocking ``Iterator[bytes]`` (a NAR writer walking the
 filesystem, a compressor wrapped around it, a log file reader).  Every
 ``next()`` on it runs in a worker thread through an injected
-:class:`DeferToThread`; :class:`ThreadedProducer` asks for the next chunk only
-when the previous one has been handed to the consumer and the consumer is
-not paused, so at most one chunk is being produced and one is buffered in
-the transport: memory stays constant whatever the size of the stream.
+:class:`DeferToThread`; :class:`ThreadedProducer` keeps at most one chunk
+ahead of the consumer: the next chunk is made while the transport sends the
+previous one (also while the consumer is paused), and nothing more is asked
+for until that chunk was handed over.  So at most two chunks are in flight
+(one in the transport's buffer, one made or being made): memory stays
+constant whatever the size of the stream, and the worker thread and the
+socket work at the same time instead of taking turns.
 
 The source transformers (:func:`zstd_chunks`, :func:`gzip_chunks`,
 :func:`slice_chunks`, :func:`exact_length`) are plain generators, composed
@@ -194,9 +197,11 @@ class ThreadedProducer:
     a worker thread, honouring pause/resume and stop.
 
     Invariants: at most one ``next()`` on the source is outstanding; a new
-    one starts only when the previous chunk was written and the consumer is
-    not paused; the source is closed exactly once (in a worker thread, never
-    while a ``next()`` runs) when it ends, fails, or the producer is stopped.
+    one starts only when the previous chunk was written to the consumer.
+    While the consumer is paused one chunk is made ahead and kept (at most
+    one), and written on resume; so at most two chunks are in flight.  The
+    source is closed exactly once (in a worker thread, never while a
+    ``next()`` runs) when it ends, fails, or the producer is stopped.
 
     Use :meth:`start` once.
     """
@@ -228,6 +233,10 @@ class ThreadedProducer:
         self._stall_call: IDelayedCall | None = None
         self._paused = False
         self._in_flight = False
+        # A chunk made while the consumer was paused, waiting for resume;
+        # _ready_end: the source ended (after that chunk, if any).
+        self._ready: bytes | None = None
+        self._ready_end = False
         self._pulling = False
         self._finished = False
         self._closed = False
@@ -257,15 +266,26 @@ class ThreadedProducer:
     # IPushProducer
 
     def pauseProducing(self) -> None:
-        """Stop asking for chunks until resumed (a chunk already being made is still written)."""
+        """Stop writing until resumed; one chunk is still made ahead and kept for then."""
         self._paused = True
         if self._clock is not None and self._stall_call is None and not self._finished:
             self._stall_call = self._clock.callLater(self._stall_timeout, self._stalled)
 
     def resumeProducing(self) -> None:
-        """Ask for chunks again."""
+        """Write the chunk made ahead, if any, and ask for chunks again."""
         self._paused = False
         self._cancel_stall_timer()
+        if self._finished:
+            return
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            self.written += len(ready)
+            # May pause us again; _pull then makes one chunk ahead.
+            self._consumer.write(ready)
+        if self._ready_end:
+            if not self._paused:
+                self._end(None)
+            return
         self._pull()
 
     def stopProducing(self) -> None:
@@ -302,7 +322,7 @@ class ThreadedProducer:
             return
         self._pulling = True
         try:
-            while not (self._paused or self._finished or self._in_flight):
+            while not (self._finished or self._in_flight or self._ready is not None or self._ready_end):
                 self._in_flight = True
                 self.pulls += 1
                 d = self._defer_to_thread(self._next_chunk)
@@ -316,6 +336,13 @@ class ThreadedProducer:
             # Stopped while this chunk was being made: nobody wants it, and
             # the source can be closed now that no next() is running.
             self._close_source()
+            return
+        if self._paused:
+            # Made ahead: kept until resumeProducing (no further pull).
+            if chunk is None:
+                self._ready_end = True
+            elif chunk:
+                self._ready = chunk
             return
         if chunk is None:
             self._end(None)
@@ -338,6 +365,7 @@ class ThreadedProducer:
         if self._finished:
             return
         self._finished = True
+        self._ready = None
         self._cancel_stall_timer()
         self._consumer.unregisterProducer()
         if not self._in_flight:
