@@ -187,7 +187,10 @@ def bench_fanout(res: Results, prof: Profile, fx: Fixture, nginx: servers.Server
     def start_peers() -> None:
         log(f"starting {most} empty peers")
         for i in range(most):
-            peers.append(servers.spawn_peernix(f"peer{i}", fx.canary_store, workdir))
+            # Trusting bench-1 (which signed the canary) lets them share it
+            # with peers under the default --share trusted.
+            peers.append(servers.spawn_peernix(f"peer{i}", fx.canary_store, workdir,
+                                               trusted_public_keys=[fx.public_key]))
         for p in peers:
             servers.wait_peernix(p, timeout=60)
 

@@ -81,7 +81,7 @@ class PeerSlots:
         fails at once with :class:`PeersBusy`.
     """
 
-    def __init__(self, per_peer: int = 8, total: int = 64, max_waiting: int = 4096) -> None:
+    def __init__(self, per_peer: int = 16, total: int = 64, max_waiting: int = 4096) -> None:
         if per_peer < 1 or total < 1:
             raise ValueError("per_peer and total must be at least 1")
         self.per_peer = per_peer
@@ -238,7 +238,7 @@ class Fanout:
         positive_ttl: float = 60.0,
         cache_size: int = 4096,
         prefetch_queue: int = 256,
-        per_peer_concurrency: int = 8,
+        per_peer_concurrency: int = 16,
         total_concurrency: int = 64,
         nar_silence_timeout: float = 30.0,
         relay_hold_back: int = HOLD_BACK_BYTES,
