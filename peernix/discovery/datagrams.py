@@ -203,7 +203,7 @@ def signing_payload(obj: Mapping[str, object]) -> bytes:
     """
     The bytes an announce signature covers: the canonical JSON of the
     announce object without its ``sig`` member -- keys sorted, no spaces,
-    ASCII only (``\\uXXXX`` escapes).
+    ASCII only (``\\u`` escapes with four hex digits).
 
     Computed from the *parsed* object on receipt, so what is verified is
     exactly what is interpreted (duplicate keys, spacing and escapes in the
