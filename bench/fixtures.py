@@ -26,6 +26,7 @@ from attrs import asdict, frozen
 
 # The private Nix environment of the test fixtures: the same isolation here.
 from peernix.test.nixenv import isolated_env
+from peernix.test.nixenv import remove_tree as remove_tree  # re-exported: bench.load, bench.soak
 
 #: Where fixtures are kept (``bench/fixtures``, git-ignored).
 FIXTURES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
@@ -155,20 +156,6 @@ def run(args: Sequence[str], env: Mapping[str, str], timeout: float = 1800) -> s
         raise FixtureError(f"{' '.join(args[:6])} ... exited {done.returncode}: "
                            f"{done.stderr.decode(errors='replace')[-2000:]}")
     return done.stdout.decode()
-
-
-def remove_tree(path: str) -> None:
-    """Delete ``path`` even when it holds read-only store directories."""
-    if not os.path.lexists(path):
-        return
-    for dirpath, dirnames, _ in os.walk(path):
-        for d in dirnames:
-            full = os.path.join(dirpath, d)
-            if not os.path.islink(full):
-                os.chmod(full, stat.S_IRWXU)
-    if not os.path.islink(path):
-        os.chmod(path, stat.S_IRWXU)
-    shutil.rmtree(path)
 
 
 def check_tools() -> list[str]:

@@ -5,6 +5,7 @@ as a subprocess, optionally inside a test network namespace.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -13,10 +14,37 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import peernix
 from peernix.test.netns import Host
+
+class _Destroyable(Protocol):
+    def destroy(self) -> None: ...
+
+
+_F = TypeVar("_F", bound=_Destroyable)
+_SHARED: dict[str, Any] = {}
+
+
+def shared_fixture(key: str, make: Callable[[], _F]) -> _F:
+    """
+    Build an expensive end-to-end fixture (stores, daemons, namespaces) once
+    per test process, on first use: trial has no ``setUpClass``.
+
+    :param key: one per fixture, e.g. the test module's ``__name__``.
+    :param make: builds (and starts) it; its ``destroy()`` runs at exit,
+        also when ``make`` fails half-way it must clean up itself.
+    :returns: the fixture, the same object for every call with ``key``.
+    """
+    if key not in _SHARED:
+        fixture = make()
+        atexit.register(fixture.destroy)
+        _SHARED[key] = fixture
+    fixture_: _F = _SHARED[key]
+    return fixture_
+
 
 #: The directory holding the ``peernix`` package (and ``twisted/plugins``).
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(peernix.__file__)))

@@ -172,7 +172,8 @@ def _lines(data: bytes) -> list[str]:
     return [line for line in data.decode("utf-8").splitlines() if line]
 
 
-def _make_writable_and_remove(path: str) -> None:
+def remove_tree(path: str) -> None:
+    """Delete ``path`` even when it holds read-only store directories (as Nix leaves them)."""
     if not os.path.lexists(path):
         return
     for dirpath, dirnames, _ in os.walk(path):
@@ -180,6 +181,9 @@ def _make_writable_and_remove(path: str) -> None:
             full = os.path.join(dirpath, d)
             if not os.path.islink(full):
                 os.chmod(full, stat.S_IRWXU)
+    if os.path.islink(path):
+        os.unlink(path)
+        return
     os.chmod(path, stat.S_IRWXU)
     shutil.rmtree(path)
 
@@ -222,7 +226,7 @@ def generate_key(directory: str, name: str) -> tuple[str, str, str]:
         env = isolated_env(os.path.join(scratch, "env"))
         run_nix(["nix-store", "--store", os.path.join(scratch, "store"), "--generate-binary-cache-key", name, sk, pk], env)
     finally:
-        _make_writable_and_remove(scratch)
+        remove_tree(scratch)
     with open(pk) as f:
         public = f.read().strip()
     return sk, pk, public
@@ -347,8 +351,8 @@ class _NixRoot:
 
     def remove(self) -> None:
         """Delete the whole store root and the private environment, read-only files included."""
-        _make_writable_and_remove(self.root)
-        _make_writable_and_remove(self.env_dir)
+        remove_tree(self.root)
+        remove_tree(self.env_dir)
 
 
 class ChrootStore(_NixRoot):

@@ -23,7 +23,6 @@ when one fails: so a corrupted NAR from C never reaches the client, and the
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import peernix.test.malicious_peer
 from peernix.nix.narinfo import parse_narinfo
-from peernix.test.daemon import Daemon, http_get
+from peernix.test.daemon import Daemon, http_get, shared_fixture
 from peernix.test.netns import Host, TestNetwork, netns_unavailable
 from peernix.test.nixenv import SKIP_NO_BUILD, ChrootStore, NixClient, generate_key, run_nix
 
@@ -73,7 +72,6 @@ class _Fixture:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-_shared: _Fixture | None = None
 
 
 class MaliciousPeerEndToEndTests(SynchronousTestCase):
@@ -83,12 +81,7 @@ class MaliciousPeerEndToEndTests(SynchronousTestCase):
     fx: _Fixture
 
     def setUp(self) -> None:
-        global _shared
-        if _shared is None:
-            fixture = _Fixture()
-            atexit.register(fixture.destroy)
-            _shared = fixture
-        self.fx = _shared
+        self.fx = shared_fixture(__name__, _Fixture)
         self.work = tempfile.mkdtemp(prefix="peernix-e2e-netns-run-")
         self.addCleanup(shutil.rmtree, self.work, True)
         network = TestNetwork(3)

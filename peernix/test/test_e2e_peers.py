@@ -13,7 +13,6 @@ measured latencies are printed.
 
 from __future__ import annotations
 
-import atexit
 import http.client
 import json
 import os
@@ -32,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from peernix.nix.narinfo import NarInfo, parse_narinfo
-from peernix.test.daemon import Daemon, free_port, http_get
+from peernix.test.daemon import Daemon, free_port, http_get, shared_fixture
 from peernix.test.nixenv import SKIP_NO_BUILD, ChrootStore, NixClient, generate_key
 
 #: The big NAR of the killed-peer test: large enough that the transfer is
@@ -124,6 +123,17 @@ class _Fixture:
         self.big_stores: tuple[ChrootStore, ChrootStore] | None = None
         self.big_path = ""
 
+    @classmethod
+    def started(cls) -> _Fixture:
+        """:returns: a fixture whose daemons run; cleaned up if starting fails."""
+        fixture = cls()
+        try:
+            fixture.start()
+        except BaseException:
+            fixture.destroy()
+            raise
+        return fixture
+
     def start(self) -> None:
         """Make the keys and B's store, start A and B and wait until they serve."""
         keys = os.path.join(self.tmp, "keys")
@@ -189,7 +199,6 @@ class _Fixture:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-_shared: _Fixture | None = None
 
 
 class PeersEndToEndTests(SynchronousTestCase):
@@ -199,15 +208,8 @@ class PeersEndToEndTests(SynchronousTestCase):
     fx: _Fixture
 
     def setUp(self) -> None:
-        # trial has no setUpClass: build the stores and start A and B once,
-        # on first use; they are removed when the test process exits.
-        global _shared
-        if _shared is None:
-            fixture = _Fixture()
-            atexit.register(fixture.destroy)
-            fixture.start()
-            _shared = fixture
-        self.fx = _shared
+        # The stores and daemons A and B are made once, on first use.
+        self.fx = shared_fixture(__name__, _Fixture.started)
 
     def _client(self) -> NixClient:
         client = NixClient(tempfile.mkdtemp(prefix="peernix-e2e-peers-client-"))

@@ -12,7 +12,6 @@ client, so requests from ``127.0.0.2`` play the stranger on the LAN.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from peernix.discovery.datagrams import HasPathQuery, HasPathWithNarHashQuery, render_datagram
 from peernix.nix.hashes import Hash
 from peernix.nix.narinfo import NarInfo, parse_narinfo
-from peernix.test.daemon import Daemon, free_port, http_get
+from peernix.test.daemon import Daemon, free_port, http_get, shared_fixture
 from peernix.test.nixenv import SKIP_NO_BUILD, ChrootStore, NixClient, generate_key
 from peernix.test.test_e2e_peers import PEER_HEADER, get_from, hash_part, wait_for
 
@@ -41,6 +40,17 @@ class _Fixture:
         self.tmp = tempfile.mkdtemp(prefix="peernix-e2e-share-")
         self.daemons: list[Daemon] = []
         self.store: ChrootStore | None = None
+
+    @classmethod
+    def started(cls) -> _Fixture:
+        """:returns: a fixture whose daemons run; cleaned up if starting fails."""
+        fixture = cls()
+        try:
+            fixture.start()
+        except BaseException:
+            fixture.destroy()
+            raise
+        return fixture
 
     def start(self) -> None:
         keys = os.path.join(self.tmp, "keys")
@@ -77,7 +87,6 @@ class _Fixture:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-_shared: _Fixture | None = None
 
 
 def udp_ask(port: int, datagram: bytes, source: str = STRANGER) -> bytes:
@@ -99,14 +108,8 @@ class ShareEndToEndTests(SynchronousTestCase):
     fx: _Fixture
 
     def setUp(self) -> None:
-        # trial has no setUpClass: the store and daemons are made on first use.
-        global _shared
-        if _shared is None:
-            fixture = _Fixture()
-            atexit.register(fixture.destroy)
-            fixture.start()
-            _shared = fixture
-        self.fx = _shared
+        # The store and daemons are made once, on first use.
+        self.fx = shared_fixture(__name__, _Fixture.started)
 
     def local_narinfo(self, daemon: Daemon, path: str) -> NarInfo:
         status, body = http_get(f"{daemon.url}/{hash_part(path)}.narinfo")
