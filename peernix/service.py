@@ -58,7 +58,7 @@ from peernix.web.limits import (
     ensure_file_limit,
 )
 from peernix.web.metrics import Metrics
-from peernix.web.streaming import DeferToThread, thread_pool_runner
+from peernix.web.streaming import DeferToThread, call_directly, thread_pool_runner
 
 __all__ = [
     "ListenError",
@@ -517,7 +517,8 @@ def make_peer_store(config: Config, reactor: Reactor, store: IStore,
 
 
 def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
-                 defer_to_thread: DeferToThread, secret_key: SecretKey | None,
+                 defer_to_thread: DeferToThread, call_from_thread: Callable[..., object],
+                 secret_key: SecretKey | None,
                  metrics: Metrics, upstream: IUpstream | None,
                  registry: IPeerRegistry | None = None,
                  peer_store: IStore | None = None) -> WebApp:
@@ -530,6 +531,7 @@ def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
         store,
         reactor=reactor,
         defer_to_thread=defer_to_thread,
+        call_from_thread=call_from_thread,
         secret_key=secret_key,
         priority=config.priority,
         metrics=metrics,
@@ -632,6 +634,7 @@ def build_service(
     secret_key: SecretKey | None = None,
     metrics: Metrics | None = None,
     defer_to_thread: DeferToThread | None = None,
+    call_from_thread: Callable[..., object] = call_directly,
     upstream: IUpstream | None = None,
     ip_stack: IPStack | None = None,
     node: NodeInfo | None = None,
@@ -652,6 +655,9 @@ def build_service(
     :param defer_to_thread: runs CPU-heavy work off the reactor thread; by
         default on a pool of :data:`CPU_THREADS` threads started with the
         service.
+    :param call_from_thread: how work in a given ``defer_to_thread`` hands
+        results to the reactor thread (the default, calling at once, suits a
+        synchronous runner); with the default pool, ``reactor.callFromThread``.
     :param upstream: where local clients' misses go; by default the peer
         fan-out, with its registry fed by the discovery services.  Passing
         one leaves out the peer side and discovery (tests).
@@ -671,6 +677,7 @@ def build_service(
     top.store = store if store is not None else make_store(config, reactor, top)
     if defer_to_thread is None:
         defer_to_thread = make_cpu_pool(reactor, top)
+        call_from_thread = reactor.callFromThread
     top.metrics = metrics if metrics is not None else Metrics()
     if upstream is None:
         top.registry, top.upstream = make_peers(config, reactor, top.metrics, top)
@@ -678,6 +685,7 @@ def build_service(
         top.upstream = upstream
     top.peer_store = make_peer_store(config, reactor, top.store, top.secret_key)
     top.app = make_web_app(config, reactor, top.store, defer_to_thread=defer_to_thread,
+                           call_from_thread=call_from_thread,
                            secret_key=top.secret_key, metrics=top.metrics, upstream=top.upstream,
                            registry=top.registry, peer_store=top.peer_store)
     top.site = make_site(config, reactor, top.app, top.metrics)

@@ -14,6 +14,15 @@ from __future__ import annotations
 
 import os
 import sys
+
+# peernix speaks plain HTTP only.  pyOpenSSL (and cryptography) come with
+# treq's dependency on Twisted[tls], and the reactor loads them whenever they
+# are installed: about 12 MB of the daemon's memory, unused.  Unless
+# something in this process loaded them already, they stay out (an import
+# of a module set to None raises ImportError, which Twisted handles by
+# going without TLS).
+if "OpenSSL" not in sys.modules:
+    sys.modules["OpenSSL"] = None  # type: ignore[assignment]
 from collections.abc import Mapping, Sequence
 from typing import Any
 

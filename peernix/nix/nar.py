@@ -74,76 +74,122 @@ _REG_EXEC_HEAD = _REG_HEAD + len(_EXECUTABLE)
 _DIR, _REG, _LNK, _END = range(4)
 
 
-def _dir_entries(path: bytes, case_hack: bool) -> Iterator[tuple[bytes, bytes]]:
-    """:returns: ``(name in the NAR, name on disk)`` pairs in NAR order."""
-    names = os.listdir(path)
+#: Whether the walk can work relative to open directories (``openat`` and
+#: friends): no path is resolved again from the root for every file, and
+#: ``scandir``'s file types spare an ``lstat`` per entry.
+_AT_CALLS = {os.open, os.lstat, os.readlink} <= os.supports_dir_fd
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _kind_of(mode: int, path: bytes) -> int:
+    if stat.S_ISDIR(mode):
+        return _DIR
+    if stat.S_ISREG(mode):
+        return _REG
+    if stat.S_ISLNK(mode):
+        return _LNK
+    raise NarError(f"{os.fsdecode(path)!r} is not a regular file, directory or symlink")
+
+
+def _dir_entries(path: bytes, case_hack: bool) -> Iterator[tuple[bytes, bytes, int]]:
+    """:returns: ``(name in the NAR, name on disk, kind)`` triples in NAR order."""
+    listed: list[tuple[bytes, int]] = []
+    add = listed.append
+    # By path, not by descriptor: scandir then gives names as bytes.  One
+    # resolution per directory is cheap; files are opened relative to it.
+    with os.scandir(path) as it:
+        for e in it:
+            # is_*() use the directory's d_type and only lstat when it is unknown.
+            if e.is_file(follow_symlinks=False):
+                add((e.name, _REG))
+            elif e.is_dir(follow_symlinks=False):
+                add((e.name, _DIR))
+            elif e.is_symlink():
+                add((e.name, _LNK))
+            else:
+                raise NarError(f"{os.fsdecode(e.path)!r} is not a regular file, directory or symlink")
     if not case_hack:
-        names.sort()
+        listed.sort()
         # Kept packed while the walk is inside this directory: one bytes
-        # object of all names is about a third of a list of them (and far
-        # less than a list of pairs), which matters for a directory of tens
-        # of thousands of files streamed to several clients at once.  A
-        # file name never contains NUL.
-        return _unpacked(b"\0".join(names), len(names))
-    unhacked: dict[bytes, bytes] = {}
-    for fs_name in names:
+        # object of all names and one of kinds are a fraction of a list of
+        # tuples, which matters for a directory of tens of thousands of
+        # files streamed to several clients at once.  A file name never
+        # contains NUL.
+        return _unpacked(b"\0".join(n for n, _ in listed), bytes(k for _, k in listed))
+    unhacked: dict[bytes, tuple[bytes, int]] = {}
+    for fs_name, kind in listed:
         pos = fs_name.find(CASE_HACK_SUFFIX)
         name = fs_name if pos < 0 else fs_name[:pos]
         if name in unhacked:
-            raise NarError(f"file name collision between {unhacked[name]!r} and {fs_name!r} in {path!r}")
-        unhacked[name] = fs_name
-    return iter(sorted(unhacked.items()))
+            raise NarError(f"file name collision between {unhacked[name][0]!r} and {fs_name!r} in {path!r}")
+        unhacked[name] = (fs_name, kind)
+    return iter(sorted((name, fs_name, kind) for name, (fs_name, kind) in unhacked.items()))
 
 
-def _unpacked(packed: bytes, count: int) -> Iterator[tuple[bytes, bytes]]:
-    """:returns: ``(name, name)`` for each of the ``count`` NUL-separated names of ``packed``."""
+def _unpacked(packed: bytes, kinds: bytes) -> Iterator[tuple[bytes, bytes, int]]:
+    """:returns: ``(name, name, kind)`` for each NUL-separated name of ``packed`` and its kind."""
     start = 0
-    for _ in range(count):
+    for kind in kinds:
         end = packed.find(b"\0", start)
         if end < 0:
             end = len(packed)
         name = packed[start:end]
         start = end + 1
-        yield name, name
+        yield name, name, kind
 
 
-def _walk(
-    root: bytes, case_hack: bool
-) -> Iterator[tuple[int, bytes | None, bytes, os.stat_result | None]]:
+def _shown(where: bytes, dir_fd: int | None, dir_path: bytes) -> str:
+    """:returns: a node's path for messages."""
+    return os.fsdecode(dir_path + b"/" + where if dir_fd is not None else where)
+
+
+#: One node of a walk: its kind, its name in the NAR (``None`` for the root),
+#: the directory it is in as an open descriptor (``None`` for the root, or
+#: where ``openat`` is missing), its name relative to that (else its path),
+#: and the path of that directory (for messages).
+_Node = tuple[int, "bytes | None", "int | None", bytes, bytes]
+
+
+def _walk(root: bytes, case_hack: bool) -> Generator[_Node, None, None]:
     """
     Walk the tree at ``root`` in NAR order, without recursion (so a deep tree
-    cannot exhaust Python's stack).
+    cannot exhaust Python's stack), working relative to open directories.
 
-    :returns: ``(kind, entry name or None for the root, path, lstat)`` for
-        each node, and ``(_END, None, dir path, None)`` after a directory's
-        last entry.
+    :returns: a generator of nodes, and ``(_END, None, None, b"", dir path)``
+        after a directory's last entry.  Closing it closes the directories
+        it holds open.
     """
-    stack: list[tuple[bytes, Iterator[tuple[bytes, bytes]]]] = []
-    name: bytes | None = None
-    path = root
-    while True:
-        st = os.lstat(path)
-        mode = st.st_mode
-        if stat.S_ISDIR(mode):
-            yield _DIR, name, path, st
-            stack.append((path, iter(_dir_entries(path, case_hack))))
-        elif stat.S_ISREG(mode):
-            yield _REG, name, path, st
-        elif stat.S_ISLNK(mode):
-            yield _LNK, name, path, st
-        else:
-            raise NarError(f"{os.fsdecode(path)!r} is not a regular file, directory or symlink")
+    kind = _kind_of(os.lstat(root).st_mode, root)
+    yield kind, None, None, root, root
+    if kind != _DIR:
+        return
+    # (directory path, its descriptor or None, its entries)
+    stack: list[tuple[bytes, int | None, Iterator[tuple[bytes, bytes, int]]]] = []
+    try:
+        fd = os.open(root, _DIR_FLAGS) if _AT_CALLS else None
+        stack.append((root, fd, _dir_entries(root, case_hack)))
         while stack:
-            dir_path, entries = stack[-1]
+            dir_path, dir_fd, entries = stack[-1]
             nxt = next(entries, None)
-            if nxt is not None:
-                name, fs_name = nxt
-                path = dir_path + b"/" + fs_name
-                break
-            stack.pop()
-            yield _END, None, dir_path, None
-        else:
-            return
+            if nxt is None:
+                stack.pop()
+                if dir_fd is not None:
+                    os.close(dir_fd)
+                yield _END, None, None, b"", dir_path
+                continue
+            name, fs_name, kind = nxt
+            where = fs_name if dir_fd is not None else dir_path + b"/" + fs_name
+            yield kind, name, dir_fd, where, dir_path
+            if kind == _DIR:
+                sub_path = dir_path + b"/" + fs_name
+                fd = os.open(fs_name, _DIR_FLAGS, dir_fd=dir_fd) if dir_fd is not None else None
+                stack.append((sub_path, fd, _dir_entries(sub_path, case_hack)))
+    finally:
+        for _, dir_fd, _ in stack:
+            if dir_fd is not None:
+                os.close(dir_fd)
 
 
 def nar_chunks(
@@ -191,54 +237,58 @@ def nar_chunks(
     parts.append(_MAGIC)
     have = len(_MAGIC)
     depth = 0
-    for kind, name, path, _st in _walk(os.fsencode(fs_path), case_hack):
-        prefix = b"" if name is None else _ENTRY + _frame(name) + _NODE
-        suffix = b"" if name is None else _CLOSE
-        if kind == _REG:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                # fstat the open file so size and mode describe what we read.
-                fst = os.fstat(fd)
-                if not stat.S_ISREG(fst.st_mode):
-                    raise NarError(f"{os.fsdecode(path)!r} changed while being archived")
-                size = fst.st_size
-                head = _REGULAR + _EXECUTABLE if fst.st_mode & stat.S_IXUSR else _REGULAR
-                token = prefix + head + _CONTENTS + size.to_bytes(8, "little")
-                parts.append(token)
-                have += len(token)
-                if have >= chunk_size:
-                    yield from overflow()
-                remaining = size
-                while remaining:
-                    data = os.read(fd, min(remaining, chunk_size - have))
-                    if not data:
-                        raise NarError(f"{os.fsdecode(path)!r} shrank while being archived")
-                    remaining -= len(data)
-                    if have == 0 and len(data) == chunk_size:
-                        yield data
-                        continue
-                    parts.append(data)
-                    have += len(data)
-                    if have == chunk_size:
-                        yield b"".join(parts)
-                        parts = []
-                        have = 0
-            finally:
-                os.close(fd)
-            token = b"\0" * (-size % 8) + _CLOSE + suffix
-        elif kind == _LNK:
-            token = prefix + _SYMLINK + _frame(os.readlink(path)) + _CLOSE + suffix
-        elif kind == _DIR:
-            depth += 1
-            token = prefix + _DIRECTORY
-        else:
-            depth -= 1
-            # Close the directory node, and its entry unless it is the root.
-            token = _CLOSE + _CLOSE if depth else _CLOSE
-        parts.append(token)
-        have += len(token)
-        if have >= chunk_size:
-            yield from overflow()
+    walk = _walk(os.fsencode(fs_path), case_hack)
+    try:
+        for kind, name, dir_fd, where, dir_path in walk:
+            prefix = b"" if name is None else _ENTRY + _frame(name) + _NODE
+            suffix = b"" if name is None else _CLOSE
+            if kind == _REG:
+                fd = os.open(where, _FILE_FLAGS, dir_fd=dir_fd)
+                try:
+                    # fstat the open file so size and mode describe what we read.
+                    fst = os.fstat(fd)
+                    if not stat.S_ISREG(fst.st_mode):
+                        raise NarError(f"{_shown(where, dir_fd, dir_path)!r} changed while being archived")
+                    size = fst.st_size
+                    head = _REGULAR + _EXECUTABLE if fst.st_mode & stat.S_IXUSR else _REGULAR
+                    token = prefix + head + _CONTENTS + size.to_bytes(8, "little")
+                    parts.append(token)
+                    have += len(token)
+                    if have >= chunk_size:
+                        yield from overflow()
+                    remaining = size
+                    while remaining:
+                        data = os.read(fd, min(remaining, chunk_size - have))
+                        if not data:
+                            raise NarError(f"{_shown(where, dir_fd, dir_path)!r} shrank while being archived")
+                        remaining -= len(data)
+                        if have == 0 and len(data) == chunk_size:
+                            yield data
+                            continue
+                        parts.append(data)
+                        have += len(data)
+                        if have == chunk_size:
+                            yield b"".join(parts)
+                            parts = []
+                            have = 0
+                finally:
+                    os.close(fd)
+                token = b"\0" * (-size % 8) + _CLOSE + suffix
+            elif kind == _LNK:
+                token = prefix + _SYMLINK + _frame(os.readlink(where, dir_fd=dir_fd)) + _CLOSE + suffix
+            elif kind == _DIR:
+                depth += 1
+                token = prefix + _DIRECTORY
+            else:
+                depth -= 1
+                # Close the directory node, and its entry unless it is the root.
+                token = _CLOSE + _CLOSE if depth else _CLOSE
+            parts.append(token)
+            have += len(token)
+            if have >= chunk_size:
+                yield from overflow()
+    finally:
+        walk.close()
     if have:
         yield b"".join(parts)
 
@@ -273,13 +323,12 @@ def _layout(root: bytes, case_hack: bool) -> Generator[NarEntry, None, int]:
     """
     offset = len(_MAGIC)
     dirs: list[bytes] = []  # NAR paths of the directories we are inside
-    for kind, name, path, st in _walk(root, case_hack):
+    for kind, name, dir_fd, where, _dir_path in _walk(root, case_hack):
         if kind == _END:
             dirs.pop()
             # The directory's ")" and, unless it is the root, its entry's ")".
             offset += 2 * len(_CLOSE) if dirs else len(_CLOSE)
             continue
-        assert st is not None
         if name is None:
             rel = b""
         else:
@@ -287,13 +336,14 @@ def _layout(root: bytes, case_hack: bool) -> Generator[NarEntry, None, int]:
             offset += len(_ENTRY) + _framed_len(len(name)) + len(_NODE)
         entry_close = 0 if name is None else len(_CLOSE)
         if kind == _REG:
+            st = os.lstat(where, dir_fd=dir_fd)
             executable = bool(st.st_mode & stat.S_IXUSR)
             offset += _REG_EXEC_HEAD if executable else _REG_HEAD
             size = st.st_size
             yield NarEntry(rel, "regular", size, executable, offset)
             offset += size + (-size % 8) + len(_CLOSE) + entry_close
         elif kind == _LNK:
-            target = os.readlink(path)
+            target = os.readlink(where, dir_fd=dir_fd)
             yield NarEntry(rel, "symlink", target=target)
             offset += len(_SYMLINK) + _framed_len(len(target)) + len(_CLOSE) + entry_close
         else:

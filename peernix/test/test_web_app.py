@@ -25,6 +25,7 @@ from zope.interface.verify import verifyObject
 
 from peernix.interfaces import IPeerRegistry, IStore, IUpstream
 from peernix.nix.hashes import Hash
+from peernix.nix.nar import DEFAULT_CHUNK_SIZE
 from peernix.nix.narinfo import NarInfo, parse_narinfo
 from peernix.nix.pathinfo import PathInfo
 from peernix.nix.signing import SecretKey, parse_secret_key
@@ -34,6 +35,7 @@ from peernix.peers.registry import PeerRegistry
 from peernix.test.fakes import FakeUpstream, MemoryStore, fake_hash_part, nar_bytes, run_synchronously
 from peernix.web.app import COMPRESS_MIN_SIZE, DEFAULT_PROXY_CLIENTS, WebApp, client_ip
 from peernix.web.metrics import Metrics
+from peernix.web.streaming import AHEAD_BYTES
 
 #: The throwaway test key of nix-protocol.md §1.5.
 TEST_KEY = "test-1:7PkklNGdFMvOC2stB1+EhT9Gfh4hBLvpx+HFrKMNWyRYWr4KHNuWa9PDSBHZCGpq6EBYZZdg3RQhSEhSAOKgkA=="
@@ -602,40 +604,42 @@ class StreamingOverHTTPTests(SynchronousTestCase):
         self.info = self.h.store.add_file("big", os.urandom(2 * 1024 * 1024))
         self.nar = nar_bytes(self.h.store.real_path(self.info.path))
 
-    def _start(self) -> tuple[StringTransport, Any]:
+    def _start_paused(self) -> tuple[StringTransport, Any]:
+        """Send the request with the transport's buffer full, then run the first worker call."""
         transport, channel = self.h.raw(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % nar_url(self.info).encode())
-        self.threads.run_one()  # the first chunk
-        return transport, channel
-
-    def test_pause_bounds_reads(self) -> None:
-        """While the transport is paused one chunk is made ahead and kept, none sent: at most 2 in flight."""
-        transport, channel = self._start()  # the first chunk was written
         self.assertEqual(len(self.threads.queue), 1)
         channel_producer = transport.producer  # the HTTPChannel
         assert channel_producer is not None
-        sent_before = len(transport.value())
-        channel_producer.pauseProducing()  # the transport's buffer is full
-        self.threads.run_all()
+        channel_producer.pauseProducing()
+        self.threads.run_one()
+        return transport, channel
+
+    def test_pause_bounds_reads(self) -> None:
+        """While the transport is paused the worker makes at most AHEAD_BYTES (plus a chunk) and sends nothing."""
+        transport, channel = self._start_paused()
+        # The worker call stopped once AHEAD_BYTES were waiting: nothing
+        # queued, nothing written (not even the headers).
         self.assertEqual(self.threads.queue, [])
-        # Nothing more was written while paused (the chunk made ahead waits)...
-        self.assertEqual(len(transport.value()), sent_before)
-        self.assertLess(sent_before, 256 * 1024 + 1024)
-        # ...and resuming writes it at once, before any new worker call.
+        self.assertEqual(transport.value(), b"")
+        channel_producer = transport.producer
+        assert channel_producer is not None
+        # Resuming writes what was made at once, and asks for more.
         channel_producer.resumeProducing()
-        self.assertGreater(len(transport.value()), sent_before + 256 * 1024 - 1024)
+        sent = len(transport.value())
+        self.assertGreaterEqual(sent, AHEAD_BYTES)
+        self.assertLess(sent, AHEAD_BYTES + DEFAULT_CHUNK_SIZE + 1024)
         self.assertEqual(len(self.threads.queue), 1)
         self.threads.run_all()
         self.assertTrue(transport.value().endswith(self.nar))
 
     def test_disconnect_stops_and_closes(self) -> None:
         """A client disconnect stops the stream: no more reads, the generator is closed, nothing finished."""
-        transport, channel = self._start()
-        self.threads.run_one()
+        transport, channel = self._start_paused()
         transport.loseConnection()
         channel.connectionLost(Failure(ConnectionError("client left")))
-        self.threads.run_all()  # the chunk in flight, then the close
+        self.threads.run_all()  # the close
         self.assertEqual(self.threads.queue, [])
-        self.assertNotIn(self.nar, transport.value())
+        self.assertEqual(transport.value(), b"")
         counts = self.h.metrics.request_counts()
         self.assertEqual(counts, {("nar", 200): 1})
 

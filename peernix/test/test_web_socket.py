@@ -61,6 +61,7 @@ class RealSocketTests(TestCase):
             self.store,
             reactor=reactor,  # type: ignore[arg-type]
             defer_to_thread=thread_pool_runner(reactor, self.pool),  # type: ignore[arg-type]
+            call_from_thread=reactor.callFromThread,  # type: ignore[attr-defined]
             secret_key=None,
             priority=40,
             metrics=Metrics(),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import bz2
 import gzip
 import os
+import queue
+import random
 import threading
 from collections.abc import Callable, Generator, Iterator
 from typing import Any, TypeVar
@@ -14,6 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IConsumer, IProducer, IPushProducer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -125,6 +128,7 @@ class Source:
         return next(self._gen)
 
     def close(self) -> None:
+        self.closed = True
         self._gen.close()
 
 
@@ -146,6 +150,11 @@ class ThreadedProducerTests(SynchronousTestCase):
         self.assertIs(consumer.producer, producer)
         self.assertTrue(consumer.streaming)
 
+    def test_bad_bounds(self) -> None:
+        """``ahead`` and ``batch`` must be positive."""
+        self.assertRaises(ValueError, ThreadedProducer, Source([]), FakeConsumer(), ManualThreads(), ahead=0)
+        self.assertRaises(ValueError, ThreadedProducer, Source([]), FakeConsumer(), ManualThreads(), batch=0)
+
     def test_streams_everything(self) -> None:
         """Every chunk is written in order, then the producer unregisters and fires with the byte count."""
         source = Source([b"ab", b"", b"cde", b"f"])
@@ -159,66 +168,79 @@ class ThreadedProducerTests(SynchronousTestCase):
         self.assertIsNone(consumer.producer)
         self.assertTrue(source.closed)
 
-    def test_one_chunk_in_flight(self) -> None:
-        """Without backpressure a new next() starts only after the previous chunk was written."""
-        threads = ManualThreads()
+    def test_one_worker_call_runs_ahead(self) -> None:
+        """A consumer that keeps up gets every chunk of one worker call as it is made, without round trips."""
+        source = Source([b"x" * 10] * 8)
         consumer = FakeConsumer()
-        ThreadedProducer(Source([b"1", b"2", b"3"]), consumer, threads).start()
-        for written in range(3):
-            self.assertEqual(len(threads.queue), 1)
-            self.assertEqual(len(consumer.chunks), written)
-            threads.run_one()
-
-    def test_at_most_two_chunks_in_flight(self) -> None:
-        """A consumer that pauses at every write gets one chunk made ahead, never two, whatever the source size."""
-        source = Source([b"z"] * 100)
         threads = ManualThreads()
-        consumer = FakeConsumer(high_water=0)
-        producer = ThreadedProducer(source, consumer, threads)
-        producer.start()
-        for written in range(1, 50):
-            threads.run_all()
-            # One chunk written (in the transport) and one made ahead.
-            self.assertEqual(len(consumer.chunks), written)
-            self.assertEqual(source.nexts, written + 1)
-            self.assertEqual(threads.queue, [])
-            producer.resumeProducing()
-            # The chunk made ahead is written at once; the next is asked for.
-            self.assertEqual(len(consumer.chunks), written + 1)
-            self.assertEqual(len(threads.queue), 1)
-
-    def test_pause_makes_one_chunk_ahead(self) -> None:
-        """While paused exactly one chunk is made ahead and kept; resuming writes it at once, then pulls on."""
-        source = Source([b"x"] * 100)
-        threads = ManualThreads()
-        consumer = FakeConsumer()
-        producer = ThreadedProducer(source, consumer, threads)
-        producer.start()
-        threads.run_one()
-        producer.pauseProducing()
-        threads.run_all()  # the chunk in flight when paused is kept, no further pull
-        self.assertEqual(len(consumer.chunks), 1)
-        self.assertEqual(source.nexts, 2)
-        self.assertEqual(threads.queue, [])
-        producer.resumeProducing()
-        self.assertEqual(len(consumer.chunks), 2)
+        producer = ThreadedProducer(source, consumer, threads, ahead=20, batch=1000)
+        result = _result(producer.start())
         self.assertEqual(len(threads.queue), 1)
         threads.run_one()
-        self.assertEqual(len(consumer.chunks), 3)
+        self.assertEqual(len(consumer.chunks), 8)
+        self.assertEqual(producer.pulls, 1)
+        threads.run_all()  # closing the source
+        self.assertEqual(result, [80])
+
+    def test_batch_gives_the_thread_back(self) -> None:
+        """A worker call stops after ``batch`` bytes and the next one is queued behind other work."""
+        source = Source([b"y" * 10] * 9)
+        consumer = FakeConsumer()
+        threads = ManualThreads()
+        producer = ThreadedProducer(source, consumer, threads, ahead=1000, batch=25)
+        producer.start()
+        for calls in (1, 2, 3):
+            self.assertEqual(len(threads.queue), 1)
+            threads.run_one()
+            self.assertEqual(len(consumer.chunks), 3 * calls)
+        self.assertEqual(producer.pulls, 4)  # the fourth finds the end
+        threads.run_all()
+        self.assertEqual(producer.written, 90)
+
+    def test_ahead_bounds_memory(self) -> None:
+        """A consumer paused at every write gets at most ``ahead`` bytes (plus one chunk) made ahead, whatever the source size."""
+        source = Source([b"z" * 10] * 1000)
+        threads = ManualThreads()
+        consumer = FakeConsumer(high_water=0)
+        producer = ThreadedProducer(source, consumer, threads, ahead=30, batch=1000)
+        producer.start()
+        for written in range(1, 200):
+            threads.run_all()
+            self.assertEqual(len(consumer.chunks), written)
+            # One chunk in the transport, at most three waiting.
+            self.assertLessEqual(source.nexts - written, 3)
+            self.assertEqual(threads.queue, [])
+            producer.resumeProducing()
+        self.assertLess(source.nexts, 210)
+
+    def test_paused_worker_fills_up_to_ahead(self) -> None:
+        """While paused the worker keeps making chunks until ``ahead`` bytes wait; resuming writes them in order."""
+        source = Source([b"%d" % i for i in range(10)])
+        threads = ManualThreads()
+        consumer = FakeConsumer()
+        producer = ThreadedProducer(source, consumer, threads, ahead=3, batch=1000)
+        result = _result(producer.start())
+        producer.pauseProducing()
+        threads.run_all()
+        self.assertEqual(consumer.chunks, [])
+        self.assertEqual(source.nexts, 3)
+        producer.resumeProducing()
+        threads.run_all()
+        self.assertEqual(consumer.chunks, [b"%d" % i for i in range(10)])
+        self.assertEqual(result, [10])
 
     def test_pause_from_write_bounds_memory(self) -> None:
-        """A consumer pausing inside write() gets at most one more chunk made, whatever the source size."""
+        """A consumer pausing inside write() with a synchronous runner gets at most ``ahead`` bytes more made."""
         source = Source([b"y" * 10] * 1000)
         consumer = FakeConsumer(high_water=2)
-        producer = ThreadedProducer(source, consumer, run_synchronously)
+        producer = ThreadedProducer(source, consumer, run_synchronously, ahead=20, batch=1000)
         producer.start()
         self.assertEqual(len(consumer.chunks), 2)
-        self.assertEqual(source.nexts, 3)
-        self.assertEqual(producer.pulls, 3)
+        self.assertEqual(source.nexts, 4)
         consumer.chunks.clear()
         producer.resumeProducing()
         self.assertEqual(len(consumer.chunks), 2)
-        self.assertEqual(source.nexts, 5)
+        self.assertLessEqual(source.nexts, 6)
 
     def test_end_while_paused(self) -> None:
         """A source that ends while the consumer is paused finishes only after resume, with every byte written."""
@@ -226,8 +248,9 @@ class ThreadedProducerTests(SynchronousTestCase):
         consumer = FakeConsumer(high_water=0)
         producer = ThreadedProducer(Source([b"a", b"b"]), consumer, threads)
         result = _result(producer.start())
-        threads.run_all()  # "a" written (pausing), "b" made ahead
-        producer.resumeProducing()  # "b" written (pausing again), the end found ahead
+        threads.run_all()  # "a" written (pausing), "b" made ahead, the end found
+        self.assertEqual(consumer.chunks, [b"a"])
+        producer.resumeProducing()  # "b" written (pausing again)
         threads.run_all()
         self.assertEqual(result, [])
         self.assertEqual(consumer.chunks, [b"a", b"b"])
@@ -236,21 +259,53 @@ class ThreadedProducerTests(SynchronousTestCase):
         self.assertEqual(consumer.unregistered, 1)
 
     def test_synchronous_runner_does_not_recurse(self) -> None:
-        """A synchronous defer_to_thread streams many chunks in a loop, not a recursion."""
-        source = Source([b"z"] * 20000)
-        consumer = FakeConsumer()
-        result = _result(ThreadedProducer(source, consumer, run_synchronously).start())
-        self.assertEqual(result, [20000])
+        """A synchronous defer_to_thread streams many chunks and many worker calls in a loop, not a recursion."""
+        for batch in (1, 1000):
+            source = Source([b"z"] * 20000)
+            consumer = FakeConsumer()
+            producer = ThreadedProducer(source, consumer, run_synchronously, batch=batch)
+            result = _result(producer.start())
+            self.assertEqual(result, [20000])
+
+    def test_random_interleavings(self) -> None:
+        """Whatever the order of worker calls, pauses and resumes, every byte arrives once, in order, within the bound."""
+        for seed in range(200):
+            rng = random.Random(seed)
+            chunks = [bytes([65 + i % 26]) * rng.randint(1, 7) for i in range(rng.randint(0, 40))]
+            source = Source(chunks)
+            consumer = FakeConsumer()
+            threads = ManualThreads()
+            ahead = rng.randint(1, 20)
+            producer = ThreadedProducer(source, consumer, threads, ahead=ahead, batch=rng.randint(1, 30))
+            result = _result(producer.start())
+            for _ in range(1000):
+                if result and not threads.queue:
+                    break
+                step = rng.random()
+                if step < 0.5 and threads.queue:
+                    threads.run_one()
+                elif step < 0.75:
+                    producer.pauseProducing()
+                else:
+                    producer.resumeProducing()
+                made = sum(len(c) for c in chunks[: source.nexts])
+                self.assertLessEqual(made - producer.written, ahead + 7, f"seed {seed}")
+            producer.resumeProducing()
+            threads.run_all()
+            self.assertEqual(b"".join(consumer.chunks), b"".join(chunks), f"seed {seed}")
+            self.assertEqual(result, [sum(map(len, chunks))], f"seed {seed}")
+            self.assertTrue(source.closed, f"seed {seed}")
 
     def test_stop_when_idle_closes_source(self) -> None:
         """stopProducing while paused closes the source in a worker call and fails with ProducerStopped."""
         source = Source([b"a"] * 10)
         threads = ManualThreads()
         consumer = FakeConsumer()
-        producer = ThreadedProducer(source, consumer, threads)
+        producer = ThreadedProducer(source, consumer, threads, ahead=3)
         result = _result(producer.start())
         producer.pauseProducing()
         threads.run_one()
+        self.assertEqual(source.nexts, 3)
         producer.stopProducing()
         self.assertIsInstance(result[0], Failure)
         assert isinstance(result[0], Failure)
@@ -259,17 +314,18 @@ class ThreadedProducerTests(SynchronousTestCase):
         self.assertFalse(source.closed)  # closing is a worker call
         threads.run_all()
         self.assertTrue(source.closed)
-        self.assertEqual(source.nexts, 1)
+        self.assertEqual(source.nexts, 3)
+        self.assertEqual(consumer.chunks, [])
 
     def test_stop_while_in_flight_closes_after(self) -> None:
-        """stopProducing during a next() closes the source only once that next() returned, and writes nothing more."""
+        """stopProducing during a worker call closes the source only once that call returned, and writes nothing more."""
         source = Source([b"a"] * 10)
         threads = ManualThreads()
         consumer = FakeConsumer()
         producer = ThreadedProducer(source, consumer, threads)
         result = _result(producer.start())
         producer.stopProducing()
-        self.assertEqual(len(threads.queue), 1)  # only the next() in flight, no close yet
+        self.assertEqual(len(threads.queue), 1)  # only the call in flight, no close yet
         threads.run_all()  # ManualThreads asserts no two calls overlap
         self.assertTrue(source.closed)
         self.assertEqual(consumer.chunks, [])
@@ -279,8 +335,27 @@ class ThreadedProducerTests(SynchronousTestCase):
         producer.resumeProducing()
         self.assertEqual(threads.queue, [])
 
+    def test_stop_from_write_ends_the_worker_call(self) -> None:
+        """A consumer that stops the producer inside write() gets nothing more, and the worker call ends at once."""
+        source = Source([b"a"] * 10)
+        threads = ManualThreads()
+        consumer = FakeConsumer()
+        producer = ThreadedProducer(source, consumer, threads)
+        original = consumer.write
+
+        def write(data: bytes) -> None:
+            original(data)
+            producer.stopProducing()
+
+        consumer.write = write  # type: ignore[method-assign]
+        _result(producer.start())
+        threads.run_all()
+        self.assertEqual(consumer.chunks, [b"a"])
+        self.assertEqual(source.nexts, 1)
+        self.assertTrue(source.closed)
+
     def test_source_error(self) -> None:
-        """An exception from the source fails the Deferred with it, unregisters, and closes the source."""
+        """An exception from the source fails the Deferred with it after the chunks made before, unregisters, and closes the source."""
         source = Source([b"a", b"b", b"c"], error_at=1)
         consumer = FakeConsumer()
         threads = ManualThreads()
@@ -340,6 +415,49 @@ class ThreadedProducerTests(SynchronousTestCase):
         threads.run_all()
         self.assertEqual(consumer.chunks, [b"a", b"b"])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_real_threads(self) -> None:
+        """With a real thread pool and a hand-over queue, the bytes arrive in order on the calling thread."""
+        pool = ThreadPool(1, 2, name="producer-test")
+        pool.start()
+        self.addCleanup(pool.stop)
+        handed: queue.Queue[tuple[Callable[..., object], tuple[object, ...]]] = queue.Queue()
+        results: queue.Queue[tuple[bool, object]] = queue.Queue()
+
+        def defer_to_thread(f: Callable[[], _T], /) -> Deferred[_T]:
+            d: Deferred[_T] = Deferred()
+
+            def run() -> None:
+                try:
+                    value: object = f()
+                except Exception as e:
+                    value = e
+                handed.put((lambda v: d.errback(v) if isinstance(v, Exception) else d.callback(v), (value,)))
+
+            pool.callInThread(run)
+            return d
+
+        def call_from_thread(f: Callable[..., object], /, *args: object) -> None:
+            handed.put((f, args))
+
+        data = [os.urandom(1000) for _ in range(300)]
+        main = threading.get_ident()
+        consumer = FakeConsumer()
+        original = consumer.write
+
+        def write(data: bytes) -> None:
+            self.assertEqual(threading.get_ident(), main)
+            original(data)
+
+        consumer.write = write  # type: ignore[method-assign]
+        producer = ThreadedProducer(Source(data), consumer, defer_to_thread, call_from_thread=call_from_thread,
+                                    ahead=5000, batch=20000)
+        result = _result(producer.start())
+        while not result:
+            f, args = handed.get(timeout=10)
+            f(*args)
+        self.assertEqual(result, [300000])
+        self.assertEqual(b"".join(consumer.chunks), b"".join(data))
 
 
 def _chunks(data: bytes, size: int) -> Iterator[bytes]:

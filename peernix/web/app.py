@@ -54,6 +54,7 @@ from peernix.web.streaming import (
     DeferToThread,
     ProducerStopped,
     ThreadedProducer,
+    call_directly,
     exact_length,
     file_chunks,
     gzip_chunks,
@@ -257,8 +258,8 @@ class WebApp:
     Threading: every blocking step (NAR serialisation and sizing, compression,
     ``.ls`` listings, log reading and bz2 decompression) runs through
     ``defer_to_thread``; everything else runs on the reactor thread.
-    Memory: NARs and logs are streamed with backpressure, one or two chunks
-    in flight per response whatever their size.
+    Memory: NARs and logs are streamed with backpressure, about a MiB in
+    flight per response whatever their size.
     """
 
     def __init__(
@@ -267,6 +268,7 @@ class WebApp:
         *,
         reactor: IReactorTime,
         defer_to_thread: DeferToThread,
+        call_from_thread: Callable[..., object] = call_directly,
         secret_key: SecretKey | None,
         priority: int,
         metrics: Metrics,
@@ -288,6 +290,10 @@ class WebApp:
             and returns a Deferred of its result (production: a
             :func:`~peernix.web.streaming.thread_pool_runner` over a small CPU
             pool; tests: a synchronous runner).
+        :param call_from_thread: how streams made in ``defer_to_thread``
+            hand chunks to the reactor thread: ``reactor.callFromThread``
+            with a real thread pool; the default (calling at once) is only
+            right for a synchronous runner.
         :param secret_key: this node's signing key; local narinfos get its
             signature in addition to those in the database.  ``None`` serves
             them with the database signatures only.
@@ -321,6 +327,7 @@ class WebApp:
         self._local_hosts: dict[object, bool] = {}
         self._reactor = reactor
         self._defer_to_thread = defer_to_thread
+        self._call_from_thread = call_from_thread
         self._secret_key = secret_key
         self._priority = priority
         self._metrics = metrics
@@ -819,6 +826,7 @@ class WebApp:
             make_source(),
             _RequestConsumer(request),
             self._defer_to_thread,
+            call_from_thread=self._call_from_thread,
             clock=self._reactor,
             stall_timeout=STALL_TIMEOUT,
         )
@@ -882,6 +890,7 @@ class WebApp:
             file_chunks(path),
             _RequestConsumer(request),
             self._defer_to_thread,
+            call_from_thread=self._call_from_thread,
             clock=self._reactor,
             stall_timeout=STALL_TIMEOUT,
         )

@@ -392,6 +392,11 @@ class RefusalProtocol(Protocol):
             on_lost()
 
 
+#: The most one ``send()`` of a response hands the kernel (twisted's TCP
+#: transports default to 128 KiB).
+SEND_BYTES = 512 * 1024
+
+
 class LimitedHTTPChannel(HTTPChannel):
     """
     ``twisted.web``'s HTTP/1.1 channel with a header timeout, explicit size
@@ -469,6 +474,10 @@ class LimitedHTTPChannel(HTTPChannel):
 
     def connectionMade(self) -> None:
         super().connectionMade()  # type: ignore[no-untyped-call]
+        # A NAR goes out in sends of up to SEND_BYTES rather than twisted's
+        # 128 KiB: fewer system calls and reactor turns per byte.
+        if self.transport is not None and hasattr(self.transport, "SEND_LIMIT"):
+            self.transport.SEND_LIMIT = SEND_BYTES  # type: ignore[attr-defined]
         # A new connection must start and finish its first request in time
         # too: otherwise connections that send nothing would hold their
         # place until the idle timeout.

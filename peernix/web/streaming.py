@@ -2,15 +2,14 @@
 Streaming blocking byte sources to HTTP consumers with backpressure.
 
 A *source* is a blocking ``Iterator[bytes]`` (a NAR writer walking the
-filesystem, a compressor wrapped around it, a log file reader).  Every
-``next()`` on it runs in a worker thread through an injected
-:class:`DeferToThread`; :class:`ThreadedProducer` keeps at most one chunk
-ahead of the consumer: the next chunk is made while the transport sends the
-previous one (also while the consumer is paused), and nothing more is asked
-for until that chunk was handed over.  So at most two chunks are in flight
-(one in the transport's buffer, one made or being made): memory stays
-constant whatever the size of the stream, and the worker thread and the
-socket work at the same time instead of taking turns.
+filesystem, a compressor wrapped around it, a log file reader).  Its
+``next()`` calls run in a worker thread through an injected
+:class:`DeferToThread`.  :class:`ThreadedProducer` lets the worker run ahead
+of the consumer by a bounded number of bytes: each chunk is handed to the
+reactor thread as soon as it is made, so the worker makes the next chunks
+while the transport sends earlier ones (also while the consumer is paused),
+and a worker call gives its thread back when that bound is reached or after
+a bounded batch.  Memory stays constant whatever the size of the stream.
 
 The source transformers (:func:`zstd_chunks`, :func:`gzip_chunks`,
 :func:`slice_chunks`, :func:`exact_length`) are plain generators, composed
@@ -21,7 +20,9 @@ compression never runs on the reactor thread.
 from __future__ import annotations
 
 import bz2
+import threading
 import zlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import IO, Protocol, TypeVar
 
@@ -190,18 +191,41 @@ class StalledConsumer(Exception):
     """The consumer stayed paused for longer than the stall timeout."""
 
 
+#: How many bytes a stream may have made ahead of its consumer (handed to
+#: the reactor thread but not yet written to the transport): enough that the
+#: worker keeps making chunks while the transport sends earlier ones, small
+#: enough that many concurrent streams cost little memory.
+AHEAD_BYTES = 512 * 1024
+#: How many bytes one worker call makes at most before giving its thread
+#: back, so streams sharing the small CPU pool take turns.
+BATCH_BYTES = 4 * 1024 * 1024
+
+
+def call_directly(f: Callable[..., object], /, *args: object) -> None:
+    """A ``call_from_thread`` for synchronous runners (tests): calls ``f(*args)`` at once."""
+    f(*args)
+
+
 @implementer(IPushProducer)
 class ThreadedProducer:
     """
-    Push the chunks of a blocking source to a consumer, pulling each chunk in
-    a worker thread, honouring pause/resume and stop.
+    Push the chunks of a blocking source to a consumer, making them in a
+    worker thread, honouring pause/resume and stop.
 
-    Invariants: at most one ``next()`` on the source is outstanding; a new
-    one starts only when the previous chunk was written to the consumer.
-    While the consumer is paused one chunk is made ahead and kept (at most
-    one), and written on resume; so at most two chunks are in flight.  The
-    source is closed exactly once (in a worker thread, never while a
-    ``next()`` runs) when it ends, fails, or the producer is stopped.
+    A worker call pulls chunks from the source one after the other and hands
+    each to the reactor thread as soon as it is made (``call_from_thread``),
+    without waiting for it to be written: the worker and the transport work
+    at the same time, and a chunk costs one hand-over rather than a round
+    trip.  A worker call ends when the bytes made but not yet written reach
+    ``ahead`` (the consumer is paused or slow), after ``batch`` bytes (so
+    streams sharing a small pool take turns), or at the end of the source;
+    the next one starts when the consumer has taken enough.
+
+    Invariants: at most one worker call on the source runs at a time; at
+    most ``ahead`` bytes plus one chunk wait for the consumer, whatever the
+    size of the stream; the source is closed exactly once (in a worker
+    thread, never while a worker call uses it) when it ends, fails, or the
+    producer is stopped.
 
     Use :meth:`start` once.
     """
@@ -212,36 +236,56 @@ class ThreadedProducer:
         consumer: IConsumer,
         defer_to_thread: DeferToThread,
         *,
+        call_from_thread: Callable[..., object] = call_directly,
         clock: IReactorTime | None = None,
         stall_timeout: float = 300.0,
+        ahead: int = AHEAD_BYTES,
+        batch: int = BATCH_BYTES,
     ) -> None:
         """
         :param source: the blocking chunk iterator; this producer owns it.
         :param consumer: where chunks go, e.g. a ``twisted.web`` request.
-        :param defer_to_thread: runs ``next()`` and ``close()`` off the
-            reactor thread.
+        :param defer_to_thread: runs the worker calls (chunks and
+            ``close()``) off the reactor thread.
+        :param call_from_thread: how a worker call hands a chunk to the
+            reactor thread: ``reactor.callFromThread`` in production; the
+            default calls at once, which is only right when
+            ``defer_to_thread`` runs on the calling thread (tests).
         :param clock: when given, a consumer paused for ``stall_timeout``
             seconds without resuming stops the producer (a client that
             stopped reading must not pin a worker's source forever).
         :param stall_timeout: see ``clock``.
+        :param ahead: bytes made ahead of the consumer at most (plus one
+            chunk).
+        :param batch: bytes one worker call makes at most.
         """
+        if ahead <= 0 or batch <= 0:
+            raise ValueError("ahead and batch must be positive")
         self._source = source
         self._consumer = consumer
         self._defer_to_thread = defer_to_thread
+        self._call_from_thread = call_from_thread
         self._clock = clock
         self._stall_timeout = stall_timeout
+        self._ahead = ahead
+        self._batch = batch
         self._stall_call: IDelayedCall | None = None
         self._paused = False
         self._in_flight = False
-        # A chunk made while the consumer was paused, waiting for resume;
-        # _ready_end: the source ended (after that chunk, if any).
-        self._ready: bytes | None = None
-        self._ready_end = False
+        # Chunks handed over while the consumer was paused, oldest first.
+        self._waiting: deque[bytes] = deque()
+        # Bytes handed over by the worker and not yet written to the
+        # consumer (in _waiting or in the reactor's queue); the worker reads
+        # it, so it changes under the lock.
+        self._outstanding = 0
+        self._lock = threading.Lock()
+        # The source ended; written once _waiting is empty.
+        self._source_done = False
         self._pulling = False
         self._finished = False
         self._closed = False
         self._done: Deferred[int] = Deferred(self._cancel)
-        #: Number of ``next()`` calls made on the source so far.
+        #: Number of worker calls made on the source so far.
         self.pulls = 0
         #: Number of bytes written to the consumer so far.
         self.written = 0
@@ -266,23 +310,21 @@ class ThreadedProducer:
     # IPushProducer
 
     def pauseProducing(self) -> None:
-        """Stop writing until resumed; one chunk is still made ahead and kept for then."""
+        """Stop writing until resumed; the worker goes on until ``ahead`` bytes wait."""
         self._paused = True
         if self._clock is not None and self._stall_call is None and not self._finished:
             self._stall_call = self._clock.callLater(self._stall_timeout, self._stalled)
 
     def resumeProducing(self) -> None:
-        """Write the chunk made ahead, if any, and ask for chunks again."""
+        """Write the chunks made ahead, and make more."""
         self._paused = False
         self._cancel_stall_timer()
         if self._finished:
             return
-        ready, self._ready = self._ready, None
-        if ready is not None:
-            self.written += len(ready)
-            # May pause us again; _pull then makes one chunk ahead.
-            self._consumer.write(ready)
-        if self._ready_end:
+        self._flush()
+        if self._finished:
+            return
+        if self._source_done:
             if not self._paused:
                 self._end(None)
             return
@@ -310,48 +352,76 @@ class ThreadedProducer:
                 self._stall_call.cancel()
             self._stall_call = None
 
-    def _next_chunk(self) -> bytes | None:
-        # Runs in a worker thread.
-        return next(self._source, None)
+    def _make_chunks(self) -> bool:
+        # Runs in a worker thread.  Returns whether the source ended.
+        made = 0
+        while not self._finished and self._outstanding < self._ahead and made < self._batch:
+            chunk = next(self._source, None)
+            if chunk is None:
+                return True
+            if chunk:
+                made += len(chunk)
+                with self._lock:
+                    self._outstanding += len(chunk)
+                self._call_from_thread(self._arrived, chunk)
+        return False
 
     def _pull(self) -> None:
         # A loop rather than recursion: with a synchronous defer_to_thread
-        # every chunk arrives before the Deferred is returned, and a
+        # every worker call ends before its Deferred is returned, and a
         # multi-GB NAR must not become a multi-thousand-frame stack.
         if self._pulling:
             return
         self._pulling = True
         try:
-            while not (self._finished or self._in_flight or self._ready is not None or self._ready_end):
+            while not (self._finished or self._in_flight or self._source_done or self._outstanding >= self._ahead):
                 self._in_flight = True
                 self.pulls += 1
-                d = self._defer_to_thread(self._next_chunk)
-                d.addCallbacks(self._arrived, self._failed)
+                d = self._defer_to_thread(self._make_chunks)
+                d.addCallbacks(self._call_ended, self._failed)
         finally:
             self._pulling = False
 
-    def _arrived(self, chunk: bytes | None) -> None:
+    def _taken(self, chunk: bytes) -> None:
+        with self._lock:
+            self._outstanding -= len(chunk)
+
+    def _arrived(self, chunk: bytes) -> None:
+        # On the reactor thread, in the order the worker made the chunks.
+        if self._finished:
+            self._taken(chunk)
+            return
+        if self._paused or self._waiting:
+            self._waiting.append(chunk)
+            return
+        self._write(chunk)
+
+    def _write(self, chunk: bytes) -> None:
+        self._taken(chunk)
+        self.written += len(chunk)
+        # write() may call pauseProducing() synchronously (the transport's
+        # buffer is full).
+        self._consumer.write(chunk)
+
+    def _flush(self) -> None:
+        waiting = self._waiting
+        while waiting and not self._paused and not self._finished:
+            self._write(waiting.popleft())
+
+    def _call_ended(self, source_ended: bool) -> None:
+        # Fires after every chunk of that call has arrived (call_from_thread
+        # and the Deferred's result keep the worker's order).
         self._in_flight = False
         if self._finished:
-            # Stopped while this chunk was being made: nobody wants it, and
-            # the source can be closed now that no next() is running.
+            # Stopped while the call ran: the source can be closed now that
+            # nothing uses it.
             self._close_source()
             return
-        if self._paused:
-            # Made ahead: kept until resumeProducing (no further pull).
-            if chunk is None:
-                self._ready_end = True
-            elif chunk:
-                self._ready = chunk
+        if source_ended:
+            self._source_done = True
+            if not self._paused and not self._waiting:
+                self._end(None)
             return
-        if chunk is None:
-            self._end(None)
-            return
-        if chunk:
-            self.written += len(chunk)
-            # write() may call pauseProducing() synchronously (the
-            # transport's buffer is full); _pull() then does nothing.
-            self._consumer.write(chunk)
         self._pull()
 
     def _failed(self, failure: Failure) -> None:
@@ -365,7 +435,8 @@ class ThreadedProducer:
         if self._finished:
             return
         self._finished = True
-        self._ready = None
+        while self._waiting:
+            self._taken(self._waiting.popleft())
         self._cancel_stall_timer()
         self._consumer.unregisterProducer()
         if not self._in_flight:
