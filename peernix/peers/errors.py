@@ -8,7 +8,7 @@ class NarUnavailable(Exception):
 
 
 class NarVerificationFailed(Exception):
-    """A peer's NAR did not match the expected NarHash/NarSize or NAR grammar."""
+    """A peer's NAR did not match the expected NarHash/NarSize (or was not valid zstd)."""
 
 
 class NarRelayInterrupted(Exception):

@@ -43,7 +43,7 @@ class PeerMetrics:
         )
         self.verification_failures = Counter(
             "peernix_verification_failures",
-            "Peer NARs that failed NarHash/NarSize/grammar verification",
+            "Peer NARs that failed NarHash/NarSize verification",
             registry=self.registry,
         )
         self.peers = Gauge("peernix_peers", "Known peers", registry=self.registry)

@@ -158,6 +158,20 @@ class Peer:
         return f"{self.url}/nix-cache/"
 
     @property
+    def on_loopback(self) -> bool:
+        """
+        :returns: whether the peer is on this machine (a loopback address or
+            ``localhost``): several daemons on one host, as in tests.
+        """
+        host = urlsplit(self.url).hostname or ""
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    @property
     def is_static(self) -> bool:
         """:returns: whether the peer is configured statically (never expires)."""
         return STATIC in self.sources

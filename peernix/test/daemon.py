@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -50,17 +51,41 @@ def shared_fixture(key: str, make: Callable[[], _F]) -> _F:
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(peernix.__file__)))
 
 
+#: Ports tests listen on: below Linux's default ephemeral range (32768-60999),
+#: so an outgoing connection's local port (of this or a parallel test run)
+#: never takes a port between free_port() and the daemon's bind.
+_TEST_PORTS = (20000, 32000)
+
+
+def _ipv6_works() -> bool:
+    """:returns: whether an IPv6 socket can be bound here at all."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::", 0))
+    except OSError:
+        return False
+    return True
+
+
 def free_port() -> int:
-    """:returns: a TCP port that was free on 127.0.0.1 a moment ago (also free for UDP, checked)."""
+    """
+    :returns: a port that was free a moment ago for TCP on 127.0.0.1 and on
+        every address (IPv4 and IPv6), and for UDP, chosen at random outside
+        the ephemeral port range.
+    """
+    rng = random.SystemRandom()
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            try:
-                u.bind(("0.0.0.0", port))
-            except OSError:
-                continue
+        port = rng.randrange(*_TEST_PORTS)
+        probes = [(socket.AF_INET, socket.SOCK_STREAM, "127.0.0.1"), (socket.AF_INET, socket.SOCK_STREAM, "0.0.0.0"),
+                  (socket.AF_INET, socket.SOCK_DGRAM, "0.0.0.0")]
+        if _ipv6_works():
+            probes.append((socket.AF_INET6, socket.SOCK_STREAM, "::"))
+        try:
+            for family, kind, address in probes:
+                with socket.socket(family, kind) as s:
+                    s.bind((address, port))
+        except OSError:
+            continue
         return port
 
 

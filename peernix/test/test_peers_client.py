@@ -94,6 +94,32 @@ class PeerClientTests(SynchronousTestCase):
         agent.response.finish()
         self.assertEqual(self.successResultOf(d), self.info)
 
+    def test_zstd_only_across_the_lan(self) -> None:
+        """zstd is asked of peers on other machines, not of peers on loopback (where it only costs CPU)."""
+        agent = RecordingAgent()
+        client = PeerClient(self.client._http, self.clock, agent=agent)
+        expected = {
+            "192.168.1.7:9999": True,
+            "[fd70:1::2]:9999": True,
+            "peer.lan:9999": True,
+            "127.0.0.1:9999": False,
+            "127.1.2.3:9999": False,
+            "[::1]:9999": False,
+            "localhost:9999": False,
+        }
+        for hostport, zstd in expected.items():
+            self.assertEqual(peer(hostport).on_loopback, not zstd, hostport)
+        # IPv6 peers go through the recording agent, which shows the query.
+        client.fetch_narinfo(peer("[::1]:9999"), self.h)
+        self.assertEqual(agent.requests[-1][1], f"http://[::1]:9999/nix-cache/{self.h}.narinfo".encode())
+        client.fetch_narinfo(peer("[fd70:1::2]:9999"), self.h)
+        self.assertTrue(agent.requests[-1][1].endswith(b".narinfo?compression=zstd"))
+        # An explicit choice wins.
+        client.fetch_narinfo(peer("[fd70:1::2]:9999"), self.h, prefer_zstd=False)
+        self.assertTrue(agent.requests[-1][1].endswith(b".narinfo"))
+        client.fetch_narinfo(peer("[::1]:9999"), self.h, prefer_zstd=True)
+        self.assertTrue(agent.requests[-1][1].endswith(b"?compression=zstd"))
+
     def test_not_found(self) -> None:
         """404 means the peer does not have it: None."""
         self.lan.peer("a:1")

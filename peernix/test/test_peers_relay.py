@@ -145,13 +145,18 @@ class NarRelayTests(SynchronousTestCase):
         self.assertEqual(relay.failure_kind, "verification")
         self.assertClean()
 
-    def test_corrupted_grammar(self) -> None:
-        """Bytes that are not a NAR fail at once and stop the peer connection."""
-        relay = self.relay()
-        self.response.send(b"not a nar at all" + NAR[16:100])
-        self.failureResultOf(relay.done, NarVerificationFailed)
-        self.assertTrue(self.response.transport.stopped)
-        self.assertFalse(relay.wrote_any)
+    def test_not_a_nar(self) -> None:
+        """Bytes that are not a NAR (hash and size alone decide) fail at the end, and the client never gets the last chunk."""
+        junk = b"not a nar at all" + NAR[16:]
+        relay = self.relay(size=len(junk))
+        pieces = chunks_of(junk, 1000)
+        self.response.send(*pieces)
+        self.assertNoResult(relay.done)
+        self.response.finish()
+        f = self.failureResultOf(relay.done, NarVerificationFailed)
+        self.assertIn("hash mismatch", str(f.value))
+        self.assertNotEqual(self.consumer.value(), junk)
+        self.assertEqual(relay.failure_kind, "verification")
         self.assertClean()
 
     def test_truncated(self) -> None:
