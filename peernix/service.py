@@ -33,11 +33,11 @@ from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 
 import peernix
-from peernix.discovery.mdns import MdnsDiscoveryService, make_zeroconf
 from peernix.discovery.nodeinfo import NodeInfo, detect_node_info
 from peernix.discovery.signed import AnnounceKeys
 from peernix.discovery.static import StaticPeersService
 from peernix.discovery.udp import UdpDiscoveryService
+from peernix.memory import IdleTrimmer
 from peernix.interfaces import IPeerRegistry, IStore, IUpstream
 from peernix.nix.signing import PublicKey, SecretKey, load_secret_key_file, parse_public_key
 from peernix.options import Config
@@ -480,6 +480,10 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
         keys=AnnounceKeys(parent.secret_key, trusted_keys(config)),
     ).setServiceParent(parent)
     if config.mdns:
+        # Imported here: zeroconf costs about 3 MB of memory, paid only
+        # when mDNS is on.
+        from peernix.discovery.mdns import MdnsDiscoveryService, make_zeroconf
+
         # zeroconf's blocking calls (construction, resolving, close) run on
         # a small pool of their own, so they never wait behind NAR work.
         pool = ThreadPool(minthreads=0, maxthreads=2, name="peernix-mdns")
@@ -532,6 +536,7 @@ def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
         reactor=reactor,
         defer_to_thread=defer_to_thread,
         call_from_thread=call_from_thread,
+        trimmer=IdleTrimmer(reactor),
         secret_key=secret_key,
         priority=config.priority,
         metrics=metrics,
@@ -584,6 +589,14 @@ def local_cache_url(config: Config, port: int) -> str:
     return f"http://{host}:{port}/nix-cache"
 
 
+#: Connections the kernel completes before we accept them (capped by
+#: ``net.core.somaxconn``).  Twisted's default, 50, overflows when hundreds
+#: of clients connect at once: the kernel then drops their handshakes' last
+#: ACK, and a client that already sent its request waits for the SYN-ACK to
+#: be retransmitted (1, 2, 4, 8 s...) before it is even read.
+LISTEN_BACKLOG = 1024
+
+
 def make_listeners(config: Config, reactor: Reactor, site: PeernixSite, stack: IPStack,
                    parent: PeernixService) -> list[ListenerService]:
     """Add one TCP listener service per address of :func:`listen_addresses`."""
@@ -591,10 +604,10 @@ def make_listeners(config: Config, reactor: Reactor, site: PeernixSite, stack: I
     for address in listen_addresses(config, stack):
         endpoint: IStreamServerEndpoint
         if ":" in address:
-            endpoint = TCP6ServerEndpoint(reactor, config.port, interface=address)
+            endpoint = TCP6ServerEndpoint(reactor, config.port, backlog=LISTEN_BACKLOG, interface=address)
             shown = f"[{address}]:{config.port}"
         else:
-            endpoint = TCP4ServerEndpoint(reactor, config.port, interface=address)
+            endpoint = TCP4ServerEndpoint(reactor, config.port, backlog=LISTEN_BACKLOG, interface=address)
             shown = f"{address}:{config.port}"
         listener = ListenerService(
             endpoint, site, shown,

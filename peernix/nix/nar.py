@@ -22,6 +22,8 @@ import hashlib
 import os
 import stat
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Generator, Iterator
 
 from attrs import frozen
@@ -77,7 +79,7 @@ _DIR, _REG, _LNK, _END = range(4)
 #: Whether the walk can work relative to open directories (``openat`` and
 #: friends): no path is resolved again from the root for every file, and
 #: ``scandir``'s file types spare an ``lstat`` per entry.
-_AT_CALLS = {os.open, os.lstat, os.readlink} <= os.supports_dir_fd
+_AT_CALLS = {os.open, os.stat, os.readlink} <= os.supports_dir_fd
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -93,33 +95,73 @@ def _kind_of(mode: int, path: bytes) -> int:
     raise NarError(f"{os.fsdecode(path)!r} is not a regular file, directory or symlink")
 
 
-def _dir_entries(path: bytes, case_hack: bool) -> Iterator[tuple[bytes, bytes, int]]:
-    """:returns: ``(name in the NAR, name on disk, kind)`` triples in NAR order."""
-    listed: list[tuple[bytes, int]] = []
+#: Appended to a name while listing a directory: NUL (which no file name
+#: contains, and which sorts before every other byte, so tagged names sort
+#: as the names do) and the node's kind.
+_TAGS = {kind: b"\0" + bytes([kind]) for kind in (_DIR, _REG, _LNK)}
+
+
+class _Listing:
+    """A sorted directory listing (tagged names, one bytes object), shareable."""
+
+    __slots__ = ("packed", "__weakref__")
+
+    def __init__(self, packed: bytes) -> None:
+        self.packed = packed
+
+
+#: Listings of big directories that walks are inside right now, by the
+#: directory's (device, inode, mtime, size): several clients downloading the same
+#: path at once hold one copy of, say, a man1 of 18,000 names, not one each.
+#: An entry goes when the last walk using it leaves the directory.
+_shared_listings: weakref.WeakValueDictionary[tuple[int, int, int, int], _Listing] = weakref.WeakValueDictionary()
+_shared_lock = threading.Lock()
+#: Listings at least this long (bytes) are shared.
+_SHARE_MIN = 32 * 1024
+
+
+def _dir_entries(path: bytes, case_hack: bool, key: tuple[int, int, int, int] | None = None) -> Iterator[tuple[bytes, bytes, int]]:
+    """
+    :param key: the directory's identity (device, inode, mtime, size), to share
+        the listing with concurrent walks; ``None``: not shared.
+    :returns: ``(name in the NAR, name on disk, kind)`` triples in NAR order.
+    """
+    if key is not None and not case_hack:
+        with _shared_lock:
+            shared = _shared_listings.get(key)
+        if shared is not None:
+            return _unpacked(shared)
+    # One bytes object per entry (name and kind tag), not a tuple: a
+    # directory of tens of thousands of files streamed to several clients at
+    # once is listed by each of them.
+    listed: list[bytes] = []
     add = listed.append
+    reg, sub, lnk = _TAGS[_REG], _TAGS[_DIR], _TAGS[_LNK]
     # By path, not by descriptor: scandir then gives names as bytes.  One
     # resolution per directory is cheap; files are opened relative to it.
     with os.scandir(path) as it:
         for e in it:
             # is_*() use the directory's d_type and only lstat when it is unknown.
             if e.is_file(follow_symlinks=False):
-                add((e.name, _REG))
+                add(e.name + reg)
             elif e.is_dir(follow_symlinks=False):
-                add((e.name, _DIR))
+                add(e.name + sub)
             elif e.is_symlink():
-                add((e.name, _LNK))
+                add(e.name + lnk)
             else:
                 raise NarError(f"{os.fsdecode(e.path)!r} is not a regular file, directory or symlink")
     if not case_hack:
         listed.sort()
-        # Kept packed while the walk is inside this directory: one bytes
-        # object of all names and one of kinds are a fraction of a list of
-        # tuples, which matters for a directory of tens of thousands of
-        # files streamed to several clients at once.  A file name never
-        # contains NUL.
-        return _unpacked(b"\0".join(n for n, _ in listed), bytes(k for _, k in listed))
+        # Kept as one bytes object while the walk is inside this directory.
+        listing = _Listing(b"".join(listed))
+        del listed
+        if key is not None and len(listing.packed) >= _SHARE_MIN:
+            with _shared_lock:
+                listing = _shared_listings.setdefault(key, listing)
+        return _unpacked(listing)
     unhacked: dict[bytes, tuple[bytes, int]] = {}
-    for fs_name, kind in listed:
+    for tagged in listed:
+        fs_name, kind = tagged[:-2], tagged[-1]
         pos = fs_name.find(CASE_HACK_SUFFIX)
         name = fs_name if pos < 0 else fs_name[:pos]
         if name in unhacked:
@@ -128,21 +170,30 @@ def _dir_entries(path: bytes, case_hack: bool) -> Iterator[tuple[bytes, bytes, i
     return iter(sorted((name, fs_name, kind) for name, (fs_name, kind) in unhacked.items()))
 
 
-def _unpacked(packed: bytes, kinds: bytes) -> Iterator[tuple[bytes, bytes, int]]:
-    """:returns: ``(name, name, kind)`` for each NUL-separated name of ``packed`` and its kind."""
+def _unpacked(listing: _Listing) -> Iterator[tuple[bytes, bytes, int]]:
+    """:returns: ``(name, name, kind)`` for each tagged name (``name NUL kind``) of the listing."""
+    packed = listing.packed
     start = 0
-    for kind in kinds:
+    end_of_all = len(packed)
+    while start < end_of_all:
         end = packed.find(b"\0", start)
-        if end < 0:
-            end = len(packed)
         name = packed[start:end]
-        start = end + 1
+        kind = packed[end + 1]
+        start = end + 2
         yield name, name, kind
 
 
 def _shown(where: bytes, dir_fd: int | None, dir_path: bytes) -> str:
     """:returns: a node's path for messages."""
     return os.fsdecode(dir_path + b"/" + where if dir_fd is not None else where)
+
+
+def _identity(fd: int | None) -> tuple[int, int, int, int] | None:
+    """:returns: the (device, inode, mtime, size) of the directory open as ``fd``, or ``None`` without one."""
+    if fd is None:
+        return None
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 #: One node of a walk: its kind, its name in the NAR (``None`` for the root),
@@ -169,7 +220,7 @@ def _walk(root: bytes, case_hack: bool) -> Generator[_Node, None, None]:
     stack: list[tuple[bytes, int | None, Iterator[tuple[bytes, bytes, int]]]] = []
     try:
         fd = os.open(root, _DIR_FLAGS) if _AT_CALLS else None
-        stack.append((root, fd, _dir_entries(root, case_hack)))
+        stack.append((root, fd, _dir_entries(root, case_hack, _identity(fd))))
         while stack:
             dir_path, dir_fd, entries = stack[-1]
             nxt = next(entries, None)
@@ -185,7 +236,7 @@ def _walk(root: bytes, case_hack: bool) -> Generator[_Node, None, None]:
             if kind == _DIR:
                 sub_path = dir_path + b"/" + fs_name
                 fd = os.open(fs_name, _DIR_FLAGS, dir_fd=dir_fd) if dir_fd is not None else None
-                stack.append((sub_path, fd, _dir_entries(sub_path, case_hack)))
+                stack.append((sub_path, fd, _dir_entries(sub_path, case_hack, _identity(fd))))
     finally:
         for _, dir_fd, _ in stack:
             if dir_fd is not None:
@@ -336,7 +387,7 @@ def _layout(root: bytes, case_hack: bool) -> Generator[NarEntry, None, int]:
             offset += len(_ENTRY) + _framed_len(len(name)) + len(_NODE)
         entry_close = 0 if name is None else len(_CLOSE)
         if kind == _REG:
-            st = os.lstat(where, dir_fd=dir_fd)
+            st = os.stat(where, dir_fd=dir_fd, follow_symlinks=False)
             executable = bool(st.st_mode & stat.S_IXUSR)
             offset += _REG_EXEC_HEAD if executable else _REG_HEAD
             size = st.st_size

@@ -93,6 +93,10 @@ def _read_header(path: str) -> bytes:
         return f.read(len(_SQLITE_MAGIC))
 
 
+#: SQLite's page cache per connection, KiB.
+DB_PAGE_CACHE_KIB = 512
+
+
 def _connect_ro(db_path: str) -> sqlite3.Connection:
     """
     Open ``db_path`` read-only, in autocommit mode (we issue ``BEGIN`` and
@@ -105,6 +109,10 @@ def _connect_ro(db_path: str) -> sqlite3.Connection:
     """
     uri = f"file:{quote(os.path.abspath(db_path))}?mode=ro"
     conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
+    # A lookup by hash reads a few B-tree pages, which the kernel's page
+    # cache holds anyway; SQLite's default of 2 MB per connection (one per
+    # worker thread) would hold most of a small store's database per thread.
+    conn.execute(f"PRAGMA cache_size = -{DB_PAGE_CACHE_KIB}")
     return conn
 
 

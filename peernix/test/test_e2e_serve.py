@@ -130,6 +130,15 @@ class ServeEndToEndTests(SynchronousTestCase):
             self.assertEqual(len(own), 1)
             self.assertEqual([s for s in ours.sigs if s not in own], list(theirs.sigs))
 
+    def test_loads_only_what_it_uses(self) -> None:
+        """The daemon serves without pyOpenSSL or cryptography (plain HTTP) and, with --no-mdns, without zeroconf."""
+        with open(f"/proc/{self.daemon.process.pid}/maps") as f:
+            maps = f.read()
+        self.assertIn("zstandard", maps)  # the check reads the right process
+        self.assertNotIn("/cryptography/", maps)
+        self.assertNotIn("/OpenSSL/", maps)
+        self.assertNotIn("/zeroconf/", maps)
+
     def test_bad_requests_are_4xx_and_leave_the_server_serving(self) -> None:
         """Malformed hashes, traversal, oversize requests and wrong methods get 4xx; the server keeps serving."""
         base = f"http://127.0.0.1:{self.daemon.port}"

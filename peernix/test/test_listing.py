@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -116,15 +117,21 @@ class ListingTests(SynchronousTestCase):
         self.assertEqual(nar_listing(os.path.join(d, "l")), {"version": 1, "root": {"type": "symlink", "target": "f"}})
 
     def test_does_not_read_contents(self) -> None:
-        """Listing never opens a file: offsets come from lstat alone."""
+        """Listing never opens a file (directories only, to walk them): offsets come from lstat alone."""
         root = edge_tree(self.tmpdir())
         expected = _listing_from_nar(root)
+        real_open = os.open
+        opened: list[object] = []
 
-        def no_open(*args: object, **kwargs: object) -> int:
-            raise AssertionError("nar_listing opened a file")
+        def directories_only(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if not flags & os.O_DIRECTORY:
+                raise AssertionError(f"nar_listing opened the file {path!r}")
+            opened.append(path)
+            return real_open(path, flags, *args, **kwargs)
 
-        self.patch(os, "open", no_open)
+        self.patch(os, "open", directories_only)
         self.assertEqual(nar_listing(root), expected)
+        self.assertTrue(opened)
 
     def test_same_as_from_stream(self) -> None:
         """Listing the filesystem equals listing a NAR stream of it."""

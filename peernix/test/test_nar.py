@@ -248,6 +248,31 @@ class WriterTests(SynchronousTestCase, _TempDir):
         self.assertRaises(OSError, lambda: list(nar_chunks(missing)))
         self.assertRaises(OSError, nar_size, missing)
 
+    def test_concurrent_walks_share_big_listings(self) -> None:
+        """Walks inside the same big directory share one listing; a changed directory gets a fresh one; none is kept after."""
+        from peernix.nix import nar as nar_module
+
+        root = self.tmpdir()
+        big = os.path.join(root, "big")
+        os.mkdir(big)
+        for i in range(3000):
+            write(os.path.join(big, f"manual-page-{i:05d}.1.gz"), b"x")
+        expected = b"".join(nar_chunks(root, chunk_size=4096))
+        self.assertEqual(len(nar_module._shared_listings), 0)
+        first, second = nar_chunks(root, chunk_size=4096), nar_chunks(root, chunk_size=4096)
+        out_first, out_second = [next(first)], [next(second)]
+        self.assertEqual(len(nar_module._shared_listings), 1)  # one copy for both
+        # The directory changes (a file added) while they are inside: a new
+        # walk lists it afresh, the two running ones go on with what they saw.
+        write(os.path.join(big, "manual-page-99999.1.gz"), b"y")
+        changed = b"".join(nar_chunks(root, chunk_size=4096))
+        self.assertIn(b"manual-page-99999.1.gz", changed)
+        out_first += list(first)
+        out_second += list(second)
+        self.assertEqual(b"".join(out_first), expected)
+        self.assertEqual(b"".join(out_second), expected)
+        self.assertEqual(len(nar_module._shared_listings), 0)
+
     def test_case_hack(self) -> None:
         """With the macOS case hack the suffix is stripped, and names that then collide are an error."""
         d = self.tmpdir()

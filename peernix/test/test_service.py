@@ -22,6 +22,7 @@ from peernix.interfaces import IStore
 from peernix.nix.signing import KeyFormatError, SecretKey
 from peernix.options import Config
 from peernix.service import (
+    LISTEN_BACKLOG,
     REQUEST_IDLE_TIMEOUT,
     ListenError,
     ListenerService,
@@ -155,6 +156,9 @@ class BuildServiceTests(SynchronousTestCase):
         service.startService()
         self.assertEqual([(p, i) for p, _, _, i in reactor.tcpServers], [(8123, "::")])
         self.assertIs(reactor.tcpServers[0][1], service.site)
+        # A backlog that a thousand clients connecting at once do not overflow.
+        self.assertEqual(reactor.tcpServers[0][2], LISTEN_BACKLOG)
+        self.assertGreaterEqual(LISTEN_BACKLOG, 1000)
 
     def test_separate_stacks(self) -> None:
         """Where IPv6 sockets are IPv6-only, it listens on ``::`` and ``0.0.0.0``."""

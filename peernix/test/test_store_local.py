@@ -29,7 +29,7 @@ from peernix.nix import nix32
 from peernix.nix.narinfo import NarInfo, parse_narinfo
 from peernix.nix.pathinfo import PathInfo
 from peernix.store import local
-from peernix.store.local import LocalStore, StoreError
+from peernix.store.local import DB_PAGE_CACHE_KIB, LocalStore, StoreError
 from peernix.test import nixenv
 from peernix.test.nixenv import ChrootStore, Closure
 
@@ -823,6 +823,8 @@ class RealReactorTests(TestCase):
         def stop(_: object) -> None:
             conns = list(store._connections)
             self.assertEqual(len(conns), 1)
+            # Each connection has the small page cache, not SQLite's 2 MB.
+            self.assertEqual(conns[0].execute("PRAGMA cache_size").fetchone(), (-DB_PAGE_CACHE_KIB,))
             store.stop()
             self.assertEqual(store._connections, [])
             self.assertRaises(sqlite3.ProgrammingError, conns[0].execute, "SELECT 1")

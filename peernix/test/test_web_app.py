@@ -24,6 +24,7 @@ from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
 from peernix.interfaces import IPeerRegistry, IStore, IUpstream
+from peernix.memory import TRIM_DELAY, IdleTrimmer
 from peernix.nix.hashes import Hash
 from peernix.nix.nar import DEFAULT_CHUNK_SIZE
 from peernix.nix.narinfo import NarInfo, parse_narinfo
@@ -33,7 +34,7 @@ from peernix.peers.errors import NarUnavailable, NarVerificationFailed
 from peernix.peers.metrics import PeerMetrics
 from peernix.peers.registry import PeerRegistry
 from peernix.test.fakes import FakeUpstream, MemoryStore, fake_hash_part, nar_bytes, run_synchronously
-from peernix.web.app import COMPRESS_MIN_SIZE, DEFAULT_PROXY_CLIENTS, WebApp, client_ip
+from peernix.web.app import COMPRESS_MIN_SIZE, DEFAULT_PROXY_CLIENTS, SMALL_NAR_SIZE, WebApp, client_ip
 from peernix.web.metrics import Metrics
 from peernix.web.streaming import AHEAD_BYTES
 
@@ -57,6 +58,7 @@ class Harness:
         defer_to_thread: Any = run_synchronously,
         registry: PeerRegistry | None = None,
         clock: Clock | None = None,
+        trimmer: IdleTrimmer | None = None,
     ) -> None:
         root = testcase.mktemp()
         os.makedirs(root)
@@ -76,6 +78,7 @@ class Harness:
             store_root=root,
             version="9.9.9-test",
             registry=registry,
+            trimmer=trimmer,
         )
         self.resource = self.app.resource()
         self.agent = RequestTraversalAgent(self.resource)
@@ -392,6 +395,18 @@ class ProxyTests(SynchronousTestCase):
         self.assertEqual(head.code, 200)
         self.assertEqual(len(self.upstream.relays), 1)
 
+    def test_relay_counts_as_a_stream(self) -> None:
+        """A relayed NAR tells the trimmer it runs; freed memory is given back a second after it ended."""
+        clock = Clock()
+        trims: list[float] = []
+        trimmer = IdleTrimmer(clock, trim=lambda: trims.append(clock.seconds()))
+        h = Harness(self, upstream=self.upstream, clock=clock, trimmer=trimmer)
+        response, body = h.get(f"/nix-cache/nar/{self.peer_hash}-{self.peer_info.nar_hash.nix32()}.nar")
+        self.assertEqual((response.code, body), (200, self.nar))
+        self.assertEqual(trimmer.active, 0)
+        clock.advance(TRIM_DELAY)
+        self.assertEqual(trims, [TRIM_DELAY])
+
     def test_relay_other_narhash_404(self) -> None:
         """A NAR URL whose NarHash differs from the peer's narinfo is 404 without relaying."""
         h = Harness(self, upstream=self.upstream)
@@ -455,6 +470,27 @@ class NarTests(SynchronousTestCase):
         self.assertEqual(header(response, "Vary"), "Accept-Encoding")
         self.assertEqual(header(response, "Content-Type"), "application/x-nix-nar")
         self.assertIsNone(header(response, "Content-Encoding"))
+
+    def test_streams_tell_the_trimmer(self) -> None:
+        """A streamed NAR counts as running while it streams; the trim follows its end, once."""
+        clock = Clock()
+        trims: list[float] = []
+        trimmer = IdleTrimmer(clock, trim=lambda: trims.append(clock.seconds()))
+        from peernix.test.test_web_streaming import ManualThreads
+
+        threads = ManualThreads()
+        h = Harness(self, defer_to_thread=threads, clock=clock, trimmer=trimmer)
+        big = h.store.add_tree("big", {"data": os.urandom(SMALL_NAR_SIZE + 1)})  # streamed, not made whole
+        transport, _channel = h.raw(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % nar_url(big).encode())
+        # The store answered at once; the stream has started, no chunk made yet.
+        self.assertEqual(trimmer.active, 1)
+        clock.advance(10)
+        self.assertEqual(trims, [])
+        threads.run_all()
+        self.assertEqual(trimmer.active, 0)
+        self.assertTrue(transport.value().endswith(nar_bytes(h.store.real_path(big.path))))
+        clock.advance(TRIM_DELAY)
+        self.assertEqual(trims, [10 + TRIM_DELAY])
 
     def test_url_forms(self) -> None:
         """The nar/ form, zw3rk's form under the cache root, and harmonia's ?hash= form all work."""

@@ -23,6 +23,7 @@ from zope.interface.verify import verifyObject
 
 from peernix.test.fakes import run_synchronously
 from peernix.web.streaming import (
+    AheadBudget,
     ProducerStopped,
     close_source,
     SizeMismatch,
@@ -415,6 +416,65 @@ class ThreadedProducerTests(SynchronousTestCase):
         threads.run_all()
         self.assertEqual(consumer.chunks, [b"a", b"b"])
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_budget_lowers_ahead(self) -> None:
+        """With a shared budget, a stream runs ahead by its share only while others run, and leaves the budget at its end."""
+        budget = AheadBudget(total=40, per_stream=30, floor=10)
+        others = 3
+        for _ in range(others):
+            budget.join()
+        source = Source([b"q" * 10] * 100)
+        threads = ManualThreads()
+        consumer = FakeConsumer()
+        producer = ThreadedProducer(source, consumer, threads, ahead=30, budget=budget)
+        result = _result(producer.start())
+        self.assertEqual((budget.streams, budget.share), (4, 10))
+        producer.pauseProducing()
+        threads.run_all()
+        self.assertEqual(source.nexts, 1)  # one 10-byte chunk: the share
+        for _ in range(others):
+            budget.leave()
+        self.assertEqual(budget.share, 30)
+        producer.resumeProducing()
+        producer.pauseProducing()
+        threads.run_all()
+        self.assertEqual(source.nexts, 4)  # now three chunks ahead
+        producer.resumeProducing()
+        threads.run_all()
+        self.assertEqual(result, [1000])
+        self.assertEqual((budget.streams, budget.share), (0, 30))
+
+    def test_budget_left_on_every_end(self) -> None:
+        """Stopping, failing and cancelling all leave the budget, once."""
+        budget = AheadBudget()
+        for end in ("stop", "fail", "cancel"):
+            threads = ManualThreads()
+            source = Source([b"a", b"b"], error_at=1 if end == "fail" else None)
+            producer = ThreadedProducer(source, FakeConsumer(), threads, budget=budget)
+            d = producer.start()
+            d.addErrback(lambda f: None)
+            self.assertEqual(budget.streams, 1)
+            if end == "stop":
+                producer.stopProducing()
+                producer.stopProducing()
+            elif end == "cancel":
+                d.cancel()
+            threads.run_all()
+            self.assertEqual(budget.streams, 0, end)
+
+    def test_budget_shares(self) -> None:
+        """Each stream's share: the per-stream bound while the total allows, an equal share beyond, never below the floor."""
+        budget = AheadBudget(total=2048, per_stream=512, floor=64)
+        shares = []
+        for _ in range(40):
+            budget.join()
+            shares.append(budget.share)
+        self.assertEqual(shares[:4], [512] * 4)
+        self.assertEqual(shares[7], 256)
+        self.assertEqual(shares[-1], 64)
+        for _ in range(50):
+            budget.leave()
+        self.assertEqual((budget.streams, budget.share), (0, 512))
 
     def test_real_threads(self) -> None:
         """With a real thread pool and a hand-over queue, the bytes arrive in order on the calling thread."""

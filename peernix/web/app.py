@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Final, TypeVar, Union
 from urllib.parse import unquote_to_bytes
 
@@ -36,6 +37,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from peernix.interfaces import IPeerRegistry, IStore, IUpstream
+from peernix.memory import IdleTrimmer
 from peernix.nix import nix32
 from peernix.nix.hashes import Hash
 from peernix.nix.listing import nar_listing, render_listing
@@ -53,6 +55,7 @@ from peernix.web.status import PeerStatus, Status, render_html, render_json
 from peernix.web.streaming import (
     DeferToThread,
     ProducerStopped,
+    AheadBudget,
     ThreadedProducer,
     call_directly,
     exact_length,
@@ -259,7 +262,8 @@ class WebApp:
     ``.ls`` listings, log reading and bz2 decompression) runs through
     ``defer_to_thread``; everything else runs on the reactor thread.
     Memory: NARs and logs are streamed with backpressure, about a MiB in
-    flight per response whatever their size.
+    flight per response whatever their size, and their read-ahead together
+    is bounded (:class:`~peernix.web.streaming.AheadBudget`).
     """
 
     def __init__(
@@ -278,6 +282,7 @@ class WebApp:
         version: str,
         registry: IPeerRegistry | None = None,
         peer_store: IStore | None = None,
+        trimmer: IdleTrimmer | None = None,
     ) -> None:
         """
         :param store: the whole local store, served to local clients
@@ -316,6 +321,8 @@ class WebApp:
             :class:`~peernix.store.share.SharedStore`, whose withheld paths
             answer as missing on every route; the status page then shows
             its counts.  ``None``: peers see ``store``.
+        :param trimmer: told when NAR streams and relays start and end, to
+            give freed memory back once none runs (``None``: nobody told).
         """
         self._store = store
         self._peer_store = peer_store if peer_store is not None else store
@@ -328,6 +335,9 @@ class WebApp:
         self._reactor = reactor
         self._defer_to_thread = defer_to_thread
         self._call_from_thread = call_from_thread
+        self._trimmer = trimmer
+        #: The read-ahead shared by all NAR and log streams.
+        self._ahead_budget = AheadBudget()
         self._secret_key = secret_key
         self._priority = priority
         self._metrics = metrics
@@ -827,13 +837,28 @@ class WebApp:
             _RequestConsumer(request),
             self._defer_to_thread,
             call_from_thread=self._call_from_thread,
+            budget=self._ahead_budget,
             clock=self._reactor,
             stall_timeout=STALL_TIMEOUT,
         )
-        written = await producer.start()
+        with self._streaming():
+            written = await producer.start()
         self._metrics.nar_stream_seconds.observe(self._reactor.seconds() - started)
         _log.debug("Sent NAR of {store_path}: {written} bytes", store_path=info.path, written=written)
         return b""
+
+    @contextmanager
+    def _streaming(self) -> Iterator[None]:
+        """Tell the trimmer a stream runs for the duration of the block."""
+        trimmer = self._trimmer
+        if trimmer is None:
+            yield
+            return
+        trimmer.started()
+        try:
+            yield
+        finally:
+            trimmer.ended()
 
     async def _relay(self, request: Request, hash_part: str, nar_hash: Hash) -> bytes | None:
         peer = await self._ask_upstream(request, hash_part)
@@ -845,7 +870,8 @@ class WebApp:
         assert self._upstream is not None  # _ask_upstream returned a narinfo
         started = self._reactor.seconds()
         try:
-            await self._upstream.relay_nar(peer, request)
+            with self._streaming():
+                await self._upstream.relay_nar(peer, request)
         except NarUnavailable:
             if request.startedWriting:
                 raise
@@ -891,6 +917,7 @@ class WebApp:
             _RequestConsumer(request),
             self._defer_to_thread,
             call_from_thread=self._call_from_thread,
+            budget=self._ahead_budget,
             clock=self._reactor,
             stall_timeout=STALL_TIMEOUT,
         )

@@ -201,6 +201,51 @@ AHEAD_BYTES = 512 * 1024
 BATCH_BYTES = 4 * 1024 * 1024
 
 
+#: How many bytes all streams together may have made ahead of their
+#: consumers (see :class:`AheadBudget`).
+TOTAL_AHEAD_BYTES = 2 * 1024 * 1024
+
+
+class AheadBudget:
+    """
+    Shares :data:`TOTAL_AHEAD_BYTES` among the streams running at once:
+    each may run up to ``per_stream`` bytes ahead while there is room, and
+    an equal share (but at least ``floor``) when more streams run, so the
+    read-ahead of all streams together stays bounded however many clients
+    download at once.
+
+    :meth:`join` and :meth:`leave` run on the reactor thread; :attr:`share`
+    is read by worker threads (a plain int, replaced whole).
+    """
+
+    def __init__(self, total: int = TOTAL_AHEAD_BYTES, per_stream: int = AHEAD_BYTES, floor: int = 64 * 1024) -> None:
+        self._total = total
+        self._per_stream = per_stream
+        self._floor = floor
+        self._streams = 0
+        #: The bytes each stream may run ahead now.
+        self.share = per_stream
+
+    @property
+    def streams(self) -> int:
+        """The streams that joined and have not left."""
+        return self._streams
+
+    def join(self) -> None:
+        """A stream starts."""
+        self._streams += 1
+        self._update()
+
+    def leave(self) -> None:
+        """A stream ended."""
+        self._streams = max(0, self._streams - 1)
+        self._update()
+
+    def _update(self) -> None:
+        equal = self._total // max(1, self._streams)
+        self.share = max(self._floor, min(self._per_stream, equal))
+
+
 def call_directly(f: Callable[..., object], /, *args: object) -> None:
     """A ``call_from_thread`` for synchronous runners (tests): calls ``f(*args)`` at once."""
     f(*args)
@@ -222,8 +267,9 @@ class ThreadedProducer:
     the next one starts when the consumer has taken enough.
 
     Invariants: at most one worker call on the source runs at a time; at
-    most ``ahead`` bytes plus one chunk wait for the consumer, whatever the
-    size of the stream; the source is closed exactly once (in a worker
+    most ``ahead`` bytes (or the stream's share of a shared
+    :class:`AheadBudget`, if lower) plus one chunk wait for the consumer,
+    whatever the size of the stream; the source is closed exactly once (in a worker
     thread, never while a worker call uses it) when it ends, fails, or the
     producer is stopped.
 
@@ -241,6 +287,7 @@ class ThreadedProducer:
         stall_timeout: float = 300.0,
         ahead: int = AHEAD_BYTES,
         batch: int = BATCH_BYTES,
+        budget: AheadBudget | None = None,
     ) -> None:
         """
         :param source: the blocking chunk iterator; this producer owns it.
@@ -258,6 +305,8 @@ class ThreadedProducer:
         :param ahead: bytes made ahead of the consumer at most (plus one
             chunk).
         :param batch: bytes one worker call makes at most.
+        :param budget: shared with the other streams; while this stream
+            runs, its share lowers ``ahead`` when many streams run at once.
         """
         if ahead <= 0 or batch <= 0:
             raise ValueError("ahead and batch must be positive")
@@ -269,6 +318,8 @@ class ThreadedProducer:
         self._stall_timeout = stall_timeout
         self._ahead = ahead
         self._batch = batch
+        self._budget = budget
+        self._joined = False
         self._stall_call: IDelayedCall | None = None
         self._paused = False
         self._in_flight = False
@@ -304,6 +355,9 @@ class ThreadedProducer:
             producer.
         """
         self._consumer.registerProducer(self, True)
+        if self._budget is not None:
+            self._budget.join()
+            self._joined = True
         self._pull()
         return self._done
 
@@ -352,10 +406,15 @@ class ThreadedProducer:
                 self._stall_call.cancel()
             self._stall_call = None
 
+    def _limit(self) -> int:
+        # The bytes this stream may have made ahead now.
+        budget = self._budget
+        return self._ahead if budget is None else min(self._ahead, budget.share)
+
     def _make_chunks(self) -> bool:
         # Runs in a worker thread.  Returns whether the source ended.
         made = 0
-        while not self._finished and self._outstanding < self._ahead and made < self._batch:
+        while not self._finished and self._outstanding < self._limit() and made < self._batch:
             chunk = next(self._source, None)
             if chunk is None:
                 return True
@@ -374,7 +433,7 @@ class ThreadedProducer:
             return
         self._pulling = True
         try:
-            while not (self._finished or self._in_flight or self._source_done or self._outstanding >= self._ahead):
+            while not (self._finished or self._in_flight or self._source_done or self._outstanding >= self._limit()):
                 self._in_flight = True
                 self.pulls += 1
                 d = self._defer_to_thread(self._make_chunks)
@@ -435,6 +494,10 @@ class ThreadedProducer:
         if self._finished:
             return
         self._finished = True
+        if self._joined:
+            self._joined = False
+            assert self._budget is not None
+            self._budget.leave()
         while self._waiting:
             self._taken(self._waiting.popleft())
         self._cancel_stall_timer()
