@@ -551,6 +551,43 @@ class SizeLimitTests(SiteTestMixin, SynchronousTestCase):
         self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
 
 
+class TransportTuningTests(SiteTestMixin, SynchronousTestCase):
+    """The channel sends in bigger pieces and asks the kernel for its local address once."""
+
+    def test_send_limit(self) -> None:
+        """A TCP transport sends up to SEND_BYTES at once (twisted's default is 128 KiB)."""
+
+        class Tcp(StringTransport):
+            SEND_LIMIT = 128 * 1024
+
+        self.make()
+        protocol = self.site.buildProtocol(address("127.0.0.1"))
+        assert protocol is not None
+        transport = Tcp(peerAddress=address("127.0.0.1"))
+        protocol.makeConnection(transport)
+        self.assertEqual(transport.SEND_LIMIT, limits.SEND_BYTES)
+        self.assertGreater(limits.SEND_BYTES, 128 * 1024)
+
+    def test_host_asked_once(self) -> None:
+        """Many requests on one connection ask the transport for the local address once."""
+        self.make()
+        protocol, transport = self.connect("127.0.0.1")
+        asked: list[int] = []
+        real = transport.getHost
+
+        def get_host() -> Any:
+            asked.append(1)
+            return real()
+
+        transport.getHost = get_host  # type: ignore[method-assign]
+        for _ in range(5):
+            transport.clear()
+            assert protocol is not None
+            protocol.dataReceived(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertEqual(status(transport.value()), 200)
+        self.assertEqual(len(asked), 1)
+
+
 class WiringTests(SynchronousTestCase):
     """The settings reach the site :func:`build_service` makes."""
 

@@ -435,6 +435,7 @@ class LimitedHTTPChannel(HTTPChannel):
     on_lost: Callable[[], None] | None = None
     clock: IReactorTime | None = None
 
+    _host: Any = None
     _header_timer: IDelayedCall | None = None
     _abort_call: IDelayedCall | None = None
     _rejected = False
@@ -471,6 +472,16 @@ class LimitedHTTPChannel(HTTPChannel):
         if abort is not None and self.abortTimeout is not None and self.clock is not None:
             self._abort_call = self.clock.callLater(self.abortTimeout, abort)
         self.loseConnection()  # type: ignore[no-untyped-call]
+
+    def getHost(self) -> Any:
+        """
+        The local address, asked of the kernel once per connection: twisted
+        asks for it on every request (``getsockname``, a system call and an
+        address object each time), and it cannot change.
+        """
+        if self._host is None:
+            self._host = super().getHost()  # type: ignore[no-untyped-call]
+        return self._host
 
     def connectionMade(self) -> None:
         super().connectionMade()  # type: ignore[no-untyped-call]
