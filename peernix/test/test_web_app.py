@@ -26,7 +26,6 @@ from zope.interface.verify import verifyObject
 from peernix.interfaces import IPeerRegistry, IStore, IUpstream
 from peernix.memory import TRIM_DELAY, IdleTrimmer
 from peernix.nix.hashes import Hash
-from peernix.nix.nar import DEFAULT_CHUNK_SIZE
 from peernix.nix.narinfo import NarInfo, parse_narinfo
 from peernix.nix.pathinfo import PathInfo
 from peernix.nix.signing import SecretKey, parse_secret_key
@@ -36,7 +35,7 @@ from peernix.peers.registry import PeerRegistry
 from peernix.test.fakes import FakeUpstream, MemoryStore, fake_hash_part, nar_bytes, run_synchronously
 from peernix.web.app import COMPRESS_MIN_SIZE, DEFAULT_PROXY_CLIENTS, SMALL_NAR_SIZE, WebApp, client_ip
 from peernix.web.metrics import Metrics
-from peernix.web.streaming import AHEAD_BYTES
+from peernix.web.streaming import AHEAD_BYTES, BIG_CHUNK
 
 #: The throwaway test key of nix-protocol.md §1.5.
 TEST_KEY = "test-1:7PkklNGdFMvOC2stB1+EhT9Gfh4hBLvpx+HFrKMNWyRYWr4KHNuWa9PDSBHZCGpq6EBYZZdg3RQhSEhSAOKgkA=="
@@ -663,7 +662,7 @@ class StreamingOverHTTPTests(SynchronousTestCase):
         channel_producer.resumeProducing()
         sent = len(transport.value())
         self.assertGreaterEqual(sent, AHEAD_BYTES)
-        self.assertLess(sent, AHEAD_BYTES + DEFAULT_CHUNK_SIZE + 1024)
+        self.assertLess(sent, AHEAD_BYTES + BIG_CHUNK + 1024)
         self.assertEqual(len(self.threads.queue), 1)
         self.threads.run_all()
         self.assertTrue(transport.value().endswith(self.nar))

@@ -23,6 +23,8 @@ from zope.interface.verify import verifyObject
 
 from peernix.test.fakes import run_synchronously
 from peernix.web.streaming import (
+    BIG_CHUNK,
+    SMALL_CHUNK,
     AheadBudget,
     ProducerStopped,
     close_source,
@@ -461,6 +463,18 @@ class ThreadedProducerTests(SynchronousTestCase):
                 d.cancel()
             threads.run_all()
             self.assertEqual(budget.streams, 0, end)
+
+    def test_budget_chunk_size(self) -> None:
+        """Big chunks for a stream running alone, small ones when others run."""
+        budget = AheadBudget()
+        sizes = []
+        for _ in range(3):
+            sizes.append(budget.chunk_size())
+            budget.join()
+        self.assertEqual(sizes, [BIG_CHUNK, SMALL_CHUNK, SMALL_CHUNK])
+        for _ in range(3):
+            budget.leave()
+        self.assertEqual(budget.chunk_size(), BIG_CHUNK)
 
     def test_budget_shares(self) -> None:
         """Each stream's share: the per-stream bound while the total allows, an equal share beyond, never below the floor."""

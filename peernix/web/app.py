@@ -770,10 +770,12 @@ class WebApp:
         # streaming and the connection is aborted on a mismatch, so Nix
         # never takes a wrong NAR for a complete one.
 
+        chunk_size = self._ahead_budget.chunk_size()
+
         def raw() -> Iterator[bytes]:
             if whole is not None:
                 return iter((whole,))
-            return exact_length(nar_chunks(fs_path), size)
+            return exact_length(nar_chunks(fs_path, chunk_size), size)
 
         make_source: Callable[[], Iterator[bytes]]
         request.setResponseCode(200)

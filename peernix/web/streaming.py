@@ -192,10 +192,15 @@ class StalledConsumer(Exception):
 
 
 #: How many bytes a stream may have made ahead of its consumer (handed to
-#: the reactor thread but not yet written to the transport): enough that the
-#: worker keeps making chunks while the transport sends earlier ones, small
-#: enough that many concurrent streams cost little memory.
-AHEAD_BYTES = 512 * 1024
+#: the reactor thread but not yet written to the transport): two big chunks,
+#: so the worker keeps making chunks while the transport sends earlier ones;
+#: :class:`AheadBudget` lowers it when many streams run at once.
+AHEAD_BYTES = 1024 * 1024
+#: Chunk sizes of NAR streams: big for a stream running alone (half the
+#: hand-overs and reactor turns per byte), small when several share the
+#: budget.
+BIG_CHUNK = 512 * 1024
+SMALL_CHUNK = 256 * 1024
 #: How many bytes one worker call makes at most before giving its thread
 #: back, so streams sharing the small CPU pool take turns.
 BATCH_BYTES = 4 * 1024 * 1024
@@ -230,6 +235,14 @@ class AheadBudget:
     def streams(self) -> int:
         """The streams that joined and have not left."""
         return self._streams
+
+    def chunk_size(self) -> int:
+        """
+        :returns: the chunk size for a stream about to start:
+            :data:`BIG_CHUNK` when no other stream runs (throughput),
+            else :data:`SMALL_CHUNK` (memory).
+        """
+        return BIG_CHUNK if self._streams == 0 else SMALL_CHUNK
 
     def join(self) -> None:
         """A stream starts."""
