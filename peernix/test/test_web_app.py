@@ -33,7 +33,14 @@ from peernix.peers.errors import NarUnavailable, NarVerificationFailed
 from peernix.peers.metrics import PeerMetrics
 from peernix.peers.registry import PeerRegistry
 from peernix.test.fakes import FakeUpstream, MemoryStore, fake_hash_part, nar_bytes, run_synchronously
-from peernix.web.app import COMPRESS_MIN_SIZE, DEFAULT_PROXY_CLIENTS, SMALL_NAR_SIZE, WebApp, client_ip
+from peernix.web.app import (
+    COMPRESS_MIN_SIZE,
+    DEFAULT_PROXY_CLIENTS,
+    SMALL_NAR_SIZE,
+    TINY_NAR_SIZE,
+    WebApp,
+    client_ip,
+)
 from peernix.web.metrics import Metrics
 from peernix.web.streaming import AHEAD_BYTES, BIG_CHUNK
 
@@ -469,6 +476,33 @@ class NarTests(SynchronousTestCase):
         self.assertEqual(header(response, "Vary"), "Accept-Encoding")
         self.assertEqual(header(response, "Content-Type"), "application/x-nix-nar")
         self.assertIsNone(header(response, "Content-Encoding"))
+
+    def test_tiny_nar_without_worker(self) -> None:
+        """A NAR up to TINY_NAR_SIZE is made on the reactor thread; a bigger small one takes one worker call."""
+        from peernix.test.test_web_streaming import ManualThreads
+
+        threads = ManualThreads()
+        h = Harness(self, defer_to_thread=threads)
+        tiny = h.store.add_file("tiny", b"t" * (TINY_NAR_SIZE - 200))
+        self.assertLessEqual(tiny.nar_size, TINY_NAR_SIZE)
+        response, body = h.get(nar_url(tiny))
+        self.assertEqual((response.code, body), (200, nar_bytes(h.store.real_path(tiny.path))))
+        self.assertEqual(threads.queue, [])
+        small = h.store.add_file("small", b"s" * (TINY_NAR_SIZE + 1))
+        transport, _channel = h.raw(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % nar_url(small).encode())
+        self.assertEqual(len(threads.queue), 1)
+        self.assertEqual(transport.value(), b"")
+        threads.run_all()
+        self.assertTrue(transport.value().endswith(nar_bytes(h.store.real_path(small.path))))
+
+    def test_tiny_nar_changed_on_disk(self) -> None:
+        """A tiny NAR whose files differ from the database's NarSize is 404, as a bigger one is."""
+        h = Harness(self)
+        tiny = h.store.add_file("tiny", b"abc")
+        with open(h.store.real_path(tiny.path), "ab") as f:
+            f.write(b"more than the database says")
+        response, _ = h.get(nar_url(tiny))
+        self.assertEqual(response.code, 404)
 
     def test_streams_tell_the_trimmer(self) -> None:
         """A streamed NAR counts as running while it streams; the trim follows its end, once."""

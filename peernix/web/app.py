@@ -88,6 +88,11 @@ NARINFO_CACHE_SIZE: Final = 8192
 #: and sent in one write; bigger ones are streamed.  One NAR chunk: a small
 #: answer holds no more memory than a streamed one has in flight.
 SMALL_NAR_SIZE: Final = 256 * 1024
+#: NARs up to this size are made on the reactor thread itself: a few reads
+#: of small files (as twisted's static.File and nginx read files in their
+#: event loop) cost less than handing the work to a thread and back, which
+#: is most of the time of a small path's download.
+TINY_NAR_SIZE: Final = 16 * 1024
 #: A consumer paused this long (a client that stopped reading) ends the stream.
 STALL_TIMEOUT: Final = 300.0
 #: Client addresses whose "proxy client or peer?" decision is remembered.
@@ -752,10 +757,14 @@ class WebApp:
         whole: bytes | None = None
         made = self._reactor.seconds()
         if size <= SMALL_NAR_SIZE:
-            # One worker call makes the whole NAR, and its length checks the
-            # database's size, so a small NAR (most of a closure) costs one
-            # thread hop and goes out in one write with its Content-Length.
-            whole = await self._defer_to_thread(lambda: _whole_nar(fs_path, size))
+            # One worker call (none for a tiny NAR) makes the whole NAR, and
+            # its length checks the database's size, so a small NAR (most of
+            # a closure) costs at most one thread hop and goes out in one
+            # write with its Content-Length.
+            if size <= TINY_NAR_SIZE:
+                whole = _whole_nar(fs_path, size)
+            else:
+                whole = await self._defer_to_thread(lambda: _whole_nar(fs_path, size))
             if len(whole) != size:
                 _log.warn(
                     "{store_path} on disk ({disk_size} bytes of NAR or more) differs from its database"
