@@ -41,7 +41,7 @@ from peernix.memory import IdleTrimmer
 from peernix.nix import nix32
 from peernix.nix.hashes import Hash
 from peernix.nix.listing import nar_listing, render_listing
-from peernix.nix.nar import nar_chunks
+from peernix.nix.nar import DEFAULT_CHUNK_SIZE, nar_chunks
 from peernix.nix.narinfo import NarInfo, render_narinfo
 from peernix.nix.pathinfo import PathInfo
 from peernix.nix.signing import SecretKey, sign_narinfo
@@ -146,15 +146,18 @@ def _keep(result: _T, into: list[object]) -> _T:
 
 def _whole_nar(fs_path: str, limit: int) -> bytes:
     """
-    Make the NAR of ``fs_path`` in memory, reading at most one chunk past
-    ``limit`` bytes.  Blocking: run it in a worker thread.
+    Make the NAR of ``fs_path`` in memory, stopping as soon as it is known
+    to be longer than ``limit`` bytes.  Blocking: run it in a worker thread
+    (or on the reactor thread for a tiny ``limit``).
 
-    :returns: the NAR, or a prefix of it longer than ``limit`` when the NAR is
+    :returns: the NAR, or its first ``limit + 1`` bytes when the NAR is
         longer (the caller compares the length with the size it expects).
     :raises OSError: or :class:`~peernix.nix.nar.NarError` as
         :func:`~peernix.nix.nar.nar_chunks`.
     """
-    chunks = nar_chunks(fs_path)
+    # Chunks of at most limit + 1 bytes: a path that grew on disk is found
+    # out after reading one byte more than expected, not a whole chunk.
+    chunks = nar_chunks(fs_path, min(DEFAULT_CHUNK_SIZE, limit + 1))
     parts: list[bytes] = []
     total = 0
     try:
