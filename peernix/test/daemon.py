@@ -25,7 +25,12 @@ class _Destroyable(Protocol):
     def destroy(self) -> None: ...
 
 
+class _Startable(_Destroyable, Protocol):
+    def start(self) -> None: ...
+
+
 _F = TypeVar("_F", bound=_Destroyable)
+_S = TypeVar("_S", bound=_Startable)
 _SHARED: dict[str, Any] = {}
 
 
@@ -45,6 +50,21 @@ def shared_fixture(key: str, make: Callable[[], _F]) -> _F:
         _SHARED[key] = fixture
     fixture_: _F = _SHARED[key]
     return fixture_
+
+
+def start_fixture(fixture: _S) -> _S:
+    """
+    Start ``fixture`` (``start()``); if that fails half-way, ``destroy()``
+    what it made before the error goes on.
+
+    :returns: ``fixture``, running.
+    """
+    try:
+        fixture.start()
+    except BaseException:
+        fixture.destroy()
+        raise
+    return fixture
 
 
 #: The directory holding the ``peernix`` package (and ``twisted/plugins``).

@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from peernix.nix.narinfo import NarInfo, parse_narinfo
-from peernix.test.daemon import Daemon, free_port, http_get, shared_fixture
+from peernix.test.daemon import Daemon, free_port, http_get, shared_fixture, start_fixture
 from peernix.test.nixenv import SKIP_NO_BUILD, ChrootStore, NixClient, generate_key
 
 #: The big NAR of the killed-peer test: large enough that the transfer is
@@ -123,17 +123,6 @@ class _Fixture:
         self.big_stores: tuple[ChrootStore, ChrootStore] | None = None
         self.big_path = ""
 
-    @classmethod
-    def started(cls) -> _Fixture:
-        """:returns: a fixture whose daemons run; cleaned up if starting fails."""
-        fixture = cls()
-        try:
-            fixture.start()
-        except BaseException:
-            fixture.destroy()
-            raise
-        return fixture
-
     def start(self) -> None:
         """Make the keys and B's store, start A and B and wait until they serve."""
         keys = os.path.join(self.tmp, "keys")
@@ -209,7 +198,7 @@ class PeersEndToEndTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         # The stores and daemons A and B are made once, on first use.
-        self.fx = shared_fixture(__name__, _Fixture.started)
+        self.fx = shared_fixture(__name__, lambda: start_fixture(_Fixture()))
 
     def _client(self) -> NixClient:
         client = NixClient(tempfile.mkdtemp(prefix="peernix-e2e-peers-client-"))

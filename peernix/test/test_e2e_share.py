@@ -25,7 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from peernix.discovery.datagrams import HasPathQuery, HasPathWithNarHashQuery, render_datagram
 from peernix.nix.hashes import Hash
 from peernix.nix.narinfo import NarInfo, parse_narinfo
-from peernix.test.daemon import Daemon, free_port, http_get, shared_fixture
+from peernix.test.daemon import Daemon, free_port, http_get, shared_fixture, start_fixture
 from peernix.test.nixenv import SKIP_NO_BUILD, ChrootStore, NixClient, generate_key
 from peernix.test.test_e2e_peers import PEER_HEADER, get_from, hash_part, wait_for
 
@@ -40,17 +40,6 @@ class _Fixture:
         self.tmp = tempfile.mkdtemp(prefix="peernix-e2e-share-")
         self.daemons: list[Daemon] = []
         self.store: ChrootStore | None = None
-
-    @classmethod
-    def started(cls) -> _Fixture:
-        """:returns: a fixture whose daemons run; cleaned up if starting fails."""
-        fixture = cls()
-        try:
-            fixture.start()
-        except BaseException:
-            fixture.destroy()
-            raise
-        return fixture
 
     def start(self) -> None:
         keys = os.path.join(self.tmp, "keys")
@@ -109,7 +98,7 @@ class ShareEndToEndTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         # The store and daemons are made once, on first use.
-        self.fx = shared_fixture(__name__, _Fixture.started)
+        self.fx = shared_fixture(__name__, lambda: start_fixture(_Fixture()))
 
     def local_narinfo(self, daemon: Daemon, path: str) -> NarInfo:
         status, body = http_get(f"{daemon.url}/{hash_part(path)}.narinfo")
