@@ -588,7 +588,8 @@ def _peer_rows(document: Any) -> list[Mapping[str, Any]] | None:
 
 
 def check_key_names(own_key: PublicKey | None, status_document: Any,
-                    trusted_public_keys: Sequence[str] = ()) -> CheckResult:
+                    trusted_public_keys: Sequence[str] = (),
+                    peer_documents: Mapping[str, Any] | None = None) -> CheckResult:
     """
     No two nodes sign with keys of the same name (Nix trusts one key per
     name and silently rejects the other's signatures): this node's key
@@ -599,6 +600,9 @@ def check_key_names(own_key: PublicKey | None, status_document: Any,
     :param status_document: the daemon's ``/status.json`` (its peer table
         carries each peer's announced ``public_key``), ``None`` if unknown.
     :param trusted_public_keys: nix.conf's ``trusted-public-keys``.
+    :param peer_documents: each peer's own ``/status.json`` by its URL
+        (its ``public_key`` is the key it signs with: static peers announce
+        none over UDP).
     """
     rows = _peer_rows(status_document)
     if rows is None:
@@ -609,16 +613,26 @@ def check_key_names(own_key: PublicKey | None, status_document: Any,
     if own_key is not None:
         holders.setdefault(own_key.name, {}).setdefault(own_key.key, []).append("this node")
     announced = 0
+    documents = peer_documents or {}
     for row in rows:
-        text = row.get("public_key")
-        if not isinstance(text, str) or not text:
-            continue
-        try:
-            key = parse_public_key(text)
-        except KeyFormatError:
-            continue
-        announced += 1
-        holders.setdefault(key.name, {}).setdefault(key.key, []).append(str(row["url"]))
+        url = str(row["url"])
+        texts = {row.get("public_key")}
+        document = documents.get(url)
+        if isinstance(document, Mapping):
+            texts.add(document.get("public_key"))
+        counted = False
+        for text in texts:
+            if not isinstance(text, str) or not text:
+                continue
+            try:
+                key = parse_public_key(text)
+            except KeyFormatError:
+                continue
+            nodes = holders.setdefault(key.name, {}).setdefault(key.key, [])
+            if url not in nodes:
+                nodes.append(url)
+            counted = True
+        announced += counted
     trusted, _bad = _parse_keys(trusted_public_keys)
     trusted_by_name: dict[str, PublicKey] = {}
     for trusted_key in trusted:
@@ -650,7 +664,7 @@ def check_key_names(own_key: PublicKey | None, status_document: Any,
                            "make a key with a name unique to this host: nix-store --generate-binary-cache-key"
                            " \"$(hostname)-peernix-1\" SECRET PUBLIC.", details)
     return CheckResult("key-names", OK,
-                       f"no key name is shared by different keys ({announced} peer key(s) announced).",
+                       f"no key name is shared by different keys ({announced} peer key(s) known).",
                        None, details)
 
 
@@ -713,8 +727,8 @@ def check_nix_version(output: str | None, error: str | None = None) -> CheckResu
         return CheckResult("nix-version", WARNING,
                            f"Nix {shown} sends no Accept-Encoding (only 2.14 and later do), so nothing is"
                            f" compressed on the wire to it (loopback: no matter); it {resume}.",
-                           "upgrade Nix to a current release (2.24 or later) for parallel, compressed"
-                           " downloads from any cache.", details)
+                           "upgrade Nix (2.14 or later asks for compressed transfers; 2.24 is current).",
+                           details)
     notes = [f"Nix {shown} sends Accept-Encoding", f"it {resume}"]
     if version <= (2, 30):
         notes.append("it breaks on Content-Encoding: identity, which peernix never sends")
@@ -947,7 +961,8 @@ def run_checks(facts: Facts) -> list[CheckResult]:
         check_substituter(facts),
         check_priority(facts),
         check_trusted_keys(facts),
-        check_key_names(facts.own_key, status_document, trusted),
+        check_key_names(facts.own_key, status_document, trusted,
+                        {url: answer.json() for url, answer in facts.peer_statuses.items()}),
         check_negative_ttl(facts),
         check_nix_version(facts.nix_version_output, facts.nix_version_error),
         check_peers(status_document),

@@ -331,6 +331,14 @@ class KeyNameTests(SynchronousTestCase):
         self.assertEqual(result.status, PROBLEM)
         self.assertIn("http://192.0.2.7:9999", result.summary)
 
+    def test_clash_from_peer_status(self) -> None:
+        """The key a (static) peer's own /status.json names counts too."""
+        document = json.loads(status_document([{"url": "http://192.0.2.7:9999"}]))
+        peer = json.loads(status_document(public_key=ALICE_OTHER.to_string()))
+        result = check_key_names(ALICE, document, (), {"http://192.0.2.7:9999": peer})
+        self.assertEqual(result.status, PROBLEM)
+        self.assertEqual(check_key_names(ALICE, document, (), {}).status, OK)
+
     def test_clash_between_peers(self) -> None:
         """Two peers with different keys of one name are a problem too."""
         document = json.loads(status_document([
