@@ -35,7 +35,7 @@ from attrs import field, frozen
 
 from peernix.nix.signing import KeyFormatError, PublicKey, parse_public_key
 from peernix.nixconf import CACHE_NIXOS_ORG_KEY, NixConf
-from peernix.options import Config, SETTINGS_BY_NAME
+from peernix.options import SETTINGS, Config
 
 OK = "ok"
 WARNING = "warning"
@@ -382,8 +382,15 @@ def check_config(facts: Facts) -> CheckResult:
                         "public_key": facts.own_key.to_string() if facts.own_key else None})
 
 
-def check_daemon(config: Config, cache_info: HttpAnswer | None, status: HttpAnswer | None) -> CheckResult:
-    """The daemon answers on its port: ``nix-cache-info`` and ``/status.json``."""
+def check_daemon(config: Config, cache_info: HttpAnswer | None, status: HttpAnswer | None,
+                 own_key: PublicKey | None = None) -> CheckResult:
+    """
+    The daemon answers on its port: ``nix-cache-info`` and ``/status.json``;
+    and it runs with the settings the doctor was given (its priority, its
+    key: a warning when not, since the checks then judge another set-up).
+
+    :param own_key: the public key of the doctor's ``--secret-key-file``.
+    """
     if cache_info is None:
         return CheckResult("daemon", UNKNOWN, "not asked.")
     details: dict[str, Any] = {"url": cache_info.url, "nix_cache_info": cache_info.describe()}
@@ -411,6 +418,21 @@ def check_daemon(config: Config, cache_info: HttpAnswer | None, status: HttpAnsw
                            " not peernix (zw3rk/peernix?) or an old version; the peer checks cannot run.",
                            "run peernix from this repository on this port.", details)
     details["version"] = document.get("version")
+    differences = []
+    if isinstance(document.get("priority"), int) and document["priority"] != config.priority:
+        differences.append(f"priority {document['priority']}, not {config.priority}")
+    running_key = document.get("public_key")
+    if own_key is not None and running_key != own_key.to_string():
+        differences.append(f"signing key {running_key or 'none'}, not {own_key.to_string()}")
+    elif own_key is None and config.secret_key_file is None and isinstance(running_key, str) and running_key:
+        differences.append(f"signing key {running_key}, while no --secret-key-file was given here")
+    if differences:
+        details["differences"] = differences
+        return CheckResult("daemon", WARNING,
+                           f"peernix {document.get('version')} answers at {cache_info.url}, but runs with other"
+                           f" settings than the doctor was given: {'; '.join(differences)}.",
+                           "give peernix doctor the daemon's own options (e.g. --config FILE), or restart the"
+                           " daemon with the settings wanted.", details)
     return CheckResult("daemon", OK, f"peernix {document.get('version')} answers at {cache_info.url}"
                        f" (priority {fields.get('Priority', '?')}).", None, details)
 
@@ -453,8 +475,9 @@ def check_substituter(facts: Facts) -> CheckResult:
     if trusted_listed:
         return CheckResult("substituter", PROBLEM,
                            f"peernix is in trusted-substituters ({' '.join(trusted_listed)}): that list"
-                           " names caches any unprivileged user may add with options of their own;"
-                           " peernix is to be trusted for nothing, only its signed paths are.",
+                           " names the caches unprivileged users may switch on for themselves (with ?trusted=1"
+                           " there, without signature checks); peernix is trusted for nothing, only the"
+                           " signatures on its paths are, and it belongs in substituters alone.",
                            "remove it from trusted-substituters (keep it in substituters), then restart"
                            " nix-daemon.", details)
     probe = facts.substituter_probe
@@ -526,6 +549,24 @@ def _parse_keys(items: Iterable[str]) -> tuple[list[PublicKey], list[str]]:
     return keys, bad
 
 
+def node_key(facts: Facts) -> PublicKey | None:
+    """
+    :returns: this node's public key: the one of ``--secret-key-file``, else
+        the one the running daemon reports in ``/status.json``, else ``None``
+        (the node does not sign).
+    """
+    if facts.own_key is not None:
+        return facts.own_key
+    document = facts.status.json() if facts.status is not None else None
+    text = document.get("public_key") if isinstance(document, Mapping) else None
+    if isinstance(text, str) and text:
+        try:
+            return parse_public_key(text)
+        except KeyFormatError:
+            return None
+    return None
+
+
 def check_trusted_keys(facts: Facts) -> CheckResult:
     """``trusted-public-keys`` holds cache.nixos.org's key and, when this node signs, its own."""
     unavailable = _nix_conf_unavailable("trusted-keys", facts)
@@ -551,7 +592,7 @@ def check_trusted_keys(facts: Facts) -> CheckResult:
     elif have.key != cno.key:
         problems.append(f"the key named {cno.name} is not cache.nixos.org's")
         fixes.append(f"replace it with {CACHE_NIXOS_ORG_KEY}")
-    own = facts.own_key
+    own = node_key(facts)
     if own is not None:
         mine = by_name.get(own.name)
         if mine is None:
@@ -896,14 +937,18 @@ def check_ports(config: Config, sockets: Sockets | None, error: str | None = Non
                        f" {', '.join(udp)}.", None, details)
 
 
-#: The settings of the LAN fetch feature, when it exists (issue 13): the
-#: list of upstreams and whether this node fetches for the LAN.
-UPSTREAM_SETTINGS = ("upstreams", "upstream")
+#: The command-line flag of the LAN fetch feature's list of upstreams
+#: (``--upstream URL``, repeatable; ``--upstream none`` turns it off).
+UPSTREAM_FLAG = "upstream"
 
 
 def upstream_setting() -> str | None:
-    """:returns: the name of the upstream setting in :data:`~peernix.options.SETTINGS`, ``None`` without one."""
-    return next((name for name in UPSTREAM_SETTINGS if name in SETTINGS_BY_NAME), None)
+    """
+    :returns: the :class:`Config` attribute of ``--upstream`` in
+        :data:`~peernix.options.SETTINGS`, ``None`` while peernix has no
+        LAN fetch (the upstreams check then does not apply).
+    """
+    return next((s.name for s in SETTINGS if s.flag == UPSTREAM_FLAG), None)
 
 
 def configured_upstreams(config: Config, nix_conf: NixConf | None,
@@ -957,11 +1002,11 @@ def run_checks(facts: Facts) -> list[CheckResult]:
     trusted = facts.nix_conf.trusted_public_keys if facts.nix_conf is not None else ()
     return [
         check_config(facts),
-        check_daemon(facts.config, facts.cache_info, facts.status),
+        check_daemon(facts.config, facts.cache_info, facts.status, facts.own_key),
         check_substituter(facts),
         check_priority(facts),
         check_trusted_keys(facts),
-        check_key_names(facts.own_key, status_document, trusted,
+        check_key_names(node_key(facts), status_document, trusted,
                         {url: answer.json() for url, answer in facts.peer_statuses.items()}),
         check_negative_ttl(facts),
         check_nix_version(facts.nix_version_output, facts.nix_version_error),

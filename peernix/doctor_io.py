@@ -12,12 +12,15 @@ LAN peer or an upstream the daemon itself would ask.
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import os
 import socket
 import subprocess
 import urllib.error
+import time
 import urllib.request
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import peernix
 from peernix.discovery.addresses import host_addresses as read_host_addresses
@@ -43,30 +46,55 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 HttpGet = Callable[[str, float], HttpAnswer]
 
 
+def _read_body(response: Any, deadline: float, timeout: float) -> bytes:
+    """
+    :returns: at most :data:`MAX_BODY` bytes of ``response``'s body.
+    :raises TimeoutError: when the body has not come whole by ``deadline``
+        (a peer trickling bytes must not hold the doctor up).
+    """
+    read = getattr(response, "read1", None) or response.read
+    chunks: list[bytes] = []
+    size = 0
+    while size < MAX_BODY:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the body did not come within {timeout:g} s")
+        chunk = read(min(64 * 1024, MAX_BODY - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def http_get(url: str, timeout: float = DEFAULT_TIMEOUT) -> HttpAnswer:
     """
     GET ``url`` without any proxy; never raises.
 
-    :returns: the status and at most :data:`MAX_BODY` bytes of the body, or
-        the reason nothing answered.
+    Bounded: connecting and each read wait at most ``timeout``, and the
+    body must have come whole ``timeout`` seconds after the request began
+    (so at most about twice ``timeout`` in all); at most :data:`MAX_BODY`
+    bytes are read.
+
+    :returns: the status and the body, or the reason nothing answered.
     """
+    deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"User-Agent": f"peernix-doctor/{peernix.__version__}"})
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            return HttpAnswer(url, response.status, response.read(MAX_BODY))
-    except urllib.error.HTTPError as e:
         try:
-            body = e.read(MAX_BODY)
-        except OSError:
-            body = b""
-        return HttpAnswer(url, e.code, body)
+            with _OPENER.open(request, timeout=timeout) as response:
+                return HttpAnswer(url, response.status, _read_body(response, deadline, timeout))
+        except urllib.error.HTTPError as e:
+            with e:
+                return HttpAnswer(url, e.code, _read_body(e, deadline, timeout))
     except urllib.error.URLError as e:
         reason = e.reason
+        if isinstance(reason, TimeoutError):
+            return HttpAnswer(url, error=f"no answer within {timeout:g} s")
         text = reason.strerror if isinstance(reason, OSError) and reason.strerror else str(reason)
         return HttpAnswer(url, error=text.lower())
-    except (OSError, ValueError) as e:
-        if isinstance(e, TimeoutError) or isinstance(e, socket.timeout):
-            return HttpAnswer(url, error=f"no answer within {timeout:g} s")
+    except TimeoutError as e:
+        return HttpAnswer(url, error=str(e) if str(e).startswith("the body") else f"no answer within {timeout:g} s")
+    except (OSError, ValueError, http.client.HTTPException) as e:
         return HttpAnswer(url, error=str(e) or type(e).__name__)
 
 

@@ -320,6 +320,43 @@ class TrustedKeysTests(DoctorTestCase):
         self.assertIn("not-a-key", result.summary)
 
 
+class DaemonTests(DoctorTestCase):
+    """The daemon answers, as peernix, with the settings the doctor was given."""
+
+    def test_answers(self) -> None:
+        """nix-cache-info and status.json answer: ok, with the version."""
+        result = self.check("daemon")
+        self.assertEqual(result.status, OK, result.line())
+        self.assertEqual(result.details["version"], "0.test")
+
+    def test_other_program(self) -> None:
+        """Something else on the port (404 for nix-cache-info): a problem."""
+        self.answer("http://127.0.0.1:9999/nix-cache/nix-cache-info", 404)
+        self.assertEqual(self.check("daemon").status, PROBLEM)
+
+    def test_no_status_page(self) -> None:
+        """A cache without /status.json (zw3rk/peernix): a warning, peer checks cannot run."""
+        self.answers.pop("http://127.0.0.1:9999/status.json")
+        results = {r.name: r for r in run_checks(self.facts())}
+        self.assertEqual(results["daemon"].status, WARNING)
+        self.assertEqual(results["peers"].status, UNKNOWN)
+
+    def test_other_settings(self) -> None:
+        """A daemon running with another priority or key than the doctor's options: a warning saying which."""
+        self.answer("http://127.0.0.1:9999/status.json", 200, status_document(public_key=BOB.to_string()))
+        result = self.check("daemon", Config(priority=20))
+        self.assertEqual(result.status, WARNING)
+        self.assertIn("priority 30, not 20", result.summary)
+        self.assertIn("no --secret-key-file was given", result.summary)
+
+    def test_running_key_is_checked(self) -> None:
+        """Without --secret-key-file, the key the daemon reports is the one trusted-public-keys must hold."""
+        self.answer("http://127.0.0.1:9999/status.json", 200, status_document(public_key=BOB.to_string()))
+        result = self.check("trusted-keys")
+        self.assertEqual(result.status, WARNING)
+        self.assertIn(BOB.to_string(), result.fix or "")
+
+
 class KeyNameTests(SynchronousTestCase):
     """No key name is used by two different keys."""
 

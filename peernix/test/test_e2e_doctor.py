@@ -123,10 +123,11 @@ class DoctorEndToEndTests(SynchronousTestCase):
         """The daemon's TOML config file is read: its port is the one checked."""
         toml = os.path.join(self.conf_dir, "peernix.toml")
         with open(toml, "w") as f:
-            f.write(f"port = {self.fx.a_port}\nudp_port = {self.fx.a_udp}\n")
+            f.write(f"port = {self.fx.a_port}\nudp_port = {self.fx.a_udp}\nsecret_key_file = {json.dumps(self.fx.a_sk)}\n")
         self.good_conf()
         status, _, checks = self.doctor(["--config", toml])
         self.assertEqual(checks["daemon"]["status"], "ok", checks["daemon"])
+        self.assertEqual(checks["trusted-keys"]["status"], "ok", checks["trusted-keys"])
         self.assertEqual(checks["config"]["details"]["config_file"], toml)
 
     def test_daemon_down(self) -> None:
