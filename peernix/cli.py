@@ -1,13 +1,18 @@
 """
 The ``peernix`` command (a console script next to the twistd plugin).
 
-``peernix doctor [DAEMON OPTIONS] [--json] [--timeout SECONDS]`` checks this
-machine's set-up and prints one line per check (see :mod:`peernix.doctor`);
-it takes every option of ``twistd peernix`` and its ``--config`` file, so it
-checks the daemon as that command line starts it.  Exit status: 0 when no
-check found a problem, 1 when one did, 2 for a bad command line.
+* ``peernix doctor [DAEMON OPTIONS] [--json] [--timeout SECONDS]`` checks
+  this machine's set-up and prints one line per check (see
+  :mod:`peernix.doctor`).  It takes every option of the daemon and its
+  ``--config`` file, so it checks the daemon as that command line starts
+  it.  Exit status: 0 when no check found a problem, 1 when one did, 2 for
+  a bad command line.
+* ``peernix [DAEMON OPTIONS]`` runs the daemon in the foreground:
+  ``twistd --nodaemon --pidfile= peernix DAEMON OPTIONS`` (what the Nix
+  package's ``bin/peernix`` has always done).
 
-Also ``python -m peernix.cli``.
+Also ``python -m peernix.cli``.  The doctor's modules are imported only
+for the doctor, so the daemon started this way loads nothing extra.
 """
 
 from __future__ import annotations
@@ -19,12 +24,26 @@ from typing import Any, TextIO
 
 from twisted.python import usage
 
-from peernix.doctor import has_problem, report_document, run_checks
-from peernix.doctor_io import DEFAULT_TIMEOUT, gather
 from peernix.options import ConfigError, PeernixOptions, make_config, read_config_file
 
 #: Exit status for a command line that cannot be parsed.
 USAGE_ERROR = 2
+
+#: Seconds each HTTP request of the doctor may take by default (see
+#: :func:`peernix.doctor_io.http_get`).
+DEFAULT_TIMEOUT = 3.0
+
+USAGE = """\
+Usage: peernix doctor [daemon options] [--json] [--timeout SECONDS]
+       peernix [daemon options]
+
+  peernix doctor   Check this machine's set-up (the daemon, nix.conf, keys,
+                   Nix, peers, ports) and say what to fix; exit status 1 when
+                   a check finds a problem.  'peernix doctor --help' for more.
+  peernix          Run the daemon in the foreground, as
+                   'twistd --nodaemon --pidfile= peernix [daemon options]'.
+
+"""
 
 
 class DoctorOptions(PeernixOptions):
@@ -38,7 +57,7 @@ class DoctorOptions(PeernixOptions):
     the rest with the command line's settings.
     """
 
-    synopsis = "[daemon options] [--json] [--timeout SECONDS]"
+    synopsis = "Usage: peernix doctor [daemon options] [--json] [--timeout SECONDS]"
     longdesc = (
         "Check this machine's peernix set-up: the daemon, nix.conf (substituter, priority, "
         "trusted keys, negative TTL), the Nix version, peers and ports.  One line per check; "
@@ -77,34 +96,15 @@ class DoctorOptions(PeernixOptions):
             raise usage.UsageError(f"--timeout: expected 0 < SECONDS <= 60, got {self['timeout']!r}")
 
 
-class CommandOptions(usage.Options):
-    """``peernix COMMAND``."""
-
-    synopsis = "peernix COMMAND [options]"
-    subCommands = [["doctor", None, DoctorOptions, "Check this machine's set-up and say what to fix."]]
-
-    def __init__(self) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-
-    def opt_version(self) -> None:
-        """Display peernix's version and exit."""
-        from peernix import __version__
-
-        print(f"peernix {__version__}")
-        raise SystemExit(0)
-
-    def postOptions(self) -> None:
-        """A command is required."""
-        if self.subCommand is None:
-            raise usage.UsageError("a command is required: peernix doctor")
-
-
 def doctor(options: DoctorOptions, out: TextIO) -> int:
     """
     Run every check and print the results.
 
     :returns: the exit status: 1 when a check found a problem, else 0.
     """
+    from peernix.doctor import has_problem, report_document, run_checks
+    from peernix.doctor_io import gather
+
     facts = gather(options.config, config_error=options.config_error, timeout=options.timeout)
     results = run_checks(facts)
     if options["json"]:
@@ -116,6 +116,14 @@ def doctor(options: DoctorOptions, out: TextIO) -> int:
     return 1 if has_problem(results) else 0
 
 
+def run_daemon(argv: Sequence[str]) -> None:
+    """Run the daemon in the foreground: ``twistd --nodaemon --pidfile= peernix ARGV`` (returns when it stops)."""
+    from twisted.scripts.twistd import run
+
+    sys.argv = [sys.argv[0] if sys.argv else "peernix", "--nodaemon", "--pidfile=", "peernix", *argv]
+    run()  # type: ignore[no-untyped-call]
+
+
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """
     The console script.
@@ -125,15 +133,23 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
     """
     out = out or sys.stdout
     err = err or sys.stderr
-    options = CommandOptions()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["-h"], ["--help"]):
+        from peernix.tap import Options
+
+        daemon_help = str(Options()).split("Options:\n", 1)[-1]
+        out.write(USAGE + "Daemon options (peernix doctor takes them too):\n" + daemon_help)
+        return 0
+    if args[:1] != ["doctor"]:
+        run_daemon(args)
+        return 0
+    options = DoctorOptions()
     try:
-        options.parseOptions(list(sys.argv[1:] if argv is None else argv))  # type: ignore[no-untyped-call]
+        options.parseOptions(args[1:])  # type: ignore[no-untyped-call]
     except usage.UsageError as e:
-        err.write(f"peernix: error: {e} (see 'peernix --help' or 'peernix doctor --help')\n")
+        err.write(f"peernix doctor: error: {e} (see 'peernix doctor --help')\n")
         return USAGE_ERROR
-    if options.subCommand == "doctor":
-        return doctor(options.subOptions, out)
-    return USAGE_ERROR  # pragma: no cover - postOptions requires a command
+    return doctor(options, out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from peernix import cli, doctor
+from peernix import cli, doctor, doctor_io
 from peernix.doctor import (PROBLEM, OK, SKIPPED, UNKNOWN, WARNING, CheckResult, Facts, HttpAnswer, Sockets,
                             check_config, check_key_names, check_nix_version, check_ports, has_problem,
                             parse_proc_net, report_document, run_checks)
@@ -615,7 +615,7 @@ class CommandLineTests(DoctorTestCase):
 
     def run_cli(self, argv: Sequence[str]) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
-        self.patch(cli, "gather", lambda config, **kw: self.gathered(config, **kw))
+        self.patch(doctor_io, "gather", lambda config, **kw: self.gathered(config, **kw))
         status = cli.main(list(argv), out, err)
         return status, out.getvalue(), err.getvalue()
 
@@ -667,9 +667,26 @@ class CommandLineTests(DoctorTestCase):
         self.assertIn("prot", out)
 
     def test_usage_errors(self) -> None:
-        """A bad option, value or missing command: exit 2 with one line on stderr."""
-        for argv in (["doctor", "--bogus"], ["doctor", "--port", "x"], [], ["doctor", "--timeout", "0"]):
+        """A bad option or value: exit 2 with one line on stderr."""
+        for argv in (["doctor", "--bogus"], ["doctor", "--port", "x"], ["doctor", "--timeout", "0"]):
             status, out, err = self.run_cli(argv)
             self.assertEqual(status, 2, argv)
             self.assertEqual(out, "")
-            self.assertIn("peernix: error:", err)
+            self.assertIn("peernix doctor: error:", err)
+            self.assertEqual(len(err.splitlines()), 1)
+
+    def test_help(self) -> None:
+        """peernix --help names both uses and lists the daemon options."""
+        status, out, _ = self.run_cli(["--help"])
+        self.assertEqual(status, 0)
+        self.assertIn("peernix doctor", out)
+        self.assertIn("--secret-key-file", out)
+
+    def test_daemon(self) -> None:
+        """Without 'doctor', peernix runs the daemon: twistd --nodaemon --pidfile= peernix ARGS."""
+        started: list[list[str]] = []
+        self.patch(cli, "run_daemon", lambda argv: started.append(list(argv)))
+        status, _, _ = self.run_cli(["--port", "9999", "--no-mdns"])
+        self.assertEqual((status, started), (0, [["--port", "9999", "--no-mdns"]]))
+        self.run_cli([])
+        self.assertEqual(started[-1], [])

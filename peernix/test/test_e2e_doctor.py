@@ -12,12 +12,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from peernix.test.daemon import SOURCE_ROOT, Daemon, free_port, shared_fixture, start_fixture
+from peernix.test.daemon import SOURCE_ROOT, Daemon, free_port, http_get, shared_fixture, start_fixture
 from peernix.test.nixenv import SKIP_NO_NIX, ChrootStore, generate_key
 
 
@@ -139,3 +140,46 @@ class DoctorEndToEndTests(SynchronousTestCase):
         self.assertEqual(checks["daemon"]["status"], "problem")
         self.assertIn("twistd", checks["daemon"]["fix"])
         self.assertEqual(checks["peers"]["status"], "unknown")
+
+
+class ConsoleScriptDaemonTests(SynchronousTestCase):
+    """``peernix [daemon options]`` (no command) runs the daemon in the foreground."""
+
+    skip = SKIP_NO_NIX
+
+    def test_runs_daemon(self) -> None:
+        """python -m peernix.cli --port P ... serves nix-cache-info, and stops on SIGTERM."""
+        tmp = os.path.abspath(self.mktemp())
+        store = ChrootStore(os.path.join(tmp, "store"))
+        self.addCleanup(store.remove)
+        port = free_port()
+        env = dict(os.environ, PYTHONPATH=SOURCE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        log = open(os.path.join(tmp, "log"), "wb")
+        self.addCleanup(log.close)
+        process = subprocess.Popen([sys.executable, "-m", "peernix.cli", "--port", str(port), "--store-root",
+                                    store.root, "--no-broadcast", "--no-mdns", "--udp-port", str(free_port())],
+                                   stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                   cwd=SOURCE_ROOT)
+
+        def stop() -> None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(10)
+
+        self.addCleanup(stop)
+        deadline = time.monotonic() + 30
+        status = 0
+        while time.monotonic() < deadline and process.poll() is None:
+            status, body = http_get(f"http://127.0.0.1:{port}/nix-cache/nix-cache-info", timeout=2)
+            if status == 200:
+                break
+            time.sleep(0.1)
+        self.assertEqual(status, 200, f"the daemon did not answer (exit status {process.poll()})")
+        self.assertIn(b"StoreDir: /nix/store", body)
+        stop()
+        # twistd ends by re-raising the signal that stopped it.
+        self.assertIn(process.returncode, (0, -15))
