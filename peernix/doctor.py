@@ -842,8 +842,22 @@ def lists_us(peer_url: str, peer_document: Any, config: Config,
     return False
 
 
+def serves_peers(config: Config) -> bool:
+    """
+    :returns: whether this node serves its peers: not when consume-only
+        (``--serve-peers no``, where that setting exists).
+    """
+    value = getattr(config, "serve_peers", True)
+    if isinstance(value, str):
+        return value.strip().lower() not in ("no", "false", "off", "0")
+    return bool(value)
+
+
 def check_reached_by_peers(facts: Facts) -> CheckResult:
     """Each known peer has this node in its registry (asked at its ``/status.json``)."""
+    if not serves_peers(facts.config):
+        return CheckResult("reached-by-peers", SKIPPED,
+                           "this node serves no peers (--serve-peers no): they are not meant to ask it.")
     rows = _peer_rows(facts.status.json() if facts.status is not None else None)
     if rows is None:
         return CheckResult("reached-by-peers", UNKNOWN, "cannot tell: the daemon's peer table is unknown.")

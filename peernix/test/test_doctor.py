@@ -497,6 +497,17 @@ class PeerTests(DoctorTestCase):
         self.assertEqual(result.status, WARNING)
         self.assertIn("192.0.2.7", result.summary)
 
+    def test_consume_only(self) -> None:
+        """A node serving no peers (--serve-peers no, where it exists) is not expected to be asked."""
+        class ConsumeOnly:
+            serve_peers = "no"
+
+        self.assertFalse(doctor.serves_peers(ConsumeOnly()))  # type: ignore[arg-type]
+        self.assertTrue(doctor.serves_peers(Config()))
+        self.patch(doctor, "serves_peers", lambda config: False)
+        self.daemon_up(peers=[{"url": "http://192.0.2.7:9999"}])
+        self.assertEqual(self.check("reached-by-peers").status, SKIPPED)
+
     def test_peer_without_status(self) -> None:
         """A peer without status.json (a Go node): unknown, not a warning."""
         self.daemon_up(peers=[{"url": "http://192.0.2.7:9999"}])
