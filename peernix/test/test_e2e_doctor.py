@@ -44,6 +44,18 @@ class _Fixture:
                                                 "--udp-port", str(free_port()),
                                                 "--peer", f"http://127.0.0.1:{self.a_port}",
                                                 "--secret-key-file", self.b_sk])
+        # D and E: static peers of each other, signing with different keys of one name.
+        _, _, self.clash_pk = generate_key(os.path.join(self.tmp, "keys-clash"), "alice-doctor-1")
+        self.d_port, self.e_port = free_port(), free_port()
+        self.d_udp = free_port()
+        self.d = self.daemon("d", self.d_port, ["--store-root", self.store("d"), "--no-broadcast", "--no-mdns",
+                                                "--udp-port", str(self.d_udp), "--secret-key-file", self.a_sk,
+                                                "--peer", f"http://127.0.0.1:{self.e_port}"])
+        self.e = self.daemon("e", self.e_port, ["--store-root", self.store("e"), "--no-broadcast", "--no-mdns",
+                                                "--udp-port", str(free_port()),
+                                                "--secret-key-file", os.path.join(self.tmp, "keys-clash",
+                                                                                  "alice-doctor-1.sk"),
+                                                "--peer", f"http://127.0.0.1:{self.d_port}"])
         for d in self.daemons:
             d.wait_ready()
 
@@ -130,6 +142,18 @@ class DoctorEndToEndTests(SynchronousTestCase):
         self.assertEqual(checks["daemon"]["status"], "ok", checks["daemon"])
         self.assertEqual(checks["trusted-keys"]["status"], "ok", checks["trusted-keys"])
         self.assertEqual(checks["config"]["details"]["config_file"], toml)
+
+    def test_key_name_clash(self) -> None:
+        """A peer signing with another key of this node's key name: exit 1, key-names a problem naming it."""
+        self.nix_conf(f"substituters = http://127.0.0.1:{self.fx.d_port}/nix-cache https://cache.nixos.org\n"
+                      "trusted-public-keys = cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
+                      f" {self.fx.a_pk}\nnarinfo-cache-negative-ttl = 60\n")
+        status, _, checks = self.doctor(["--port", str(self.fx.d_port), "--udp-port", str(self.fx.d_udp),
+                                         "--secret-key-file", self.fx.a_sk])
+        self.assertEqual(status, 1)
+        self.assertEqual(checks["key-names"]["status"], "problem", checks["key-names"])
+        self.assertIn(f"http://127.0.0.1:{self.fx.e_port}", checks["key-names"]["summary"])
+        self.assertEqual(checks["substituter"]["status"], "ok")
 
     def test_daemon_down(self) -> None:
         """Nothing on the port: exit 1, the daemon check a problem with the fix."""
