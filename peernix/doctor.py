@@ -60,8 +60,6 @@ SHARED_KEY_NAME = "peernix-1"
 #: The path of the binary cache on a peernix daemon.
 CACHE_PATH = "/nix-cache"
 
-_FIX_SUBSTITUTERS_SUFFIX = " in /etc/nix/nix.conf (NixOS: nix.settings.substituters), then restart nix-daemon"
-
 
 @frozen
 class CheckResult:
@@ -127,7 +125,8 @@ class HttpAnswer:
             return None
         try:
             return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # RecursionError: a hostile peer's deeply nested document.
             return None
 
 
@@ -450,7 +449,8 @@ def check_substituter(facts: Facts) -> CheckResult:
     details: dict[str, Any] = {"nix_conf": nix_conf.path, "files": list(nix_conf.files),
                                "substituters": nix_conf.substituters,
                                "trusted_substituters": nix_conf.trusted_substituters}
-    add = f"put it first: substituters = {wanted} https://cache.nixos.org{_FIX_SUBSTITUTERS_SUFFIX}."
+    add = (f"put it first: substituters = {wanted} https://cache.nixos.org in {nix_conf.path}"
+           " (NixOS: nix.settings.substituters), then restart nix-daemon.")
     trusted_listed = [u for u in nix_conf.trusted_substituters
                       if reaches_daemon(parse_store_url(u), config, hosts)]
     found = find_peernix(nix_conf, config, hosts)

@@ -40,7 +40,14 @@ MAX_PEERS_ASKED = 64
 #: Seconds each HTTP request may take by default.
 DEFAULT_TIMEOUT = 3.0
 
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects are answers to report (the 30x status), never followed: only the address asked is asked."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
 
 #: GETs a URL: ``(url, timeout) -> HttpAnswer``.
 HttpGet = Callable[[str, float], HttpAnswer]
@@ -243,8 +250,9 @@ def gather(config: Config, *, config_error: str | None = None, timeout: float = 
     document = status.json()
     peer_urls: list[str] = []
     if isinstance(document, dict) and isinstance(document.get("peers"), list):
-        peer_urls = [str(p["url"]) for p in document["peers"]
-                     if isinstance(p, dict) and isinstance(p.get("url"), str)][:MAX_PEERS_ASKED]
+        peer_urls = [p["url"] for p in document["peers"]
+                     if isinstance(p, dict) and isinstance(p.get("url"), str)
+                     and parse_store_url(p["url"]).scheme in ("http", "https")][:MAX_PEERS_ASKED]
     upstreams = configured_upstreams(config, nix_conf, hosts) or []
     asks = {("peer", url): f"{url.rstrip('/')}/status.json" for url in peer_urls}
     asks.update({("upstream", url): f"{url.split('?', 1)[0].rstrip('/')}/nix-cache-info" for url in upstreams

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from peernix.doctor import parse_version
+from peernix.doctor import HttpAnswer, parse_version
 from peernix.doctor_io import MAX_BODY, http_get, nix_version, read_sockets
 
 
@@ -135,6 +135,21 @@ class HttpGetTests(SynchronousTestCase):
 
         answer = http_get(self.server(handle) + "/x", 10)
         self.assertEqual(len(answer.body), MAX_BODY)
+
+    def test_redirect_not_followed(self) -> None:
+        """A redirect is reported as its status, not followed."""
+        def handle(connection: socket.socket) -> None:
+            read_request(connection)
+            connection.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://192.0.2.1/x\r\nContent-Length: 0\r\n"
+                               b"Connection: close\r\n\r\n")
+
+        answer = http_get(self.server(handle) + "/x", 5)
+        self.assertEqual(answer.status, 302)
+        self.assertFalse(answer.ok)
+
+    def test_hostile_json(self) -> None:
+        """A deeply nested document is no JSON to the doctor, not a crash."""
+        self.assertIsNone(HttpAnswer("http://x", 200, b"[" * 100000 + b"]" * 100000).json())
 
     def test_no_proxy(self) -> None:
         """http_proxy in the environment is ignored: LAN and loopback addresses are asked directly."""
