@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from peernix.doctor import HttpAnswer, parse_version
+from peernix.doctor import OK, WARNING, HttpAnswer, check_nix_version, parse_version
 from peernix.doctor_io import MAX_BODY, http_get, nix_version, read_sockets
 
 
@@ -197,6 +197,26 @@ class SystemTests(SynchronousTestCase):
         output, error = nix_version()
         self.assertIsNone(error)
         self.assertIsNotNone(parse_version(output or ""))
+
+    def test_both_nix_generations(self) -> None:
+        """The real Nix clients' versions are read: Debian's (2.8: a warning, no Accept-Encoding), 2.24's (ok)."""
+        old = os.environ.get("PATH", "")
+        self.addCleanup(os.environ.__setitem__, "PATH", old)
+        found = 0
+        for directory in ("/usr/bin", "/opt/nix-modern/bin"):
+            if not os.path.exists(os.path.join(directory, "nix-store")):
+                continue
+            os.environ["PATH"] = directory
+            output, error = nix_version()
+            version = parse_version(output or "")
+            self.assertIsNotNone(version, output)
+            assert version is not None
+            result = check_nix_version(output, error)
+            self.assertEqual(result.status, WARNING if version < (2, 14) else OK, result.line())
+            self.assertEqual(result.details["accept_encoding"], version >= (2, 14))
+            found += 1
+        if not found:
+            raise self.skipTest("neither /usr/bin/nix-store nor /opt/nix-modern/bin/nix-store exists")
 
     def test_nix_missing(self) -> None:
         """No Nix on PATH: no output, and a reason naming both commands."""
