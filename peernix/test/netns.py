@@ -227,3 +227,8 @@ class RoutedTestNetwork:
             subprocess.run(["ip", "netns", "del", self._made.pop()], capture_output=True, timeout=30)
         while self._etc:
             shutil.rmtree(self._etc.pop(), ignore_errors=True)
+            try:
+                # Gone once no test uses it (a directory in use is not empty).
+                os.rmdir("/etc/netns")
+            except OSError:
+                pass
