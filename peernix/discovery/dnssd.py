@@ -133,7 +133,7 @@ class Instance:
     """
     What one service instance resolved to.
 
-    :ivar name: the instance's DNS name, lower-case, without the final dot.
+    :ivar name: the instance's DNS name as :func:`_name` gives it.
     :ivar urls: one base URL per usable SRV target.
     :ivar public_key: TXT ``pubkey`` when well-formed, else ``None``.
     :ivar node_id: TXT ``id``, ``None`` without one.
@@ -148,10 +148,21 @@ class Instance:
 
 
 def _name(value: object) -> str:
-    """:returns: a ``dns.Name`` or bytes as lower-case text without the final dot."""
+    """
+    :returns: a ``dns.Name`` or bytes as text without the final dot, ASCII
+        letters lower-cased (DNS compares nothing else case-insensitively).
+        Instance labels may hold any bytes (RFC 6763 allows UTF-8, spaces,
+        dots); the text maps each byte to one character (Latin-1), so the
+        name asked is the name received; :func:`_shown` is for people.
+    """
     raw = value.name if isinstance(value, dns.Name) else value
     assert isinstance(raw, bytes)
-    return raw.decode("ascii", errors="replace").lower().rstrip(".")
+    return raw.lower().rstrip(b".").decode("latin-1")
+
+
+def _shown(name: str) -> str:
+    """:returns: a name of :func:`_name` as UTF-8 text, for messages."""
+    return name.encode("latin-1").decode("utf-8", errors="backslashreplace")
 
 
 def _records(section: Iterable[dns.RRHeader], name: str, rtype: int) -> list[Any]:
@@ -198,7 +209,7 @@ class _Round:
         # after the first, then after the second: with one nameserver it
         # gives up by itself, within the overall bound.
         attempts = (self._timeout / 3, self._timeout / 2)
-        d: Deferred[Any] = lookup(name, timeout=attempts)
+        d: Deferred[Any] = lookup(name.encode("latin-1"), timeout=attempts)
         return d.addTimeout(self._timeout, self._clock)
 
     async def query(self, name: str, rtype: int) -> list[Any]:
@@ -218,13 +229,13 @@ class _Round:
             if type(e) is error.DomainError:
                 # An authority used as the resolver: not in its zone.
                 return []
-            raise LookupFailed(f"{dns.QUERY_TYPES.get(rtype, rtype)} {name}: {type(e).__name__}") from None
+            raise LookupFailed(f"{dns.QUERY_TYPES.get(rtype, rtype)} {_shown(name)}: {type(e).__name__}") from None
         except CancelledError:
             raise
         except Exception as e:
             timed_out = isinstance(e, (TimeoutError, defer.TimeoutError))
             reason = "no answer in time" if timed_out else (str(e) or type(e).__name__)
-            raise LookupFailed(f"{dns.QUERY_TYPES.get(rtype, rtype)} {name}: {reason}") from None
+            raise LookupFailed(f"{dns.QUERY_TYPES.get(rtype, rtype)} {_shown(name)}: {reason}") from None
         for record in additional:
             if record.type in self._LOOKUPS:
                 self._extra.setdefault((_name(record.name), record.type), []).append(record.payload)
@@ -449,7 +460,7 @@ class DnsSdDiscoveryService(Service):
             return None
         txt = parse_txt(s for record in texts for s in record.data)
         if self._node_id is not None and txt.get("id") == self._node_id:
-            self._problem(name, None)
+            self._problem(_shown(name), None)
             return Instance(name, (), node_id=self._node_id, txt=txt)
         urls: list[str] = []
         for target, port in self._targets(name, services):
@@ -460,13 +471,13 @@ class DnsSdDiscoveryService(Service):
                 return None
             if url is not None and url not in urls:
                 urls.append(url)
-        self._problem(name, None)
+        self._problem(_shown(name), None)
         public_key = txt.get("pubkey")
         if public_key is not None and not is_valid_public_key(public_key):
-            self._problem(f"{name} pubkey", f"malformed TXT pubkey {public_key!r}, ignored")
+            self._problem(f"{_shown(name)} pubkey", f"malformed TXT pubkey {public_key!r}, ignored")
             public_key = None
         else:
-            self._problem(f"{name} pubkey", None)
+            self._problem(f"{_shown(name)} pubkey", None)
         return Instance(name, tuple(urls), public_key, txt.get("id"), txt)
 
     def _instance_failed(self, name: str, problem: BaseException | None) -> None:
@@ -474,7 +485,7 @@ class DnsSdDiscoveryService(Service):
         if not isinstance(problem, LookupFailed):
             # A cancellation (the service stopped) or a bug: not ours to hide.
             raise problem or RuntimeError("lookup failed without an error")
-        self._problem(name, f"{problem}; keeping what it resolved to before")
+        self._problem(_shown(name), f"{problem}; keeping what it resolved to before")
 
     def _targets(self, name: str, services: Sequence[Any]) -> list[tuple[str, int]]:
         """:returns: ``(target, port)`` of the usable SRV records, best first (RFC 2782 order, then by name)."""
@@ -486,8 +497,10 @@ class DnsSdDiscoveryService(Service):
                 usable.append((srv.priority, -srv.weight, target, srv.port))
         usable.sort()
         if len(usable) > self._max_targets:
-            self._problem(f"{name} size", f"{len(usable)} SRV targets, using the first {self._max_targets}")
+            self._problem(f"{_shown(name)} size", f"{len(usable)} SRV targets, using the first {self._max_targets}")
             usable = usable[: self._max_targets]
+        else:
+            self._problem(f"{_shown(name)} size", None)
         return list(dict.fromkeys((target, port) for _p, _w, target, port in usable))
 
     async def _target_url(self, query: _Round, target: str, port: int, own: set[str]) -> str | None:

@@ -46,9 +46,10 @@ class MemoryZone(authority.FileAuthority):  # type: ignore[misc]
         self.soa = (origin_bytes, soa)  # type: ignore[assignment]
         self.records: dict[bytes, list[Any]] = {}  # type: ignore[assignment]
 
-    def add(self, name: str, record: Any) -> None:
-        """Add ``record`` (a ``dns.Record_*``) at ``name``."""
-        self.records.setdefault(name.lower().rstrip(".").encode(), []).append(record)
+    def add(self, name: str | bytes, record: Any) -> None:
+        """Add ``record`` (a ``dns.Record_*``) at ``name`` (text, or any bytes)."""
+        key = name if isinstance(name, bytes) else name.encode()
+        self.records.setdefault(key.lower().rstrip(b"."), []).append(record)
 
     def remove(self, name: str, type_: int | None = None) -> None:
         """Remove the records of ``type_`` (all of them when ``None``) at ``name``."""

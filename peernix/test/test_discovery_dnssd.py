@@ -63,7 +63,9 @@ class SwitchableResolver:
         if not method.startswith("lookup"):
             raise AttributeError(method)
 
-        def lookup(name: str, timeout: Any = None) -> Deferred[Any]:
+        def lookup(name: str | bytes, timeout: Any = None) -> Deferred[Any]:
+            # The service asks with the bytes it received; recorded as text.
+            name = name.decode("latin-1") if isinstance(name, bytes) else name
             self.asked.append((method, name))
             affected = self.only is None or name in self.only
             if self.mode == "hang" and affected:
@@ -72,7 +74,7 @@ class SwitchableResolver:
                 return d
             if self.mode == "servfail" and affected:
                 return fail(error.DNSServerError(dns.Message()))
-            result: Deferred[Any] = getattr(self.zone, method)(name, timeout)
+            result: Deferred[Any] = getattr(self.zone, method)(name.encode("latin-1"), timeout)
             return result
 
         return lookup
@@ -244,6 +246,17 @@ class ResolutionTests(DnsSdUnitTestCase):
         self.assertIn(("add", "http://192.0.2.10:9999", SOURCE, None), self.registry.calls)
         self.assertEqual(len([e for e in events if "malformed TXT pubkey" in str(e.get("problem"))]), 1)
 
+    def test_any_instance_name(self) -> None:
+        """An instance name of UTF-8, spaces and apostrophes (RFC 6763 allows them) is asked for as it is."""
+        name = "Zo\u00eb's Mac Book".encode() + b"." + SERVICE.encode()
+        self.zone.add(SERVICE, dns.Record_PTR(name, ttl=0))
+        self.zone.add(name, dns.Record_SRV(0, 0, PORT, "zoe.hosts.peernix.test", ttl=0))
+        self.zone.add("zoe.hosts.peernix.test", dns.Record_A("192.0.2.30", ttl=0))
+        with capturedLogs() as events:
+            self.start()
+        self.assertIn("http://192.0.2.30:9999", self.urls())
+        self.assertFalse([e for e in events if e.get("log_level") == LogLevel.warn])
+
     def test_cname_followed(self) -> None:
         """A target that is a CNAME is followed to its address."""
         self.zone.remove("alice.hosts.peernix.test")
@@ -272,7 +285,8 @@ class ResolutionTests(DnsSdUnitTestCase):
             def __getattr__(self, method: str) -> Any:
                 inner = super().__getattr__(method)
 
-                def lookup(name: str, timeout: Any = None) -> Deferred[Any]:
+                def lookup(name: str | bytes, timeout: Any = None) -> Deferred[Any]:
+                    name = name.decode("latin-1") if isinstance(name, bytes) else name
                     if name.endswith("other.test"):
                         result: Deferred[Any] = getattr(other, method)(name, timeout)
                         return result
@@ -301,7 +315,7 @@ class ResolutionTests(DnsSdUnitTestCase):
             def __getattr__(self, method: str) -> Any:
                 inner = super().__getattr__(method)
 
-                def lookup(name: str, timeout: Any = None) -> Deferred[Any]:
+                def lookup(name: str | bytes, timeout: Any = None) -> Deferred[Any]:
                     d: Deferred[Any] = inner(name, timeout)
                     if method != "lookupPointer":
                         return d
