@@ -47,7 +47,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, 
 from twisted.internet.interfaces import IReactorTime, IResolver
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.names import dns, error
+from twisted.names import client, dns, error
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -69,28 +69,65 @@ def service_name(domain: str) -> str:
     return f"{SERVICE}.{domain.rstrip('.')}"
 
 
-def system_resolver(reactor: Any, resolv: str = RESOLV_CONF) -> IResolver:
+class _Resolver(client.Resolver):  # type: ignore[misc]
+    """
+    ``twisted.names``' stub resolver, asking over one UDP socket per address
+    family for as long as it lives.
+
+    The stock resolver binds a fresh socket for every query, and Twisted
+    logs four lines for each (protocol and port, started and stopped): a
+    resolution of a zone of 50 nodes would write hundreds of lines a
+    minute.  One socket, bound to a port the kernel picks at random, keeps
+    the log quiet.  A fixed source port makes forged answers easier to
+    aim, but message ids stay random, answers are only taken from the
+    nameserver asked, and a forged answer can do no more than a forged
+    broadcast announcement: name a peer, which is trusted only by its
+    signatures.
+    """
+
+    def _query(self, address: tuple[str, int], *args: Any) -> Deferred[Any]:
+        protocols: dict[str, dns.DNSDatagramProtocol] = self.__dict__.setdefault("_peernix_protocols", {})
+        interface = "::" if ":" in address[0] else ""
+        protocol = protocols.get(interface)
+        if protocol is None or protocol.transport is None:
+            protocol = dns.DNSDatagramProtocol(self, reactor=self._reactor)  # type: ignore[no-untyped-call]
+            protocol.noisy = False
+            self._reactor.listenUDP(0, protocol, interface=interface)
+            protocols[interface] = protocol
+        result: Deferred[Any] = protocol.query(address, *args)
+        return result
+
+    def close(self) -> None:
+        """Close the sockets and stop re-reading ``resolv.conf``."""
+        for protocol in self.__dict__.pop("_peernix_protocols", {}).values():
+            if protocol.transport is not None:
+                protocol.transport.stopListening()
+        # twisted.names offers no public way to stop the re-reading.
+        call = getattr(self, "_parseCall", None)
+        if call is not None and call.active():
+            call.cancel()
+
+
+def system_resolver(reactor: Any, resolv: str | None = RESOLV_CONF,
+                    servers: Sequence[tuple[str, int]] | None = None) -> IResolver:
     """
     :returns: a ``twisted.names`` stub resolver asking the nameservers of
         ``resolv`` (re-read when it changes; a missing file means
-        ``127.0.0.1``).  Without a cache: every resolution asks the
-        nameserver, so a record removed from the zone is noticed at the
-        next one.  It schedules a periodic re-read of ``resolv``; stop it
-        with :func:`close_resolver`.
+        ``127.0.0.1``), after ``servers`` (``(address, port)``, for tests)
+        when given.  Without a cache: every resolution asks the nameserver,
+        so a record removed from the zone is noticed at the next one.
+        Close it with :func:`close_resolver`.
     :raises OSError: ``resolv`` exists but cannot be read.
     """
-    from twisted.names import client
-
-    resolver: IResolver = client.Resolver(resolv=resolv, reactor=reactor)  # type: ignore[no-untyped-call]
+    resolver: IResolver = _Resolver(resolv=resolv, servers=list(servers) if servers else None,  # type: ignore[no-untyped-call]
+                                    reactor=reactor)
     return resolver
 
 
 def close_resolver(resolver: object) -> None:
-    """Stop the periodic ``resolv.conf`` re-read of a :func:`system_resolver` (others: nothing)."""
-    # twisted.names offers no public way to stop it.
-    call = getattr(resolver, "_parseCall", None)
-    if call is not None and call.active():
-        call.cancel()
+    """Close a :func:`system_resolver` (its socket, its re-reading of ``resolv.conf``); others: nothing."""
+    if isinstance(resolver, _Resolver):
+        resolver.close()
 
 
 class LookupFailed(Exception):
@@ -404,7 +441,14 @@ class DnsSdDiscoveryService(Service):
         if resolver is None:
             return
         query = _Round(resolver, self._clock, self._query_timeout, self._parallel)
-        own = {str(a).split("%", 1)[0] for a in self._own_addresses()}
+        try:
+            own = {str(a).split("%", 1)[0] for a in self._own_addresses()}
+        except Exception as e:
+            # Then only the TXT id tells our own instance apart.
+            self._problem("this host's addresses", f"cannot be read: {e}")
+            own = set()
+        else:
+            self._problem("this host's addresses", None)
         results = await gatherResults(
             [Deferred.fromCoroutine(self._resolve_domain(query, domain, own)) for domain in self.domains],
             consumeErrors=True,

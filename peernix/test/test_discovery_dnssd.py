@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IResolver
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs
-from twisted.names import client, dns, error
+from twisted.names import dns, error
 from twisted.names.server import DNSServerFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -460,7 +460,7 @@ class RealServerTests(TestCase):
         server = ("127.0.0.1", self.port.getHost().port)
         service = DnsSdDiscoveryService(
             self.registry, [DOMAIN], PORT, reactor,
-            lambda: client.Resolver(servers=[server], reactor=reactor),
+            lambda: system_resolver(reactor, None, [server]),
             interval=3600, own_addresses=lambda: [], **kwargs)
         return service
 
@@ -478,8 +478,13 @@ class RealServerTests(TestCase):
         self.assertEqual(self.registry.urls(SOURCE), {"http://192.0.2.10:9999", "http://[2001:db8::b0b]:9998"})
         self.assertIn(("add", "http://192.0.2.10:9999", SOURCE, PUBKEY), self.registry.calls)
         self.zone.remove_pointer(SERVICE, f"alice.{SERVICE}")
-        yield service.resolve()
+        with capturedLogs() as events:
+            yield service.resolve()
         self.assertEqual(self.registry.urls(SOURCE), {"http://[2001:db8::b0b]:9998"})
+        # All queries go over the one socket bound at the first: no log lines about sockets.
+        self.assertEqual([e for e in events if "starting on" in str(e.get("log_text", e.get("message")))
+                          or "Closed" in str(e.get("log_text", e.get("message")))], [])
+        self.assertEqual(len(events), 1, events)
 
     @inlineCallbacks
     def test_no_server(self) -> Any:
@@ -490,7 +495,7 @@ class RealServerTests(TestCase):
         started = reactor.seconds()  # type: ignore[attr-defined]
         service = DnsSdDiscoveryService(
             self.registry, [DOMAIN], PORT, reactor,
-            lambda: client.Resolver(servers=[("127.0.0.1", port)], reactor=reactor),
+            lambda: system_resolver(reactor, None, [("127.0.0.1", port)]),
             interval=3600, own_addresses=lambda: [], query_timeout=0.5)
         service.startService()
         self.addCleanup(service.stopService)
