@@ -272,6 +272,32 @@ SHARE_MODE = ValueType("share mode: trusted or all", "MODE", (str,), _identity, 
                        example='"trusted"')
 
 
+def _check_domain(value: str) -> str:
+    """Check a DNS domain for ``--dns-sd``: lower-cased, without the trailing dot."""
+    name = value.strip().lower().rstrip(".")
+    if (not name or len(name) > 253
+            or not all(re.fullmatch(r"(?!-)[a-z0-9_-]{1,63}(?<!-)", label) for label in name.split("."))):
+        raise ValueError(f"expected a DNS domain such as example.com or lan.example.com, got {value!r}")
+    return name
+
+
+DOMAIN = ValueType("DNS domain", "DOMAIN", (str,), _identity, _check_domain,
+                   example='"example.com"')
+
+
+def _check_tailscale_tag(value: str) -> str:
+    """Check a Tailscale ACL tag; ``peernix`` and ``tag:peernix`` both give ``tag:peernix``."""
+    tag = value.strip()
+    name = tag[len("tag:"):] if tag.startswith("tag:") else tag
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", name):
+        raise ValueError(f"expected a Tailscale tag such as tag:peernix, got {value!r}")
+    return f"tag:{name}"
+
+
+TAILSCALE_TAG = ValueType("Tailscale tag", "TAG", (str,), _identity, _check_tailscale_tag,
+                          example='"tag:peernix"')
+
+
 # --------------------------------------------------------------------------
 # The table.
 
@@ -398,6 +424,25 @@ SETTINGS: tuple[Setting, ...] = (
             "Announce this node this often.", group="discovery"),
     Setting("peer_ttl", "peer-ttl", SECONDS, 120.0,
             "Forget a discovered peer not heard from for this long.", group="discovery"),
+    # Beyond the broadcast domain (issue 14); see peernix.discovery.dnssd
+    # and peernix.discovery.tailscale.
+    Setting("dns_sd", "dns-sd", DOMAIN, (),
+            "Find peers by unicast DNS-SD in this domain: the PTR records of "
+            "_peernix._tcp.DOMAIN, their SRV, TXT and A/AAAA records, asked of the "
+            "system resolver (/etc/resolv.conf).", repeatable=True, group="discovery"),
+    Setting("dns_sd_interval", "dns-sd-interval", SECONDS, 60.0,
+            "Resolve the --dns-sd domains again this often; peers gone from the "
+            "zone are dropped then.", group="discovery"),
+    Setting("tailscale", "tailscale", BOOL, False,
+            "Find peers on this machine's tailnet (Tailscale or Headscale): the online "
+            "peers that tailscale status --json lists, at their Tailscale address and --port.",
+            group="discovery"),
+    Setting("tailscale_tags", "tailscale-tag", TAILSCALE_TAG, (),
+            "With --tailscale, only peers carrying one of these ACL tags "
+            "(tag:peernix; the tag: prefix may be left out).",
+            repeatable=True, group="discovery", default_text="none: every online peer"),
+    Setting("tailscale_interval", "tailscale-interval", SECONDS, 60.0,
+            "With --tailscale, read the tailnet's peers again this often.", group="discovery"),
     # Logging (issue 7).
     Setting("log_format", "log-format", LOG_FORMAT, "text",
             "Write the log as text lines, or as one JSON object per line "
@@ -463,6 +508,11 @@ class Config:
     mdns: bool = _default("mdns")
     announce_interval: float = _default("announce_interval")
     peer_ttl: float = _default("peer_ttl")
+    dns_sd: tuple[str, ...] = _default("dns_sd")
+    dns_sd_interval: float = _default("dns_sd_interval")
+    tailscale: bool = _default("tailscale")
+    tailscale_tags: tuple[str, ...] = _default("tailscale_tags")
+    tailscale_interval: float = _default("tailscale_interval")
     #: ``"text"`` or ``"json"``; see :mod:`peernix.logging`.
     log_format: str = _default("log_format")
     header_timeout: float = _default("header_timeout")

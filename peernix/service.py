@@ -461,7 +461,8 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
     """
     Add the ways of finding peers: the static list, UDP (always listening,
     to answer announcements and ``has_path`` queries; broadcasting unless
-    ``--no-broadcast``) and mDNS (unless ``--no-mdns``).  They start after
+    ``--no-broadcast``), mDNS (unless ``--no-mdns``), DNS-SD and the
+    tailnet (see :func:`make_wide_area_discovery`).  They start after
     the HTTP listener, so a node announces itself only once it can serve.
     """
     StaticPeersService(registry, list(config.peers)).setServiceParent(parent)
@@ -496,6 +497,41 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
             zeroconf_factory=make_zeroconf,
             defer_to_thread=thread_pool_runner(reactor, pool),
             call_from_thread=reactor.callFromThread,
+        ).setServiceParent(parent)
+    make_wide_area_discovery(config, reactor, registry, node, parent)
+
+
+def make_wide_area_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry,
+                             node: NodeInfo, parent: PeernixService) -> None:
+    """
+    Add the ways of finding peers beyond the broadcast domain: unicast
+    DNS-SD in the ``--dns-sd`` domains (:mod:`peernix.discovery.dnssd`,
+    asking the nameservers of ``/etc/resolv.conf``) and the peers of this
+    machine's tailnet with ``--tailscale``
+    (:mod:`peernix.discovery.tailscale`).
+    """
+    if config.dns_sd:
+        from peernix.discovery.dnssd import DnsSdDiscoveryService, system_resolver
+
+        DnsSdDiscoveryService(
+            registry,
+            config.dns_sd,
+            config.port,
+            reactor,
+            functools.partial(system_resolver, reactor),
+            node_id=node.node_id,
+            interval=config.dns_sd_interval,
+        ).setServiceParent(parent)
+    if config.tailscale:
+        from peernix.discovery.tailscale import TailscaleDiscoveryService, run_command
+
+        TailscaleDiscoveryService(
+            registry,
+            config.port,
+            reactor,
+            functools.partial(run_command, reactor),
+            tags=config.tailscale_tags,
+            interval=config.tailscale_interval,
         ).setServiceParent(parent)
 
 
