@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from peernix.interfaces import IPeerRegistry
 from peernix.peers.client import PeerClient
 from peernix.peers.errors import PeerError
-from peernix.peers.registry import Peer
+from peernix.peers.peer import Peer
 
 log = Logger()
 
