@@ -5,8 +5,8 @@ A :class:`HealthChecker` probes each peer's ``nix-cache-info`` every
 ``interval`` seconds, records latency or failure in the registry (which
 drives backoff and scores), then drops expired discovered peers.
 
-Recovery: a peer known to be down (its last liveness check failed:
-``consecutive_failures > 0``) is skipped by fan-outs while its backoff runs
+Recovery: a peer known to be down (its health probe failed in a round and
+it has not answered since) is skipped by fan-outs while its backoff runs
 (up to a minute), and a full round comes only every ``interval``.  So such
 peers alone are also probed every ``recovery_interval`` seconds (half a
 second by default), at most one probe per peer in flight: a static peer
@@ -15,7 +15,9 @@ the next round or the end of its backoff.  These probes are cheap (one
 small GET on the persistent pool, refused at once by a host that is up
 without its daemon) and their failures are not recorded again (the peer
 is already known to be down; the rounds keep counting); a success is
-recorded, which ends the liveness backoff.
+recorded, which ends the liveness backoff.  A peer that answers its
+health probe but fails fan-out requests (slow narinfos) is not "down" and
+is not probed more often than before.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class HealthChecker(Service):
         self._round: Deferred[None] | None = None
         #: Recovery probes in flight, by peer (identity).
         self._recovering: dict[Peer, Deferred[None]] = {}
+        #: Peers whose round probe failed and that have not answered since.
+        self._down: set[Peer] = set()
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -102,6 +106,7 @@ class HealthChecker(Service):
         for d in list(self._recovering.values()):
             d.cancel()
         self._recovering.clear()
+        self._down.clear()
         return None
 
     def probe_down_peers(self) -> None:
@@ -109,10 +114,13 @@ class HealthChecker(Service):
         Start a recovery probe of every peer known to be down that has none
         in flight (at most ``concurrency`` in flight in all).  Never raises.
         """
-        for peer in self._registry.peers():
+        peers = self._registry.peers()
+        # Forget peers the registry dropped, and those that answered since.
+        self._down &= {p for p in peers if p.consecutive_failures > 0}
+        for peer in peers:
             if len(self._recovering) >= self._concurrency:
                 break
-            if peer.consecutive_failures <= 0 or peer in self._recovering:
+            if peer not in self._down or peer in self._recovering:
                 continue
             d = Deferred.fromCoroutine(self._recover(peer))
             if not d.called:
@@ -128,8 +136,8 @@ class HealthChecker(Service):
         except PeerError:
             # Still down: already recorded; the next round records again.
             return
-        if peer.consecutive_failures > 0:
-            log.info("peer {url} answers again", url=peer.url)
+        self._down.discard(peer)
+        log.info("peer {url} answers again", url=peer.url)
         self._registry.record_success(peer, latency)
 
     def check_all(self) -> Deferred[None]:
@@ -155,5 +163,7 @@ class HealthChecker(Service):
             latency = await self._client.probe(peer)
         except PeerError as e:
             self._registry.record_failure(peer, e.kind)
+            self._down.add(peer)
             return
+        self._down.discard(peer)
         self._registry.record_success(peer, latency)

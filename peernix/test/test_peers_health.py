@@ -146,3 +146,15 @@ class RecoveryTests(SynchronousTestCase):
         self.assertLessEqual(len([r for r in self.lan.peer("back:1").pending if not r.finished and not r._disconnected]), 1)
         self.checker.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_slow_but_alive_peer_not_probed_more(self) -> None:
+        """A peer whose fan-out requests failed but whose health probe answers is not "down": no recovery probes between rounds."""
+        self.lan.peer("back:1").mode = "normal"
+        self.step(10.5)
+        up = self.registry.get("http://up:1")
+        assert up is not None
+        self.registry.record_failure(up, "timeout")
+        before = self.lan.count("up:1")
+        self.step(5.0)
+        self.assertEqual(self.lan.count("up:1"), before)
+        self.assertGreater(up.consecutive_failures, 0)
