@@ -23,7 +23,7 @@ is not probed more often than before.
 from __future__ import annotations
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -47,6 +47,11 @@ class HealthChecker(Service):
         rounds; and, separately, in recovery probes).
     :param recovery_interval: seconds between recovery probes of a peer
         known to be down (see the module docstring).
+    :param recovery_timeout: the longest a recovery probe may take (at most
+        the client's own timeout applies too); one cut short is started
+        afresh at the next tick, so a connection attempt made while the
+        peer was unreachable does not hold up the first one after it is
+        back.
     """
 
     name = "peer-health"
@@ -60,6 +65,7 @@ class HealthChecker(Service):
         interval: float = 5.0,
         concurrency: int = 16,
         recovery_interval: float = 0.5,
+        recovery_timeout: float = 1.0,
     ) -> None:
         self._registry = registry
         self._client = client
@@ -68,6 +74,7 @@ class HealthChecker(Service):
         self._concurrency = max(1, concurrency)
         self._semaphore = DeferredSemaphore(self._concurrency)
         self._recovery_interval = recovery_interval
+        self._recovery_timeout = recovery_timeout
         self._loop: LoopingCall | None = None
         self._recovery_loop: LoopingCall | None = None
         self._round: Deferred[None] | None = None
@@ -131,9 +138,12 @@ class HealthChecker(Service):
         self._recovering.pop(peer, None)
 
     async def _recover(self, peer: Peer) -> None:
+        probe = self._client.probe(peer)
+        # Cancels the probe (and its connection attempt) at the deadline.
+        probe.addTimeout(self._recovery_timeout, self._clock)
         try:
-            latency = await self._client.probe(peer)
-        except PeerError:
+            latency = await probe
+        except (PeerError, TimeoutError):
             # Still down: already recorded; the next round records again.
             return
         self._down.discard(peer)

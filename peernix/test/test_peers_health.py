@@ -136,16 +136,27 @@ class RecoveryTests(SynchronousTestCase):
         self.assertEqual(self.lan.count("up:1"), 2)
 
     def test_one_probe_in_flight_and_stop(self) -> None:
-        """A peer that hangs gets one recovery probe at a time; stopping cancels it and leaves no timers."""
+        """A peer that hangs gets one recovery probe at a time, cut short after a second; stopping cancels it and leaves no timers."""
         self.lan.peer("back:1").mode = "slow"
-        self.step(1.0)
+        self.step(0.55)
         self.assertEqual(len(self.lan.peer("back:1").pending), 1)
-        self.step(1.5)
-        # The first timed out (2 s); its successor is the only one pending.
+        self.step(0.4)
+        self.assertEqual(len(self.lan.peer("back:1").pending), 1)
+        # Cut short at 1.5 s; the next tick starts a fresh one.
+        self.step(1.1)
+        self.assertEqual(len(self.lan.peer("back:1").pending), 2)
+        # Recovery probes record nothing; only the first round's failure is counted.
         self.assertEqual(self.peer.failures, {"connection": 1})
-        self.assertLessEqual(len([r for r in self.lan.peer("back:1").pending if not r.finished and not r._disconnected]), 1)
         self.checker.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_back_while_a_probe_hangs(self) -> None:
+        """A peer back while a recovery probe still waits on it is found by the next, fresh probe within about a second."""
+        self.lan.peer("back:1").mode = "slow"
+        self.step(0.6)
+        self.lan.peer("back:1").mode = "normal"
+        self.step(1.5)
+        self.assertIn(self.peer, self.registry.healthy_peers())
 
     def test_slow_but_alive_peer_not_probed_more(self) -> None:
         """A peer whose fan-out requests failed but whose health probe answers is not "down": no recovery probes between rounds."""
