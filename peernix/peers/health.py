@@ -23,10 +23,11 @@ is not probed more often than before.
 from __future__ import annotations
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError, gatherResults
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from peernix.interfaces import IPeerRegistry
 from peernix.peers.client import PeerClient
@@ -132,10 +133,12 @@ class HealthChecker(Service):
             d = Deferred.fromCoroutine(self._recover(peer))
             if not d.called:
                 self._recovering[peer] = d
-                d.addBoth(self._recovered, peer)
+            d.addBoth(self._recovered, peer)
 
     def _recovered(self, result: object, peer: Peer) -> None:
         self._recovering.pop(peer, None)
+        if isinstance(result, Failure) and not isinstance(result.value, CancelledError):
+            log.failure("recovery probe of {url} failed", result, url=peer.url)
 
     async def _recover(self, peer: Peer) -> None:
         probe = self._client.probe(peer)
