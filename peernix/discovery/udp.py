@@ -18,9 +18,10 @@ it sends from port 9999 only in answer to a datagram it received there, i.e.
 to our broadcast, whose every field (``public_key``, ``platform``,
 ``features``, ...) it has just recorded.  Its server overwrites *every*
 field of a known peer with each announce it receives and answers each one,
-so an answer from us could only replace that full record with whatever fits
-under the amplification bound below (its announces are 150-250 bytes; our
-full answer does not fit) and start another round of the exchange.  A Go
+so an answer from us could at best repeat that record and at worst replace
+it with whatever fits under the amplification bound below (its announces
+are 150-250 bytes, often shorter than our full answer), and would start
+another round of the exchange.  A Go
 node therefore learns of us, with all our fields, from our broadcasts (at
 start-up, 2.5 s later and every ``announce_interval``) and from our mDNS
 TXT records; we learn of it from its broadcasts and its answers.
