@@ -33,7 +33,20 @@ let
     zstandard
   ] ++ python3Packages.twisted.optional-dependencies.tls
   # peernix/zstd.py: Python 3.14's compression.zstd, else its backport.
-  ++ lib.optionals (python3Packages.pythonOlder "3.14") [ python3Packages.backports-zstd ];
+  ++ lib.optionals (python3Packages.pythonOlder "3.14") [ backportsZstd ];
+  # The minimum nixpkgs: one with python3Packages.backports-zstd (in
+  # nixos-unstable since late 2025: NixOS 26.05 and newer, nixos-unstable
+  # since December 2025; NixOS 25.05 and older do not have it), or one
+  # whose python3 is 3.14 or newer.
+  # python-zstandard, which older nixpkgs have, cannot replace it: its
+  # streaming decompressor has no output bound (a few KiB of a peer's zstd
+  # expand into any size in one call), and the NAR relay relies on one.
+  backportsZstd = python3Packages.backports-zstd or (throw ''
+    peernix needs python3Packages.backports-zstd (the zstd module of Python 3.14, backported),
+    which this nixpkgs does not have: use NixOS 26.05 or newer, or nixos-unstable since December 2025,
+    or peernix's flake's package (packages.''${system}.default, built with the flake's own nixpkgs),
+    or callPackage ./nix/package.nix { python3Packages = python314Packages; } where nixpkgs has Python 3.14.
+  '');
   version = builtins.head
     (builtins.match ".*__version__ = \"([^\"]+)\".*" (builtins.readFile ../peernix/__init__.py));
 in

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from peernix.nix.hashes import Hash
     from peernix.nix.narinfo import NarInfo
     from peernix.nix.pathinfo import PathInfo
-    from peernix.peers.registry import Peer
+    from peernix.peers.peer import Peer
 
 
 class IStore(Interface):

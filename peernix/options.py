@@ -35,6 +35,7 @@ import attrs
 from twisted.python import usage
 
 from peernix.nix.signing import KeyFormatError, parse_public_key
+from peernix.store.share import SHARE_MODES
 
 #: An IP network as :func:`ipaddress.ip_network` returns it.
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -255,10 +256,9 @@ def _check_log_format(value: str) -> str:
 LOG_FORMAT = ValueType("log format: text or json", "FORMAT", (str,), _identity, _check_log_format,
                        example='"json"')
 
-#: The values of ``--share``: ``trusted`` (only paths whose database
-#: signature verifies against a trusted key or this node's own) or ``all``;
-#: see :mod:`peernix.store.share`.
-SHARE_MODES = ("trusted", "all")
+#: The values of ``--share`` (``trusted`` or ``all``) are defined by the
+#: store, which implements them: :data:`peernix.store.share.SHARE_MODES`
+#: (imported above).
 
 
 def _check_share_mode(value: str) -> str:

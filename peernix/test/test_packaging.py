@@ -90,6 +90,15 @@ class SetupCfgTests(SynchronousTestCase):
         for name in ("hypothesis", "mypy", "mypy-zope", "sphinx"):
             self.assertIn(name, extras)
 
+    def test_docs_extra(self) -> None:
+        """The docs have their own extra (Sphinx only), and the test extra asks for the same Sphinx."""
+        extras = self.parser["options.extras_require"]
+        docs = [r.strip() for r in extras["docs"].splitlines() if r.strip()]
+        test = [r.strip() for r in extras["test"].splitlines() if r.strip()]
+        self.assertEqual([r.split()[0] for r in docs], ["sphinx"])
+        for requirement in docs:
+            self.assertIn(requirement, test)
+
     def test_python_version(self) -> None:
         """Python 3.11 or newer is required (tomllib, zeroconf)."""
         self.assertEqual(self.parser["options"]["python_requires"].strip(), ">=3.11")
