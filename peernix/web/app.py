@@ -1066,6 +1066,8 @@ class _Root(Resource):
                 return app.render_cache(request, b"")
             try:
                 path.decode("utf-8")
+                # Percent-decoded too: werkzeug decodes %ee as UTF-8 as well.
+                unquote_to_bytes(path).decode("utf-8")
             except UnicodeDecodeError:
                 # Klein decodes paths as UTF-8; a stranger's bytes get a
                 # plain 400 rather than a logged traceback.
