@@ -515,7 +515,8 @@ class WebApp:
         if rest.startswith(b"nar/"):
             return self._render_nar(request, rest[4:])
         if rest.endswith((b".nar", b".nar.zst")) and b"/" not in rest:
-            # zw3rk/peernix's form: <hash>-<narhash>.nar directly under the cache.
+            # <hash>-<narhash>.nar[.zst] directly under the cache (ours and
+            # zw3rk/peernix's), and zw3rk's older <hash>.nar.
             return self._render_nar(request, rest)
         if rest.endswith(b".ls") and b"/" not in rest:
             hash_part = _hash_part(rest[:-3])
