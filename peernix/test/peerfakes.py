@@ -75,13 +75,16 @@ class FakeRegistry:
         return list(self._peers.values())
 
     def healthy_peers(self) -> list[Peer]:
-        return [p for p in self._peers.values() if p.url not in self.unhealthy]
+        return [p for p in self._peers.values() if p.url not in self.unhealthy and p.serving]
 
     def record_success(self, peer: Peer, latency: float) -> None:
         self.successes.append((peer.url, latency))
 
     def record_failure(self, peer: Peer, kind: str) -> None:
         self.failures.append((peer.url, kind))
+
+    def record_serving(self, peer: Peer, serving: bool) -> None:
+        peer.serving = serving
 
     def subscribe(self, callback: object) -> None:
         assert callable(callback)
