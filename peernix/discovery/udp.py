@@ -252,11 +252,13 @@ class DiscoveryProtocol(DatagramProtocol):
             public_key=public_key,
             port=http_port,
             node_id=node.node_id,
+            serve_peers=node.serve_peers,
         )
         full_reply = attrs.evolve(full, reply=True)
         # Only what a receiver needs to add us: where (port), that it is a
         # reply (never answered), and the key a signature is checked with.
-        compact = Announce(peernix_version=node.peernix_version, public_key=public_key, port=http_port, reply=True)
+        compact = Announce(peernix_version=node.peernix_version, public_key=public_key, port=http_port, reply=True,
+                           serve_peers=node.serve_peers)
         compact_unsigned = attrs.evolve(compact, public_key="")
         self._broadcast_form = full
         # Most informative first; reply_for() sends the first that fits.
@@ -409,7 +411,10 @@ class DiscoveryProtocol(DatagramProtocol):
             self.log.debug(
                 "Announce from {source} treated as unsigned: {verdict}", source=addr, verdict=verdict.value
             )
-        self._registry.add(url, SOURCE, announce.public_key or None, verified=verdict is Verdict.VERIFIED)
+        peer = self._registry.add(url, SOURCE, announce.public_key or None, verified=verdict is Verdict.VERIFIED)
+        if peer is not None:
+            # A consume-only node (serve_peers false) is kept but never asked.
+            self._registry.record_serving(peer, announce.serve_peers)
         if announce.reply or not self._should_answer(host, announce.node_id):
             return
         reply = self.reply_for(request_size)

@@ -3,7 +3,9 @@ Periodic health checks of every known peer.
 
 A :class:`HealthChecker` probes each peer's ``nix-cache-info`` every
 ``interval`` seconds, records latency or failure in the registry (which
-drives backoff and scores), then drops expired discovered peers.
+drives backoff and scores) and whether the peer serves peers (a
+``--serve-peers no`` node says so in that answer, so static peers learn it
+too), then drops expired discovered peers.
 """
 
 from __future__ import annotations
@@ -91,8 +93,9 @@ class HealthChecker(Service):
 
     async def _probe(self, peer: Peer) -> None:
         try:
-            latency = await self._client.probe(peer)
+            probe = await self._client.check(peer)
         except PeerError as e:
             self._registry.record_failure(peer, e.kind)
             return
-        self._registry.record_success(peer, latency)
+        self._registry.record_success(peer, probe.latency)
+        self._registry.record_serving(peer, probe.serving)

@@ -6,6 +6,7 @@ import io
 
 import attrs
 import os
+import tempfile
 from typing import Any
 
 from twisted.internet.error import CannotListenError
@@ -67,7 +68,9 @@ NODE = NodeInfo("0.1.0", "2.8.0", "x86_64-linux", (), "", "testnode")
 
 #: No mDNS and no trusted keys from this machine's nix.conf: unit tests
 #: neither touch the network nor read /etc.
-QUIET = Config(mdns=False, trusted_public_keys=())
+#: The savings state goes to a directory of this test run, never /var/lib/peernix.
+QUIET = Config(mdns=False, trusted_public_keys=(),
+               state_dir=os.path.join(tempfile.gettempdir(), f"peernix-test-state-{os.getpid()}"))
 
 
 def quiet(**changes: Any) -> Config:
@@ -102,11 +105,11 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IReactorFromThreads, ThreadedMemoryReactor()))
 
     def test_children(self) -> None:
-        """With a given store: CPU pool, peer side, HTTP listener, then discovery, in that order."""
+        """With a given store: CPU pool, peer side, savings, HTTP listener, then discovery, in that order."""
         service, _ = self.build()
         children = list(service)
         self.assertEqual([c.name for c in children],
-                         ["cpu-threads", "peer-client", "peer-health", "http [::]:9999", "static", "udp"])
+                         ["cpu-threads", "peer-client", "peer-health", "savings", "http [::]:9999", "static", "udp"])
         self.assertIsInstance(children[0], ThreadPoolService)
         self.assertIsInstance(children[3], ListenerService)
         self.assertEqual(service.listeners, [children[3]])
@@ -130,7 +133,7 @@ class BuildServiceTests(SynchronousTestCase):
         """An injected upstream replaces the peer side and discovery."""
         upstream = FakeUpstream()
         service, _ = self.build(upstream=upstream)
-        self.assertEqual([c.name for c in service], ["cpu-threads", "http [::]:9999"])
+        self.assertEqual([c.name for c in service], ["cpu-threads", "savings", "http [::]:9999"])
         self.assertIs(service.upstream, upstream)
 
     def test_trusted_keys_from_options(self) -> None:

@@ -47,6 +47,7 @@ from peernix.nix.pathinfo import PathInfo
 from peernix.nix.signing import SecretKey, sign_narinfo
 from peernix.nix.storepath import STORE_DIR, StorePathError, parse_basename
 from peernix.peers.client import PEER_HEADER
+from peernix.peers.client import SERVE_PEERS_HEADER as _SERVE_PEERS_HEADER_NAME
 from peernix.peers.errors import NarUnavailable
 from peernix.sources import LOCAL, SOURCE_HEADER, Found, Source, peer_source
 from peernix.store.share import SharedStore
@@ -119,7 +120,7 @@ _BODY_HEADERS: Final = (b"Content-Encoding", b"Content-Range", b"Accept-Ranges",
 #: The ``nix-cache-info`` response header saying whether this node serves
 #: peers (``yes``/``no``): what a peer's health probe reads
 #: (:meth:`peernix.peers.client.PeerClient.probe`).
-SERVE_PEERS_HEADER: Final = b"X-Peernix-Serve-Peers"
+SERVE_PEERS_HEADER: Final = _SERVE_PEERS_HEADER_NAME.encode("ascii")
 #: Routes whose answers to peers go through ``--max-upload-rate``.
 _LIMITED_ROUTES: Final = frozenset({"narinfo", "nar", "ls", "log"})
 
