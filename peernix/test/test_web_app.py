@@ -65,7 +65,9 @@ class Harness:
         registry: PeerRegistry | None = None,
         clock: Clock | None = None,
         trimmer: IdleTrimmer | None = None,
+        **app_options: Any,
     ) -> None:
+        """``app_options``: more keyword arguments of :class:`WebApp`."""
         root = testcase.mktemp()
         os.makedirs(root)
         self.store = MemoryStore(root)
@@ -85,6 +87,7 @@ class Harness:
             version="9.9.9-test",
             registry=registry,
             trimmer=trimmer,
+            **app_options,
         )
         self.resource = self.app.resource()
         self.agent = RequestTraversalAgent(self.resource)

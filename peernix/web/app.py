@@ -97,6 +97,8 @@ SMALL_NAR_SIZE: Final = 256 * 1024
 #: event loop) cost less than handing the work to a thread and back, which
 #: is most of the time of a small path's download.
 TINY_NAR_SIZE: Final = 16 * 1024
+#: The NAR chunk size of a stream to a peer under ``--max-upload-rate``.
+LIMITED_CHUNK_SIZE: Final = 64 * 1024
 #: A consumer paused this long (a client that stopped reading) ends the stream.
 STALL_TIMEOUT: Final = 300.0
 #: Client addresses whose "proxy client or peer?" decision is remembered.
@@ -915,6 +917,10 @@ class WebApp:
         # never takes a wrong NAR for a complete one.
 
         chunk_size = self._ahead_budget.chunk_size()
+        if self._upload_limiter is not None and self._is_peer(request):
+            # Under --max-upload-rate a write is a turn: small turns keep
+            # the rate smooth and the peers' shares even.
+            chunk_size = min(chunk_size, LIMITED_CHUNK_SIZE)
         # NAR bytes (not wire bytes) made for the client, counted as they
         # are made: before compression, after a Range's slicing.
         made_bytes = [0]

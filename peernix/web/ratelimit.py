@@ -7,11 +7,13 @@ it).  A write always goes out whole and takes its bytes from the bucket,
 which may go into debt; while it is in debt nobody writes: streams are
 *paused* (their producers stop making data, nothing is buffered), short
 bodies wait.  When the debt is paid off, waiters are let go one at a time,
-first come first served, each for one write, after which a stream that
-still has data waits at the back again.  So concurrent peer downloads take
-equal turns, each a chunk at a time, and share the rate evenly (as evenly
-as their chunk sizes are equal: every NAR stream writes chunks of the same
-size), while the long-run rate is exactly ``rate`` plus the bucket's burst.
+each for one write, after which a stream that still has data waits again.
+The next to go is the waiter that has been served the fewest bytes (a
+newcomer starts level with the least served of those waiting, as a fair
+queueing scheduler's virtual time), so concurrent peer downloads share the
+rate evenly *in bytes*, whatever their chunk sizes, and a short answer (a
+narinfo) waits at most about one turn.  The long-run rate is exactly
+``rate``, plus the bucket's burst once.
 
 :class:`ThrottledConsumer` sits between a push producer (a NAR or log
 stream) and a request: the request's transport may pause it (a slow
@@ -20,7 +22,6 @@ client), and so may the limiter; the producer runs only when neither does.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import Final
 
@@ -35,12 +36,14 @@ MIN_BURST: Final = 16 * 1024
 
 
 class _Waiter:
-    """One entry of the queue: a callable, and whether it was cancelled."""
+    """One entry of the queue: a callable, its place, and whether it was cancelled."""
 
-    __slots__ = ("go", "cancelled")
+    __slots__ = ("go", "served", "order", "cancelled")
 
-    def __init__(self, go: Callable[[], object]) -> None:
+    def __init__(self, go: Callable[[], object], served: float, order: int) -> None:
         self.go = go
+        self.served = served
+        self.order = order
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -67,7 +70,10 @@ class UploadLimiter:
         self.burst = burst if burst is not None else max(int(rate * BURST_SECONDS), MIN_BURST)
         self._tokens = float(self.burst)
         self._last = clock.seconds()
-        self._queue: deque[_Waiter] = deque()
+        self._queue: list[_Waiter] = []
+        self._order = 0
+        #: The bytes served of the last waiter let go: where newcomers start.
+        self.floor = 0.0
         # The wake-up when the debt will be paid; cancelled when nobody waits.
         self._timer: IDelayedCall | None = None
         #: Bytes taken from the bucket so far.
@@ -102,14 +108,18 @@ class UploadLimiter:
         self.sent += nbytes
         return self._tokens < 0
 
-    def wait(self, go: Callable[[], object]) -> _Waiter:
+    def wait(self, go: Callable[[], object], served: float | None = None) -> _Waiter:
         """
         Queue ``go``, called once it is this writer's turn (never
         synchronously from here).
 
+        :param served: the bytes this writer was served so far, counted from
+            :attr:`floor` when it started (see :class:`ThrottledConsumer`);
+            ``None``: a one-off writer, level with the least served.
         :returns: a handle whose ``cancel()`` leaves the queue.
         """
-        waiter = _Waiter(go)
+        self._order += 1
+        waiter = _Waiter(go, self.floor if served is None else max(served, self.floor), self._order)
         self._queue.append(waiter)
         self._schedule()
         return waiter
@@ -126,14 +136,16 @@ class UploadLimiter:
         self._refill()
         # Let writers go while the bucket is not in debt; each one's write
         # (synchronous or soon) takes from it.
+        self._queue = [w for w in self._queue if not w.cancelled]
         while self._queue and self._tokens >= 0:
-            waiter = self._queue.popleft()
+            waiter = min(self._queue, key=lambda w: (w.served, w.order))
+            self._queue.remove(waiter)
             if waiter.cancelled:
                 continue
+            self.floor = max(self.floor, waiter.served)
             waiter.go()
             self._refill()
-        while self._queue and self._queue[0].cancelled:
-            self._queue.popleft()
+        self._queue = [w for w in self._queue if not w.cancelled]
         if self._queue:
             self._schedule()
 
@@ -167,6 +179,8 @@ class ThrottledConsumer:
         self._producer: IPushProducer | None = None
         self._transport_paused = False
         self._waiter: _Waiter | None = None
+        #: Bytes served, counted from the limiter's floor when registered.
+        self.served = 0.0
 
     # IConsumer, towards the producer
 
@@ -174,6 +188,7 @@ class ThrottledConsumer:
         if not streaming:
             raise ValueError("ThrottledConsumer needs a push (streaming) producer")
         self._producer = producer  # type: ignore[assignment]
+        self.served = self._limiter.floor
         self._consumer.registerProducer(self, True)
         if not self._limiter.may_write():
             # Others wait already: take a turn behind them.
@@ -188,6 +203,7 @@ class ThrottledConsumer:
 
     def write(self, data: bytes) -> None:
         self._consumer.write(data)
+        self.served += len(data)
         if self._on_write is not None:
             self._on_write(len(data))
         if self._limiter.take(len(data)) and self._producer is not None:
@@ -223,7 +239,7 @@ class ThrottledConsumer:
         if self._waiter is not None or self._producer is None:
             return
         self._producer.pauseProducing()
-        self._waiter = self._limiter.wait(self._turn)
+        self._waiter = self._limiter.wait(self._turn, self.served)
 
     def _turn(self) -> None:
         self._waiter = None
