@@ -138,14 +138,14 @@ class SourceHeaderTests(SynchronousTestCase):
     def test_access_log_line(self) -> None:
         """The access log line ends with the answer's source, '-' without one."""
         request = DummyRequest([b""])
-        request.code = 200
-        request.sentLength = 10
+        request.code = 200  # type: ignore[attr-defined]
+        request.sentLength = 10  # type: ignore[attr-defined]
         request.responseHeaders.setRawHeaders(b"X-Peernix-Source", [b"peer http://10.0.0.2:9999"])
         line = access_log_line("[07/Dec/2026:12:00:00 +0000]", request)  # type: ignore[arg-type]
         self.assertTrue(line.endswith(' source="peer http://10.0.0.2:9999"'), line)
         plain = DummyRequest([b""])
-        plain.code = 404
-        plain.sentLength = 0
+        plain.code = 404  # type: ignore[attr-defined]
+        plain.sentLength = 0  # type: ignore[attr-defined]
         self.assertTrue(access_log_line("[x]", plain).endswith(' source="-"'))  # type: ignore[arg-type]
 
 
