@@ -33,6 +33,10 @@ from zope.interface import implementer
 #: percent of the cap; at least one small write.
 BURST_SECONDS: Final = 0.1
 MIN_BURST: Final = 16 * 1024
+#: The shortest wait for a turn, seconds.
+_MIN_DELAY: Final = 0.001
+#: A debt this small (bytes) counts as paid: float rounding.
+_SLACK: Final = 1.0
 
 
 class _Waiter:
@@ -128,7 +132,9 @@ class UploadLimiter:
         if self._timer is not None and self._timer.active():
             return
         self._refill()
-        delay = max(0.0, -self._tokens / self.rate)
+        # At least a millisecond: a float rounding that leaves the bucket a
+        # hair in debt at the wake-up must not become a busy loop.
+        delay = max(_MIN_DELAY, -self._tokens / self.rate)
         self._timer = self._clock.callLater(delay, self._wake)
 
     def _wake(self) -> None:
@@ -137,7 +143,7 @@ class UploadLimiter:
         # Let writers go while the bucket is not in debt; each one's write
         # (synchronous or soon) takes from it.
         self._queue = [w for w in self._queue if not w.cancelled]
-        while self._queue and self._tokens >= 0:
+        while self._queue and self._tokens > -_SLACK:
             waiter = min(self._queue, key=lambda w: (w.served, w.order))
             self._queue.remove(waiter)
             if waiter.cancelled:
@@ -236,9 +242,11 @@ class ThrottledConsumer:
         return self._waiter is not None
 
     def _throttle(self) -> None:
-        if self._waiter is not None or self._producer is None:
+        if self._producer is None:
             return
         self._producer.pauseProducing()
+        if self._waiter is not None:
+            return
         self._waiter = self._limiter.wait(self._turn, self.served)
 
     def _turn(self) -> None:
