@@ -275,12 +275,13 @@ def render_chart(savings: SavingsSnapshot) -> str:
             parts.append(f'<text x="{x:.1f}" y="{y_requests + 14}">{hour}</text>')
     legend_x = left
     for name in FIELDS:
+        label = f'{"bytes " if name.startswith("bytes") else "requests: "}{_LABELS[name]}'
         parts.append(
             f'<rect x="{legend_x}" y="{y_requests + 22}" width="10" height="10" fill="{_COLOURS[name]}"/>'
-            f'<text x="{legend_x + 14}" y="{y_requests + 31}">'
-            f'{"bytes " if name.startswith("bytes") else "requests: "}{_LABELS[name]}</text>'
+            f'<text x="{legend_x + 14}" y="{y_requests + 31}">{label}</text>'
         )
-        legend_x += 150
+        # About 6 px per character of the 11 px font, and a gap.
+        legend_x += 14 + 6 * len(label) + 18
     parts.append("</svg>")
     return "".join(parts)
 
