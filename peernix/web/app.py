@@ -474,6 +474,7 @@ class WebApp:
                 last_seen_ago=max(0.0, now - peer.last_seen),
                 failures=dict(peer.failures),
                 public_key=peer.public_key,
+                serving=peer.serving,
             )
             for peer in self._registry.peers()
         )

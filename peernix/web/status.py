@@ -35,6 +35,8 @@ class PeerStatus:
     failures: Mapping[str, int]
     #: The key the peer announced (informative: it confers no trust).
     public_key: str | None
+    #: ``False`` when the peer said it serves no peers (it is never asked).
+    serving: bool = True
 
     def document(self) -> dict[str, object]:
         """:returns: this row as a JSON object."""
@@ -48,6 +50,7 @@ class PeerStatus:
             "last_seen_ago": round(self.last_seen_ago, 3),
             "failures": dict(sorted(self.failures.items())),
             "public_key": self.public_key,
+            "serving": self.serving,
         }
 
 
@@ -144,6 +147,8 @@ def render_json(status: Status) -> bytes:
 
 def _peer_row(peer: PeerStatus) -> str:
     state = "healthy" if peer.healthy else f"backing off ({peer.backoff_seconds:.1f} s left)"
+    if not peer.serving:
+        state += ", consume only (not asked)"
     latency = "unknown" if peer.latency is None else f"{peer.latency * 1000:.1f} ms"
     failures = ", ".join(f"{kind}: {count}" for kind, count in sorted(peer.failures.items())) or "none"
     cells = [
