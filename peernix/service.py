@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import socket
+
+import attrs
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -718,7 +720,8 @@ def build_service(
         fan-out, with its registry fed by the discovery services.  Passing
         one leaves out the peer side and discovery (tests).
     :param node: this node's self-description for announcements; by
-        default detected now (runs ``nix-store --version``).
+        default detected now (runs ``nix-store --version``).  Its
+        ``serve_peers`` is taken from ``config`` either way.
     :param ip_stack: how the kernel does IPv6; by default probed now
         (:func:`probe_ip_stack`).
     :returns: the ``MultiService`` to start.
@@ -751,9 +754,13 @@ def build_service(
     stack = ip_stack if ip_stack is not None else probe_ip_stack()
     top.listeners = make_listeners(config, reactor, top.site, stack, top)
     if top.registry is not None:
-        top.node = node if node is not None else detect_node_info(
-            public_key=top.secret_key.public_key.to_string() if top.secret_key is not None else "",
-            serve_peers=config.serve_peers)
+        if node is not None:
+            # What the announcements say of serving follows the settings.
+            top.node = attrs.evolve(node, serve_peers=config.serve_peers)
+        else:
+            top.node = detect_node_info(
+                public_key=top.secret_key.public_key.to_string() if top.secret_key is not None else "",
+                serve_peers=config.serve_peers)
         # has_path answers come from what peers may download, nothing more.
         make_discovery(config, reactor, top.registry, top.peer_store, top.node, top.metrics, top)
     return top

@@ -42,6 +42,7 @@ from peernix.peers.fanout import Fanout
 from peernix.peers.registry import PeerRegistry
 from peernix.test.fakes import FakeUpstream, MemoryStore
 from peernix.test.nixenv import SKIP_NO_NIX, ChrootStore
+from peernix.web.savings import SavingsService
 
 
 @implementer(IReactorFromThreads)
@@ -111,10 +112,22 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertEqual([c.name for c in children],
                          ["cpu-threads", "peer-client", "peer-health", "savings", "http [::]:9999", "static", "udp"])
         self.assertIsInstance(children[0], ThreadPoolService)
-        self.assertIsInstance(children[3], ListenerService)
-        self.assertEqual(service.listeners, [children[3]])
+        self.assertIsInstance(children[3], SavingsService)
+        self.assertIsInstance(children[4], ListenerService)
+        self.assertEqual(service.listeners, [children[4]])
         self.assertIsInstance(service.upstream, Fanout)
         self.assertIsInstance(service.registry, PeerRegistry)
+
+    def test_giving_settings_wired(self) -> None:
+        """--max-upload-rate makes the app's limiter, --serve-peers no reaches the announcements, --state-dir the savings."""
+        service, _ = self.build(quiet(max_upload_rate=20_000_000, serve_peers=False))
+        assert service.upload_limiter is not None and service.node is not None
+        self.assertEqual(service.upload_limiter.rate, 20_000_000)
+        self.assertFalse(service.node.serve_peers)
+        saver = service.getServiceNamed("savings")
+        self.assertEqual(saver.state_file.directory, QUIET.state_dir)
+        unlimited, _ = self.build()
+        self.assertIsNone(unlimited.upload_limiter)
 
     def test_mdns_child(self) -> None:
         """With mDNS on, an mDNS service with a thread pool of its own comes last."""
