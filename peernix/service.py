@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import functools
 import socket
-
-import attrs
 from collections.abc import Callable
 from typing import Any, Literal
 
+import attrs
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
