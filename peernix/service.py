@@ -720,7 +720,8 @@ def build_service(
         one leaves out the peer side and discovery (tests).
     :param node: this node's self-description for announcements; by
         default detected now (runs ``nix-store --version``).  Its
-        ``serve_peers`` is taken from ``config`` either way.
+        ``serve_peers`` and ``max_upload_rate`` are taken from ``config``
+        either way.
     :param ip_stack: how the kernel does IPv6; by default probed now
         (:func:`probe_ip_stack`).
     :returns: the ``MultiService`` to start.
@@ -755,11 +756,11 @@ def build_service(
     if top.registry is not None:
         if node is not None:
             # What the announcements say of serving follows the settings.
-            top.node = attrs.evolve(node, serve_peers=config.serve_peers)
+            top.node = attrs.evolve(node, serve_peers=config.serve_peers, max_upload_rate=config.max_upload_rate)
         else:
             top.node = detect_node_info(
                 public_key=top.secret_key.public_key.to_string() if top.secret_key is not None else "",
-                serve_peers=config.serve_peers)
+                serve_peers=config.serve_peers, max_upload_rate=config.max_upload_rate)
         # has_path answers come from what peers may download, nothing more.
         make_discovery(config, reactor, top.registry, top.peer_store, top.node, top.metrics, top)
     return top

@@ -11,7 +11,8 @@ zeroconf's browse callbacks (made on zeroconf's thread) through the injected
 TXT records, as the Go predecessor: ``version=``, ``platform=``,
 ``features=`` (comma-separated), ``pubkey=`` (only with a key); plus
 ``id=<node id>`` to recognise ourselves, and ``serve=0`` from a node that
-serves no peers (``--serve-peers no``), which is then never asked.
+serves no peers (``--serve-peers no``), which is then never asked, and
+``upload_rate=<bytes per second>`` from a node with ``--max-upload-rate``.
 """
 
 from __future__ import annotations
@@ -144,6 +145,8 @@ def build_service_info(node: NodeInfo, http_port: int, instance: str, addresses:
     if not node.serve_peers:
         # Consume only: do not ask this node (absent means it serves).
         properties["serve"] = "0"
+    if node.max_upload_rate is not None:
+        properties["upload_rate"] = str(node.max_upload_rate)
     return ServiceInfo(
         SERVICE_TYPE,
         f"{instance}.{SERVICE_TYPE}",

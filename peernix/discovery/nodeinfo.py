@@ -44,6 +44,9 @@ class NodeInfo:
     :ivar serve_peers: ``False`` under ``--serve-peers no``: announcements
         tell peers not to ask this node (UDP ``"serve_peers": false``, mDNS
         TXT ``serve=0``).
+    :ivar max_upload_rate: ``--max-upload-rate`` in bytes per second,
+        announced (UDP ``"max_upload_rate"``, mDNS TXT ``upload_rate=``) for
+        people and tools; ``None``: unlimited (not announced).
     """
 
     peernix_version: str
@@ -53,6 +56,7 @@ class NodeInfo:
     public_key: str
     node_id: str
     serve_peers: bool = True
+    max_upload_rate: int | None = None
 
 
 def new_node_id() -> str:
@@ -117,6 +121,7 @@ def detect_node_info(
     features: Sequence[str] | None = None,
     run: Runner = subprocess.run,
     serve_peers: bool = True,
+    max_upload_rate: int | None = None,
 ) -> NodeInfo:
     """
     Build this node's :class:`NodeInfo`.  Blocking when ``nix_version`` is
@@ -129,6 +134,7 @@ def detect_node_info(
     :param features: :func:`default_features` when ``None``.
     :param run: passed to :func:`detect_nix_version`.
     :param serve_peers: ``--serve-peers``.
+    :param max_upload_rate: ``--max-upload-rate``.
     """
     return NodeInfo(
         peernix_version=peernix.__version__,
@@ -138,4 +144,5 @@ def detect_node_info(
         public_key=public_key,
         node_id=node_id if node_id is not None else new_node_id(),
         serve_peers=serve_peers,
+        max_upload_rate=max_upload_rate,
     )

@@ -253,6 +253,7 @@ class DiscoveryProtocol(DatagramProtocol):
             port=http_port,
             node_id=node.node_id,
             serve_peers=node.serve_peers,
+            max_upload_rate=node.max_upload_rate,
         )
         full_reply = attrs.evolve(full, reply=True)
         # Only what a receiver needs to add us: where (port), that it is a

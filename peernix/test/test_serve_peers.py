@@ -44,15 +44,23 @@ class AnnounceTests(SynchronousTestCase):
         from peernix.discovery.datagrams import DatagramError
 
         self.assertRaises(DatagramError, parse_datagram, announce(serve_peers="no"))
+        limited = Announce(peernix_version="1", port=9999, max_upload_rate=20_000_000)
+        self.assertEqual(json.loads(render_datagram(limited))["max_upload_rate"], 20_000_000)
+        self.assertEqual(parse_datagram(render_datagram(limited)), limited)
+        self.assertNotIn(b"max_upload_rate", render_datagram(serving))
+        for bad in (0, -5, "20M", True, 1.5):
+            self.assertRaises(DatagramError, parse_datagram, announce(max_upload_rate=bad))
 
     def test_our_announces_say_it(self) -> None:
         """A consume-only node's broadcast and replies (full and compact, signed) say serve_peers false."""
-        f = _Fixture(node=attrs.evolve(NODE, serve_peers=False), keys=AnnounceKeys(OUR_KEY, []))
+        f = _Fixture(node=attrs.evolve(NODE, serve_peers=False, max_upload_rate=1_000_000),
+                     keys=AnnounceKeys(OUR_KEY, []))
         f.service.startService()
         port = f.reactor.udp_ports[-1]
         sent = [json.loads(data) for data, _ in port.take()]
         self.assertTrue(sent)
         self.assertTrue(all(obj["serve_peers"] is False for obj in sent))
+        self.assertTrue(all(obj["max_upload_rate"] == 1_000_000 for obj in sent))
         # A long enough announce: answers are never longer than the request.
         f.receive(announce(features=["x" * 40] * 10))
         replies = [json.loads(data) for data, _ in port.take()]
@@ -76,8 +84,10 @@ class MdnsTests(SynchronousTestCase):
 
     def test_txt(self) -> None:
         """A consume-only node registers serve=0; a serving one no serve record; resolving reads it."""
-        info = build_service_info(attrs.evolve(NODE, serve_peers=False), 9999, "h-9999-id", ["192.0.2.1"])
+        node = attrs.evolve(NODE, serve_peers=False, max_upload_rate=20_000_000)
+        info = build_service_info(node, 9999, "h-9999-id", ["192.0.2.1"])
         self.assertEqual(info.properties[b"serve"], b"0")
+        self.assertEqual(info.properties[b"upload_rate"], b"20000000")
         self.assertNotIn(b"serve", build_service_info(NODE, 9999, "h-9999-id", ["192.0.2.1"]).properties)
         self.assertFalse(resolved_peer(peer_info(["192.0.2.5"], serve="0")).serving)
         self.assertTrue(resolved_peer(peer_info(["192.0.2.5"])).serving)

@@ -124,6 +124,7 @@ class BuildServiceTests(SynchronousTestCase):
         assert service.upload_limiter is not None and service.node is not None
         self.assertEqual(service.upload_limiter.rate, 20_000_000)
         self.assertFalse(service.node.serve_peers)
+        self.assertEqual(service.node.max_upload_rate, 20_000_000)
         saver = service.getServiceNamed("savings")
         self.assertEqual(saver.state_file.directory, QUIET.state_dir)
         unlimited, _ = self.build()

@@ -338,20 +338,24 @@ class SavingsStateFile:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.path = os.path.join(directory, STATE_FILE_NAME)
+        # The last save failed: the next failure is not logged again (a
+        # read-only directory must not fill the log every minute).
+        self._failing = False
 
     def load(self, savings: Savings) -> bool:
         """
         Restore ``savings`` from the file.  Blocking (one small read).
 
-        :returns: whether it was restored; a missing file is logged at info
-            level, an unreadable or corrupt one as a warning (counting then
-            starts afresh, and the next write replaces the bad file).
+        :returns: whether it was restored; a missing, unreadable or corrupt
+            file is a warning (counting then starts afresh, and the next
+            write replaces a bad file), never an error.
         """
         try:
             with open(self.path, "rb") as f:
                 data = f.read(MAX_STATE_BYTES + 1)
         except FileNotFoundError:
-            _log.info("No savings state at {path} yet; counting from now", path=self.path)
+            _log.warn("No savings state at {path} (first start, or --state-dir changed?); counting from now",
+                      path=self.path)
             return False
         except OSError as e:
             _log.warn("Cannot read the savings state {path}: {error}; counting from now",
@@ -374,7 +378,8 @@ class SavingsStateFile:
         (a few KB).
 
         :returns: whether it was written; a failure (read-only or missing
-            permissions) is logged as a warning, never raised.
+            permissions) is logged as a warning (once, until a write works
+            again), never raised.
         """
         tmp = f"{self.path}.tmp"
         try:
@@ -386,13 +391,18 @@ class SavingsStateFile:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
         except OSError as e:
-            _log.warn("Cannot write the savings state {path}: {error} (choose a writable --state-dir)",
-                      path=self.path, error=str(e))
+            if not self._failing:
+                _log.warn("Cannot write the savings state {path}: {error} (choose a writable --state-dir);"
+                          " the figures are kept in memory only", path=self.path, error=str(e))
+            self._failing = True
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
             return False
+        if self._failing:
+            _log.info("The savings state {path} is written again", path=self.path)
+            self._failing = False
         return True
 
 
