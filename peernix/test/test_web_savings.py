@@ -325,3 +325,27 @@ class UploadLimitTests(SynchronousTestCase):
         small = local.store.add_file("small", b"hello\n")
         transport, _ = local.raw(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % nar_url(small).encode())
         self.assertIn(b"200 OK", transport.value())
+
+    def test_client_leaving_while_waiting(self) -> None:
+        """A peer that disconnects while its answer waits gives its turn away; nothing is written or logged."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        clock = Clock()
+        limiter = UploadLimiter(1000, clock, burst=1000)
+        h = Harness(self, clock=clock, upload_limiter=limiter, proxy_clients=PEERS_ONLY)
+        small = h.store.add_file("small", b"hello\n")
+        limiter.take(6000)
+        transport, channel = h.raw(b"GET /nix-cache/%s.narinfo HTTP/1.1\r\nHost: x\r\n\r\n" % small.hash_part.encode(),
+                                   peer="10.1.2.3")
+        self.assertEqual(limiter.waiting, 1)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(limiter.waiting, 0)
+        sent = limiter.sent
+        clock.advance(10)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(limiter.sent, sent)
+        import gc
+
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])

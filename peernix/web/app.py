@@ -569,7 +569,8 @@ class WebApp:
         self._metrics.count_request(route, code, len(body))
         if code < 300 and self._must_wait(request, route, body):
             lost: list[object] = []
-            request.notifyFinish().addErrback(_keep, lost)
+            # Consumes the failure (a lost connection is no error here).
+            request.notifyFinish().addErrback(lambda f: lost.append(f))
             self._write_in_turn(request, body, lambda: bool(lost))
             return NOT_DONE_YET
         return body
