@@ -128,6 +128,15 @@ class SourceHeaderTests(SynchronousTestCase):
         go_form = f"/nix-cache/{self.peer_hash}-{self.peer_info.nar_hash.nix32()}.nar"
         self.assertEqual(source(self.h.get(go_form)[0]), "peer http://192.0.2.50:9999")
 
+    def test_listing_and_log(self) -> None:
+        """.ls listings and build logs (always this store's) say local too."""
+        drv = f"{fake_hash_part('drv')}-x.drv"
+        self.h.store.add_log(drv, b"log\n")
+        for url in (f"/nix-cache/{self.small.hash_part}.ls", f"/nix-cache/log/{drv}"):
+            for method in (self.h.get, self.h.head):
+                response, _ = method(url)
+                self.assertEqual((response.code, source(response)), (200, "local"), url)
+
     def test_misses_and_errors_have_no_source(self) -> None:
         """A 404 names no source."""
         response, _ = self.h.get(f"/nix-cache/{fake_hash_part('nothing')}.narinfo")

@@ -1074,6 +1074,7 @@ class WebApp:
         fs_path = self._store.real_path(info.path)
         body = await self._defer_to_thread(lambda: render_listing(nar_listing(fs_path)))
         _set_headers(request, 200, JSON_TYPE, len(body))
+        _set_source(request, LOCAL)
         return body
 
     def _render_log(self, request: Request, name: bytes) -> bytes | int:
@@ -1095,6 +1096,7 @@ class WebApp:
             return _error_body(request, 404, b"not found\n")
         request.setResponseCode(200)
         request.responseHeaders.setRawHeaders(b"Content-Type", [TEXT_TYPE])
+        _set_source(request, LOCAL)
         if _is_head(request):
             return b""
         producer = ThreadedProducer(
