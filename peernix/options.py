@@ -296,6 +296,109 @@ def _check_tailscale_tag(value: str) -> str:
 
 TAILSCALE_TAG = ValueType("Tailscale tag", "TAG", (str,), _identity, _check_tailscale_tag,
                           example='"tag:peernix"')
+# Sizes and rates (``--max-upload-rate``; also meant for other byte-count
+# settings such as a staging size): a number with an optional unit, ``K``,
+# ``M``, ``G``, ``T`` for powers of 1000 and ``Ki``, ``Mi``, ``Gi``, ``Ti`` for
+# powers of 1024, optionally followed by ``B`` (and ``/s`` for a rate).
+
+_SIZE_UNITS: Mapping[str, int] = {
+    "": 1,
+    "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+    "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4,
+}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]i?)?\s*b?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """
+    Read a byte count: ``1500``, ``20M`` (20,000,000), ``1.5Gi``
+    (1,610,612,736), ``512KiB``.  ``K``, ``M``, ``G``, ``T`` are powers of
+    1000, ``Ki``, ``Mi``, ``Gi``, ``Ti`` powers of 1024 (case-insensitive);
+    a trailing ``B`` is allowed.  Fractions are rounded down to whole bytes.
+
+    :raises ValueError: with a message for the user.
+    """
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(
+            f"expected a number of bytes with an optional unit such as 500K, 20M, 1Gi, got {text!r}"
+        )
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "").lower()])
+
+
+def parse_rate(text: str) -> int:
+    """
+    Read a rate in bytes per second: :func:`parse_size`'s syntax, with an
+    optional ``/s`` (``20M``, ``20MB/s``, ``2.5Mi/s``).
+
+    :raises ValueError: with a message for the user.
+    """
+    stripped = text.strip() if isinstance(text, str) else text
+    if isinstance(stripped, str) and stripped.lower().endswith("/s"):
+        stripped = stripped[:-2]
+    try:
+        return parse_size(stripped)
+    except ValueError:
+        raise ValueError(
+            f"expected bytes per second with an optional unit such as 500K, 20M, 1Gi, got {text!r}"
+        ) from None
+
+
+def format_size(value: int) -> str:
+    """:returns: ``value`` bytes in :func:`parse_size`'s syntax, exactly (``20M``, ``512Ki``, ``1500``)."""
+    for unit in ("Ti", "T", "Gi", "G", "Mi", "M", "Ki", "K"):
+        factor = _SIZE_UNITS[unit.lower()]
+        if value >= factor and value % factor == 0:
+            return f"{value // factor}{unit}"
+    return str(value)
+
+
+def _text_to_rate(text: str) -> int | None:
+    if text.strip().lower() in ("unlimited", "none"):
+        return None
+    return parse_rate(text)
+
+
+def _check_rate(value: int | str | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = _text_to_rate(value)
+        if value is None:
+            return None
+    if value < 1:
+        raise ValueError(f"expected a rate of at least 1 byte per second, got {value}")
+    return value
+
+
+def _show_rate(value: Any) -> str:
+    return "unlimited" if value is None else f"{format_size(value)} bytes/s"
+
+
+def _text_to_yes_no(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("yes", "true", "on", "1"):
+        return True
+    if lowered in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"expected yes or no, got {text!r}")
+
+
+def _check_yes_no(value: bool | str) -> bool:
+    if isinstance(value, str):
+        return _text_to_yes_no(value)
+    return bool(value)
+
+
+def _show_yes_no(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+RATE = ValueType("rate in bytes per second (K, M, G: powers of 1000; Ki, Mi, Gi: of 1024)", "RATE",
+                 (int, str), _text_to_rate, _check_rate, _show_rate, example='"20M"')
+YES_NO = ValueType("yes or no", "yes|no", (bool, str), _text_to_yes_no, _check_yes_no, _show_yes_no,
+                   example="false")
 
 
 # --------------------------------------------------------------------------
@@ -461,6 +564,23 @@ SETTINGS: tuple[Setting, ...] = (
             "Open HTTP connections from one peer address at most; past it that "
             "peer gets 503 with Retry-After.  Local clients are not capped.",
             group="limits"),
+    # What this machine gives and what it keeps (issue 15).
+    Setting("max_upload_rate", "max-upload-rate", RATE, None,
+            "Serve peers at most RATE bytes per second in all (NARs, narinfos, "
+            "listings, logs), shared evenly among concurrent peer downloads; "
+            "K, M, G are powers of 1000 and Ki, Mi, Gi powers of 1024, so 20M is "
+            "20,000,000.  Local clients are never limited.",
+            group="giving", default_text="unlimited"),
+    Setting("serve_peers", "serve-peers", YES_NO, True,
+            "no: consume only.  Peers get 404 for everything (nix-cache-info "
+            "still answers, saying so), and this node's announcements and health "
+            "answers tell peers not to ask it; it still asks them.",
+            group="giving", example="false"),
+    Setting("state_dir", "state-dir", DIRECTORY, "/var/lib/peernix",
+            "Keep state that survives restarts here (the savings figures of the "
+            "status page, savings.json); a directory that cannot be written is "
+            "a warning, not an error.",
+            group="giving", example='"/var/lib/peernix"'),
 )
 
 #: The settings by name.
@@ -473,6 +593,7 @@ GROUPS: Mapping[str, str] = {
     "discovery": "Finding peers",
     "logging": "Logging",
     "limits": "Limits",
+    "giving": "What this machine gives and keeps",
 }
 
 
@@ -518,6 +639,11 @@ class Config:
     header_timeout: float = _default("header_timeout")
     max_connections: int = _default("max_connections")
     max_connections_per_client: int = _default("max_connections_per_client")
+    #: Bytes per second served to peers at most; ``None``: unlimited.
+    max_upload_rate: int | None = _default("max_upload_rate")
+    #: ``False``: consume only (``--serve-peers no``).
+    serve_peers: bool = _default("serve_peers")
+    state_dir: str = _default("state_dir")
 
     @property
     def effective_udp_port(self) -> int:
@@ -542,8 +668,8 @@ def parse_text(setting: Setting, text: str) -> Any:
 
 
 def _native_ok(setting: Setting, value: object) -> bool:
-    # TOML booleans are ints to Python; only a bool setting takes them.
-    if isinstance(value, bool) and setting.type is not BOOL:
+    # TOML booleans are ints to Python; only a setting taking booleans takes them.
+    if isinstance(value, bool) and bool not in setting.type.native:
         return False
     return isinstance(value, setting.type.native)
 

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, Literal
 
+import attrs
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
@@ -26,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
-from twisted.web.http import Request
+from twisted.web.http import Request, combinedLogFormatter
 from twisted.web.server import Site
 
 from treq.client import HTTPClient
@@ -58,6 +59,9 @@ from peernix.web.limits import (
     ensure_file_limit,
 )
 from peernix.web.metrics import Metrics
+from peernix.web.ratelimit import UploadLimiter
+from peernix.web.savings import Savings, SavingsService, SavingsStateFile
+from peernix.sources import SOURCE_HEADER
 from peernix.web.streaming import DeferToThread, call_directly, thread_pool_runner
 
 __all__ = [
@@ -287,7 +291,7 @@ class PeernixSite(Site):
         :param metrics_registry: where the connection metrics go (a private
             registry when ``None``).
         """
-        super().__init__(resource, timeout=timeout, reactor=reactor)
+        super().__init__(resource, timeout=timeout, reactor=reactor, logFormatter=access_log_line)
         self.access_log = access_log
         self.header_timeout = header_timeout
         self.limiter = ConnectionLimiter(limits, metrics_registry=metrics_registry)
@@ -326,6 +330,18 @@ class PeernixSite(Site):
             super().log(request)
 
 
+def access_log_line(timestamp: str, request: Request) -> str:
+    """
+    The access log's line format: the combined log format, then where the
+    answer came from (``X-Peernix-Source``: ``local``, ``peer URL``, ...;
+    ``-`` for answers without a source, such as misses).
+    """
+    line = combinedLogFormatter(timestamp, request)
+    source = request.responseHeaders.getRawHeaders(SOURCE_HEADER)
+    shown = source[0].decode("ascii", "replace").replace('"', "'") if source else "-"
+    return f'{line} source="{shown}"'
+
+
 class PeernixService(MultiService):
     """
     The daemon: the ``MultiService`` :func:`build_service` returns, with
@@ -346,6 +362,10 @@ class PeernixService(MultiService):
         self.node: NodeInfo | None = None
         #: What peers see of :attr:`store` (``--share``).
         self.peer_store: SharedStore | None = None
+        #: What the LAN saves this node (kept under ``--state-dir``).
+        self.savings: Savings | None = None
+        #: ``--max-upload-rate``'s bucket; ``None``: unlimited.
+        self.upload_limiter: UploadLimiter | None = None
 
 
 # --------------------------------------------------------------------------
@@ -556,16 +576,37 @@ def make_peer_store(config: Config, reactor: Reactor, store: IStore,
     return SharedStore(store, policy, clock=reactor, tally=tally)
 
 
+def make_savings(config: Config, reactor: Reactor, parent: MultiService) -> Savings:
+    """
+    :returns: the savings counters, loaded from ``--state-dir`` when the
+        service starts and written there every minute and at stop.
+    """
+    savings = Savings(reactor)
+    SavingsService(savings, SavingsStateFile(config.state_dir), reactor).setServiceParent(parent)
+    return savings
+
+
+def make_upload_limiter(config: Config, reactor: Reactor) -> UploadLimiter | None:
+    """:returns: the bucket of ``--max-upload-rate``, or ``None`` when unlimited."""
+    if config.max_upload_rate is None:
+        return None
+    return UploadLimiter(config.max_upload_rate, reactor)
+
+
 def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
                  defer_to_thread: DeferToThread, call_from_thread: Callable[..., object],
                  secret_key: SecretKey | None,
                  metrics: Metrics, upstream: IUpstream | None,
                  registry: IPeerRegistry | None = None,
-                 peer_store: IStore | None = None) -> WebApp:
+                 peer_store: IStore | None = None,
+                 savings: Savings | None = None,
+                 upload_limiter: UploadLimiter | None = None) -> WebApp:
     """
     :returns: the HTTP application: the cache protocol, status page and metrics.
     :param registry: the peer table, shown on the status page (``None``: no peer side).
     :param peer_store: what peers see of ``store`` (``None``: all of it).
+    :param savings: what the LAN saves this node (``None``: not counted).
+    :param upload_limiter: ``--max-upload-rate`` (``None``: unlimited).
     """
     return WebApp(
         store,
@@ -582,6 +623,9 @@ def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
         version=peernix.__version__,
         registry=registry,
         peer_store=peer_store,
+        savings=savings,
+        upload_limiter=upload_limiter,
+        serve_peers=config.serve_peers,
     )
 
 
@@ -711,7 +755,9 @@ def build_service(
         fan-out, with its registry fed by the discovery services.  Passing
         one leaves out the peer side and discovery (tests).
     :param node: this node's self-description for announcements; by
-        default detected now (runs ``nix-store --version``).
+        default detected now (runs ``nix-store --version``).  Its
+        ``serve_peers`` and ``max_upload_rate`` are taken from ``config``
+        either way.
     :param ip_stack: how the kernel does IPv6; by default probed now
         (:func:`probe_ip_stack`).
     :returns: the ``MultiService`` to start.
@@ -733,16 +779,24 @@ def build_service(
     else:
         top.upstream = upstream
     top.peer_store = make_peer_store(config, reactor, top.store, top.secret_key)
+    top.savings = make_savings(config, reactor, top)
+    top.upload_limiter = make_upload_limiter(config, reactor)
     top.app = make_web_app(config, reactor, top.store, defer_to_thread=defer_to_thread,
                            call_from_thread=call_from_thread,
                            secret_key=top.secret_key, metrics=top.metrics, upstream=top.upstream,
-                           registry=top.registry, peer_store=top.peer_store)
+                           registry=top.registry, peer_store=top.peer_store,
+                           savings=top.savings, upload_limiter=top.upload_limiter)
     top.site = make_site(config, reactor, top.app, top.metrics)
     stack = ip_stack if ip_stack is not None else probe_ip_stack()
     top.listeners = make_listeners(config, reactor, top.site, stack, top)
     if top.registry is not None:
-        top.node = node if node is not None else detect_node_info(
-            public_key=top.secret_key.public_key.to_string() if top.secret_key is not None else "")
+        if node is not None:
+            # What the announcements say of serving follows the settings.
+            top.node = attrs.evolve(node, serve_peers=config.serve_peers, max_upload_rate=config.max_upload_rate)
+        else:
+            top.node = detect_node_info(
+                public_key=top.secret_key.public_key.to_string() if top.secret_key is not None else "",
+                serve_peers=config.serve_peers, max_upload_rate=config.max_upload_rate)
         # has_path answers come from what peers may download, nothing more.
         make_discovery(config, reactor, top.registry, top.peer_store, top.node, top.metrics, top)
     return top

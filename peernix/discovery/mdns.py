@@ -10,7 +10,9 @@ zeroconf's browse callbacks (made on zeroconf's thread) through the injected
 
 TXT records, as the Go predecessor: ``version=``, ``platform=``,
 ``features=`` (comma-separated), ``pubkey=`` (only with a key); plus
-``id=<node id>`` to recognise ourselves.
+``id=<node id>`` to recognise ourselves, ``serve=0`` from a node that
+serves no peers (``--serve-peers no``), which is then never asked, and
+``upload_rate=<bytes per second>`` from a node with ``--max-upload-rate``.
 
 Addresses: IPv4 only when the host has any, else routable IPv6; never
 link-local IPv6 (see :func:`~peernix.discovery.addresses.publishable_addresses`:
@@ -149,6 +151,11 @@ def build_service_info(node: NodeInfo, http_port: int, instance: str, addresses:
     }
     if node.public_key:
         properties["pubkey"] = node.public_key
+    if not node.serve_peers:
+        # Consume only: do not ask this node (absent means it serves).
+        properties["serve"] = "0"
+    if node.max_upload_rate is not None:
+        properties["upload_rate"] = str(node.max_upload_rate)
     published = publishable_addresses(addresses)
     if not published:
         # Tests on one host register loopback only; keep it rather than nothing.
@@ -179,11 +186,14 @@ class ResolvedPeer:
         :func:`resolved_peer`), or none when it has no usable address.
     :ivar public_key: ``name:base64`` or ``None`` (absent or malformed).
     :ivar node_id: the TXT ``id``, ``None`` for nodes without one (Go).
+    :ivar serving: ``False`` when the TXT says ``serve=0`` (the node serves
+        no peers).
     """
 
     urls: tuple[str, ...]
     public_key: str | None
     node_id: str | None
+    serving: bool = True
 
 
 def _txt(properties: dict[bytes, bytes | None], key: bytes) -> str | None:
@@ -237,7 +247,9 @@ def resolved_peer(info: ServiceInfo, skip_loopback: bool = True) -> ResolvedPeer
     public_key = _txt(properties, b"pubkey")
     if public_key is not None and not is_valid_public_key(public_key):
         public_key = None
-    return ResolvedPeer(tuple(dict.fromkeys(urls)), public_key, _txt(properties, b"id"))
+    return ResolvedPeer(
+        tuple(dict.fromkeys(urls)), public_key, _txt(properties, b"id"), serving=_txt(properties, b"serve") != "0"
+    )
 
 
 class _Listener:
@@ -536,7 +548,9 @@ class MdnsDiscoveryService(Service):
             if url not in peer.urls:
                 self._registry.remove(url, SOURCE)
         for url in peer.urls:
-            self._registry.add(url, SOURCE, peer.public_key)
+            added = self._registry.add(url, SOURCE, peer.public_key)
+            if added is not None:
+                self._registry.record_serving(added, peer.serving)
         self._known[name] = peer.urls
         if peer.urls and not old:
             self.log.info("mDNS: found {name} at {urls}", name=name, urls=list(peer.urls))

@@ -41,6 +41,12 @@ class NodeInfo:
     :ivar public_key: this node's signing key ``name:base64`` or ``""``.
     :ivar node_id: random per process; recognises our own announcements and
         tells a restarted peer from the old one.
+    :ivar serve_peers: ``False`` under ``--serve-peers no``: announcements
+        tell peers not to ask this node (UDP ``"serve_peers": false``, mDNS
+        TXT ``serve=0``).
+    :ivar max_upload_rate: ``--max-upload-rate`` in bytes per second,
+        announced (UDP ``"max_upload_rate"``, mDNS TXT ``upload_rate=``) for
+        people and tools; ``None``: unlimited (not announced).
     """
 
     peernix_version: str
@@ -49,6 +55,8 @@ class NodeInfo:
     features: tuple[str, ...] = field(converter=_tuple)
     public_key: str
     node_id: str
+    serve_peers: bool = True
+    max_upload_rate: int | None = None
 
 
 def new_node_id() -> str:
@@ -112,6 +120,8 @@ def detect_node_info(
     node_id: str | None = None,
     features: Sequence[str] | None = None,
     run: Runner = subprocess.run,
+    serve_peers: bool = True,
+    max_upload_rate: int | None = None,
 ) -> NodeInfo:
     """
     Build this node's :class:`NodeInfo`.  Blocking when ``nix_version`` is
@@ -123,6 +133,8 @@ def detect_node_info(
     :param node_id: a fresh random one when ``None``.
     :param features: :func:`default_features` when ``None``.
     :param run: passed to :func:`detect_nix_version`.
+    :param serve_peers: ``--serve-peers``.
+    :param max_upload_rate: ``--max-upload-rate``.
     """
     return NodeInfo(
         peernix_version=peernix.__version__,
@@ -131,4 +143,6 @@ def detect_node_info(
         features=features if features is not None else default_features(bool(public_key)),
         public_key=public_key,
         node_id=node_id if node_id is not None else new_node_id(),
+        serve_peers=serve_peers,
+        max_upload_rate=max_upload_rate,
     )

@@ -266,11 +266,14 @@ class DiscoveryProtocol(DatagramProtocol):
             public_key=public_key,
             port=http_port,
             node_id=node.node_id,
+            serve_peers=node.serve_peers,
+            max_upload_rate=node.max_upload_rate,
         )
         full_reply = attrs.evolve(full, reply=True)
         # Only what a receiver needs to add us: where (port), that it is a
         # reply (never answered), and the key a signature is checked with.
-        compact = Announce(peernix_version=node.peernix_version, public_key=public_key, port=http_port, reply=True)
+        compact = Announce(peernix_version=node.peernix_version, public_key=public_key, port=http_port, reply=True,
+                           serve_peers=node.serve_peers)
         compact_unsigned = attrs.evolve(compact, public_key="")
         self._broadcast_form = full
         # Most informative first; reply_for() sends the first that fits.
@@ -423,7 +426,10 @@ class DiscoveryProtocol(DatagramProtocol):
             self.log.debug(
                 "Announce from {source} treated as unsigned: {verdict}", source=addr, verdict=verdict.value
             )
-        self._registry.add(url, SOURCE, announce.public_key or None, verified=verdict is Verdict.VERIFIED)
+        peer = self._registry.add(url, SOURCE, announce.public_key or None, verified=verdict is Verdict.VERIFIED)
+        if peer is not None:
+            # A consume-only node (serve_peers false) is kept but never asked.
+            self._registry.record_serving(peer, announce.serve_peers)
         if announce.node_id is None:
             # The Go predecessor: never answered (see the module docstring).
             self.log.debug("Announce from {source} without node_id (zw3rk/peernix): not answered", source=addr)

@@ -18,6 +18,9 @@ is already known to be down; the rounds keep counting); a success is
 recorded, which ends the liveness backoff.  A peer that answers its
 health probe but fails fan-out requests (slow narinfos) is not "down" and
 is not probed more often than before.
+
+The probe's answer also says whether the peer serves peers (a
+``--serve-peers no`` node says so in it, so static peers learn it too).
 """
 
 from __future__ import annotations
@@ -141,17 +144,18 @@ class HealthChecker(Service):
             log.failure("recovery probe of {url} failed", result, url=peer.url)
 
     async def _recover(self, peer: Peer) -> None:
-        probe = self._client.probe(peer)
+        check = self._client.check(peer)
         # Cancels the probe (and its connection attempt) at the deadline.
-        probe.addTimeout(self._recovery_timeout, self._clock)
+        check.addTimeout(self._recovery_timeout, self._clock)
         try:
-            latency = await probe
+            probe = await check
         except (PeerError, TimeoutError):
             # Still down: already recorded; the next round records again.
             return
         self._down.discard(peer)
         log.info("peer {url} answers again", url=peer.url)
-        self._registry.record_success(peer, latency)
+        self._registry.record_success(peer, probe.latency)
+        self._registry.record_serving(peer, probe.serving)
 
     def check_all(self) -> Deferred[None]:
         """
@@ -173,10 +177,11 @@ class HealthChecker(Service):
 
     async def _probe(self, peer: Peer) -> None:
         try:
-            latency = await self._client.probe(peer)
+            probe = await self._client.check(peer)
         except PeerError as e:
             self._registry.record_failure(peer, e.kind)
             self._down.add(peer)
             return
         self._down.discard(peer)
-        self._registry.record_success(peer, latency)
+        self._registry.record_success(peer, probe.latency)
+        self._registry.record_serving(peer, probe.serving)

@@ -38,6 +38,9 @@ class Peer:
         protects their place in the table; trust in answers still comes only
         from narinfo signatures.
     :ivar verified_at: clock time of the last verified announcement.
+    :ivar serving: ``False`` once the peer said it serves no peers
+        (``--serve-peers no``, in its announcement or health probe answer):
+        it is then never asked.
     """
 
     url: str
@@ -53,6 +56,7 @@ class Peer:
     failures: dict[str, int] = field(factory=dict)
     verified: bool = False
     verified_at: float | None = None
+    serving: bool = True
 
     @property
     def nix_cache_url(self) -> str:

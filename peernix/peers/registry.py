@@ -280,9 +280,22 @@ class PeerRegistry:
         return sorted(self._peers.values(), key=lambda p: (not p.verified, -p.score))
 
     def healthy_peers(self) -> list[Peer]:
-        """:returns: peers not in backoff, verified ones first, then best score first."""
+        """
+        :returns: peers not in backoff and serving peers, verified ones
+            first, then best score first.
+        """
         now = self._clock.seconds()
-        return [p for p in self.peers() if p.backoff_until <= now]
+        return [p for p in self.peers() if p.backoff_until <= now and p.serving]
+
+    def record_serving(self, peer: Peer, serving: bool) -> None:
+        """See :meth:`IPeerRegistry.record_serving`."""
+        if peer.serving != serving:
+            log.info(
+                "peer {url} {change} serving peers",
+                url=peer.url,
+                change="started" if serving else "stopped",
+            )
+        peer.serving = serving
 
     def record_success(self, peer: Peer, latency: float) -> None:
         """

@@ -156,6 +156,9 @@ class Daemon:
         environ["PYTHONPATH"] = SOURCE_ROOT + os.pathsep + environ.get("PYTHONPATH", "")
         environ.update(env or {})
         argv = [sys.executable, "-m", "twisted", "peernix", "--port", str(port), *args]
+        if "--state-dir" not in args:
+            # Never the machine's /var/lib/peernix: state beside the log.
+            argv += ["--state-dir", os.path.abspath(log_path) + ".state"]
         if host is not None:
             argv = host.command(argv)
         self._log = open(log_path, "ab")
