@@ -113,13 +113,14 @@ class LayeringTests(SynchronousTestCase):
         self.assertIn("peernix.store.share", self.graph["peernix.options"])
 
     def test_contracts_name_records_only(self) -> None:
-        """peernix.interfaces names record types (nix records, the peer record), never an implementation such as the registry."""
+        """peernix.interfaces names record types (nix records, the peer record, answer sources), never an implementation such as the registry."""
         deps = self.graph["peernix.interfaces"]
         self.assertNotIn("peernix.peers.registry", deps)
         self.assertIn("peernix.peers.peer", deps)
         for dep in deps:
-            self.assertTrue(dep.startswith("peernix.nix.") or dep == "peernix.peers.peer", dep)
+            self.assertTrue(dep.startswith("peernix.nix.") or dep in ("peernix.peers.peer", "peernix.sources"), dep)
         self.assertEqual(self.graph["peernix.peers.peer"], set())
+        self.assertTrue(all(dep.startswith("peernix.nix.") for dep in self.graph["peernix.sources"]))
 
     def test_nix_formats_are_the_bottom(self) -> None:
         """peernix.nix.* (formats, hashes, keys) imports no other layer."""

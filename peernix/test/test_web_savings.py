@@ -109,8 +109,12 @@ class SourceHeaderTests(SynchronousTestCase):
             for method in (self.h.get, self.h.head):
                 response, _ = method(url)
                 self.assertEqual((response.code, source(response)), (200, "local"), url)
+        # A local client gets identity whatever it accepts; a peer gets the
+        # encoding it asks for: both are local answers.
+        response, _ = self.h.get(nar_url(big), accept_encoding="zstd")
+        self.assertEqual((header(response, "Content-Encoding"), source(response)), (None, "local"))
         for encoding in ("zstd", "gzip"):
-            response, _ = self.h.get(nar_url(big), accept_encoding=encoding)
+            response, _ = self.h.get(nar_url(big), accept_encoding=encoding, X_Peernix_Peer="1")
             self.assertEqual(header(response, "Content-Encoding"), encoding)
             self.assertEqual(source(response), "local")
         response, body = self.h.get(nar_url(big), range="bytes=0-99")
