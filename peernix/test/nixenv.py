@@ -729,12 +729,17 @@ class NixClient(_NixRoot):
 
 
 if TYPE_CHECKING:
-    _TestCaseMixinBase = SynchronousTestCase
+    TestCaseMixin = SynchronousTestCase
 else:
-    _TestCaseMixinBase = object
+    TestCaseMixin = object
+"""
+The base of a test mixin: ``SynchronousTestCase`` to the type checker (so
+its methods may call ``self.assertEqual``...), ``object`` at run time (so
+trial does not collect the mixin's tests on their own).
+"""
 
 
-class RealClientTests(_TestCaseMixinBase):
+class RealClientTests(TestCaseMixin):
     """
     A mixin for tests that run a real Nix client, written once and run with
     every client generation: a subclass per :class:`NixInstall` in
