@@ -41,6 +41,19 @@ Gotchas found with Nix 2.8 (each is handled here):
   makes them writable first) when a non-root user must delete a store.
 - New-style commands (``nix copy``, ``nix store sign``) need
   ``--extra-experimental-features nix-command``.
+
+And with Nix 2.24 (:data:`NIX_2_24`):
+
+- Its default store would be ``/nix/store`` with a database of its own
+  under ``/opt/nix-modern/var``: always give ``--store``.  The same
+  :func:`isolated_env` works for it; it writes nothing under
+  ``/opt/nix-modern``.
+- ``nix path-info --json`` prints an object keyed by store path (2.8: a
+  list of objects with a ``path``), with ``"deriver": null`` where 2.8
+  leaves the key out.
+- It has ``max-substitution-jobs`` (default 16; 2.8 has no such setting)
+  and asks for ``Accept-Encoding: zstd, br, gzip, deflate, bzip2, xz``.
+- A narinfo without ``FileSize`` shows as "0.00 MiB download".
 """
 
 from __future__ import annotations

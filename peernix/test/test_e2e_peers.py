@@ -461,7 +461,7 @@ class _PeersClientTests(_PeersTests, RealClientTests):
         client = self._client()
         started = time.monotonic()
         done = client.substitute([fx.wide_top], fx.a.url, [fx.upstream_pk],
-                                 {"max-substitution-jobs": "16", "http-connections": "25"})
+                                 {"max-substitution-jobs": "16"})
         print(f"\n{len(fx.wide)} paths through A with max-substitution-jobs = 16: "
               f"{time.monotonic() - started:.2f} s")
         self.assertEqual(done.returncode, 0, done.stderr.decode(errors="replace") + fx.a.log()[-3000:])
