@@ -27,10 +27,13 @@ from typing import Any
 
 from peernix.test.daemon import Daemon, http_get
 from peernix.test.netns import Host
-from peernix.test.test_e2e_discovery import PORT, WAIT, _Base, _hash_part
+from twisted.trial.unittest import SynchronousTestCase
+
+from peernix.test.nixenv import NIX_2_8, NIX_2_24
+from peernix.test.test_e2e_discovery import _SKIP, PORT, WAIT, _hash_part, _SubstitutingBase
 
 
-class ConsumeOnlyTests(_Base):
+class _ConsumeOnlyTests(_SubstitutingBase):
     """A consume-only node gets paths from its peers and is never asked by them."""
 
     letter = "c"
@@ -103,3 +106,13 @@ class ConsumeOnlyTests(_Base):
         # The direct request was seen, so the log is read right.
         self.assertIn(f"{h3.ipv4} /nix-cache/{own_hash}.narinfo", asked)
         self.assertTrue(any(a.startswith(h4.ipv4) for a in asked), "h4 never probed h2" + self.logs())
+
+
+class ConsumeOnlyNix28Tests(_ConsumeOnlyTests, SynchronousTestCase):
+    nix = NIX_2_8
+    skip = _SKIP or NIX_2_8.missing
+
+
+class ConsumeOnlyNix224Tests(_ConsumeOnlyTests, SynchronousTestCase):
+    nix = NIX_2_24
+    skip = _SKIP or NIX_2_24.missing
