@@ -272,6 +272,17 @@ SHARE_MODE = ValueType("share mode: trusted or all", "MODE", (str,), _identity, 
                        example='"trusted"')
 
 
+def _check_fp_rate(value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or not 0.0 < value <= 0.5:
+        raise ValueError(f"expected a false-positive rate above 0 and at most 0.5, such as 0.01, got {value!r}")
+    return value
+
+
+FP_RATE = ValueType("false-positive rate", "RATE", (int, float), _text_to_float, _check_fp_rate,
+                    example="0.01")
+
+
 # --------------------------------------------------------------------------
 # The table.
 
@@ -386,6 +397,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Remember for this long that no peer has a path.", group="peers"),
     Setting("peer_timeout", "peer-timeout", SECONDS, 2.0,
             "Give up on a peer's answer after this long.", group="peers"),
+    # Store digests (issue 14): see peernix.store.digest.
+    Setting("digest", "digest", BOOL, True,
+            "Publish a digest of the shared paths (a Bloom filter of their hash parts) "
+            "at /peernix/digest, and ask a peer for a path only when its digest may "
+            "hold it (peers without a digest are always asked).", group="peers"),
+    Setting("digest_fp_rate", "digest-fp-rate", FP_RATE, 0.01,
+            "The false-positive rate this node's digest is sized for: the share of "
+            "paths it lacks that peers still ask it for.", group="peers"),
+    Setting("digest_interval", "digest-interval", SECONDS, 30.0,
+            "Fetch each peer's digest at least this often (and within seconds of an "
+            "announcement saying it changed).", group="peers"),
     # Finding peers (issue C).
     Setting("udp_port", "udp-port", PORT, None,
             "UDP port for announcements and queries.", group="discovery",
@@ -457,6 +479,9 @@ class Config:
     proxy_clients: tuple[IPNetwork, ...] = _default("proxy_clients")
     negative_ttl: float = _default("negative_ttl")
     peer_timeout: float = _default("peer_timeout")
+    digest: bool = _default("digest")
+    digest_fp_rate: float = _default("digest_fp_rate")
+    digest_interval: float = _default("digest_interval")
     #: ``None``: the same as :attr:`port`; see :attr:`effective_udp_port`.
     udp_port: int | None = _default("udp_port")
     broadcast: bool = _default("broadcast")

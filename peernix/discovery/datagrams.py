@@ -14,7 +14,9 @@ Wire-compatible with the Go predecessor zw3rk/peernix (``main.go``):
   answered again).  Optionally signed (see :mod:`.signed`): ``ts`` (unix
   seconds, an integer) and ``sig`` (``name:base64`` ed25519 signature of
   :func:`signing_payload`, the canonical JSON of the announce without
-  ``sig``).
+  ``sig``).  ``digest`` (optional): the version of the sender's store
+  digest (``<generation>-<version>``, see :mod:`peernix.store.digest`); a
+  receiver holding another version fetches the digest soon.
 * ``ping`` -> ``pong`` (legacy discovery).
 * ``has_path?<hash32>`` -> ``yes`` | ``not_found``.
 * ``has_path_with_narhash?<hash32>:<narhash>`` -> ``yes`` |
@@ -86,6 +88,8 @@ class Announce:
     :ivar reply: whether this is an answer to an announce (never answered).
     :ivar ts: the signing time, unix seconds, for signed announces.
     :ivar sig: ``name:base64`` signature of :attr:`signed_payload`.
+    :ivar digest: the version of the sender's store digest, ``None`` when
+        it names none (the Go predecessor, older peernix, digests off).
     :ivar signed_payload: what ``sig`` signs: set by :func:`parse_datagram`
         from the received JSON when it has a ``sig``, and by
         :func:`sign_announce`; not part of equality.
@@ -102,6 +106,7 @@ class Announce:
     ts: int | None = None
     sig: str | None = None
     signed_payload: bytes | None = field(default=None, eq=False, repr=False)
+    digest: str | None = None
 
 
 @frozen
@@ -243,6 +248,23 @@ def _sig(obj: dict[str, object]) -> str | None:
     return value
 
 
+#: The longest digest version accepted in an announce.
+MAX_DIGEST_TAG = 64
+
+
+def _digest_tag(obj: dict[str, object]) -> str | None:
+    value = obj.get("digest")
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= MAX_DIGEST_TAG
+        or not all(c.isascii() and (c.isalnum() or c == "-") for c in value)
+    ):
+        raise DatagramError("field", "announce field 'digest' must be a short string of letters, digits and '-'")
+    return value
+
+
 def _reject_constant(name: str) -> object:
     raise DatagramError("json", f"non-standard JSON constant {name}")
 
@@ -285,6 +307,7 @@ def _parse_announce(text: str) -> Announce:
         ts=ts,
         sig=sig,
         signed_payload=signing_payload(obj) if sig is not None else None,
+        digest=_digest_tag(obj),
     )
 
 
@@ -357,6 +380,8 @@ def _announce_object(a: Announce) -> dict[str, object]:
         obj["node_id"] = a.node_id
     if a.reply:
         obj["reply"] = True
+    if a.digest is not None:
+        obj["digest"] = a.digest
     if a.ts is not None:
         obj["ts"] = a.ts
     if a.sig is not None:

@@ -58,6 +58,7 @@ from zope.interface import implementer
 from peernix.discovery.addresses import ipv4_broadcast_addresses, peer_url
 from peernix.discovery.datagrams import (
     MAX_DATAGRAM,
+    MAX_DIGEST_TAG,
     GO_MAX_DATAGRAM,
     Announce,
     Answer,
@@ -201,6 +202,7 @@ class DiscoveryProtocol(DatagramProtocol):
         metrics: UdpMetrics,
         limits: UdpLimits = UdpLimits(),
         keys: AnnounceKeys = AnnounceKeys(),
+        digest: DigestHooks | None = None,
     ) -> None:
         """
         :param clock: time for rate limits, query timeouts and the ``ts`` of
@@ -216,9 +218,14 @@ class DiscoveryProtocol(DatagramProtocol):
         :param keys: our secret key (announces are signed when set; the
             announced ``public_key`` is then its public key, whatever
             ``node`` says) and the trusted keys that verify others.
+        :param digest: our digest's version for our announces (full forms
+            only), and where others' announced versions go; ``None``: no
+            ``digest`` field either way.
         :raises DatagramError: if our announce would be too large for Go.
         """
         self._clock = clock
+        self._digest = digest
+        self._rendered_tag: str | None = None
         self._registry = registry
         self._store = store
         self._node = node
@@ -269,11 +276,15 @@ class DiscoveryProtocol(DatagramProtocol):
             ]
         else:
             self._reply_forms = [(full_reply, False), (compact_unsigned, False)]
+        #: Forms that carry our digest's version (the compact ones stay small).
+        self._with_digest = {-1} | {i for i, (form, _) in enumerate(self._reply_forms) if form is full_reply}
         # Rendered now so that a too-large announce fails at construction,
         # not at the first broadcast; signed forms with the longest ts we
-        # could ever put in them.
+        # could ever put in them, and the longest digest version.
+        longest_tag = "x" * MAX_DIGEST_TAG if digest is not None else None
         for form, signed in [(full, True), *self._reply_forms]:
-            self._render(form, signed, 10**11 - 1)
+            with_tag = form is full or form is full_reply
+            self._render(attrs.evolve(form, digest=longest_tag) if with_tag else form, signed, 10**11 - 1)
         self._rendered: dict[int, bytes] = {}
         self._rendered_ts: int | None = None
 
@@ -288,12 +299,16 @@ class DiscoveryProtocol(DatagramProtocol):
         :returns: ``announce`` rendered (and signed with the current ``ts``), cached for the current second.
         """
         ts = int(self._clock.seconds())
-        if ts != self._rendered_ts:
+        tag = self._digest.tag() if self._digest is not None else None
+        if ts != self._rendered_ts or tag != self._rendered_tag:
             # Signatures are deterministic per (form, ts): one per second is enough.
             self._rendered.clear()
             self._rendered_ts = ts
+            self._rendered_tag = tag
         data = self._rendered.get(index)
         if data is None:
+            if tag is not None and index in self._with_digest:
+                announce = attrs.evolve(announce, digest=tag)
             data = self._rendered[index] = self._render(announce, signed, ts)
         return data
 
@@ -409,7 +424,9 @@ class DiscoveryProtocol(DatagramProtocol):
             self.log.debug(
                 "Announce from {source} treated as unsigned: {verdict}", source=addr, verdict=verdict.value
             )
-        self._registry.add(url, SOURCE, announce.public_key or None, verified=verdict is Verdict.VERIFIED)
+        peer = self._registry.add(url, SOURCE, announce.public_key or None, verified=verdict is Verdict.VERIFIED)
+        if peer is not None and announce.digest is not None and self._digest is not None:
+            self._digest.announced(url, announce.digest)
         if announce.reply or not self._should_answer(host, announce.node_id):
             return
         reply = self.reply_for(request_size)
@@ -482,6 +499,16 @@ class DiscoveryProtocol(DatagramProtocol):
             d.cancel()
 
 
+@frozen
+class DigestHooks:
+    """How UDP discovery carries store digest versions (see :mod:`peernix.store.digest`)."""
+
+    #: Returns our digest's current version (``None`` before the first build).
+    tag: Callable[[], str | None]
+    #: Called with a peer's base URL and the version it announced.
+    announced: Callable[[str, str], object]
+
+
 @implementer(IDiscovery)
 class UdpDiscoveryService(Service):
     """
@@ -513,6 +540,8 @@ class UdpDiscoveryService(Service):
         metrics: CollectorRegistry | None = None,
         limits: UdpLimits = UdpLimits(),
         keys: AnnounceKeys = AnnounceKeys(),
+        digest: DigestHooks | None = None,
+        extra_announce_gap: float = 1.0,
     ) -> None:
         """
         :param udp: the reactor to listen with.
@@ -536,9 +565,15 @@ class UdpDiscoveryService(Service):
         :param limits: rate and size bounds.
         :param keys: our secret key (sign our announces) and the trusted keys
             (verify others'); by default neither.
+        :param digest: see :class:`DiscoveryProtocol`.
+        :param extra_announce_gap: :meth:`announce_soon` announces at most
+            once in this many seconds.
         :raises DatagramError: if our announce would be too large for Go.
         """
         self._udp = udp
+        self._extra_gap = extra_announce_gap
+        self._last_announce = float("-inf")
+        self._soon: IDelayedCall | None = None
         self._clock = clock
         self._registry = registry
         self._udp_port = udp_port
@@ -548,7 +583,7 @@ class UdpDiscoveryService(Service):
         self._interface = interface
         self._second_announce = second_announce
         self.metrics = UdpMetrics(metrics if metrics is not None else CollectorRegistry())
-        self.protocol = DiscoveryProtocol(clock, registry, store, node, http_port, self.metrics, limits, keys)
+        self.protocol = DiscoveryProtocol(clock, registry, store, node, http_port, self.metrics, limits, keys, digest)
         self._port: IListeningPort | None = None
         self._loop: LoopingCall | None = None
         self._second: IDelayedCall | None = None
@@ -585,9 +620,25 @@ class UdpDiscoveryService(Service):
         # Cancelled in stopService if it has not run.
         self._second = self._clock.callLater(self._second_announce, self._announce)
 
+    def announce_soon(self) -> None:
+        """
+        Announce now, out of schedule (our digest changed), or as soon as
+        ``extra_announce_gap`` seconds have passed since the last
+        announcement: a burst of changes costs one announcement a gap.
+        """
+        if not self.running or not self._broadcast or (self._soon is not None and self._soon.active()):
+            return
+        wait = self._last_announce + self._extra_gap - self._clock.seconds()
+        if wait <= 0:
+            self._announce()
+        else:
+            # Cancelled in stopService if it has not run.
+            self._soon = self._clock.callLater(wait, self._announce)
+
     def _announce(self) -> None:
         if not self._broadcast:
             return
+        self._last_announce = self._clock.seconds()
         try:
             addresses = self._broadcast_addresses()
         except OSError as e:
@@ -605,10 +656,10 @@ class UdpDiscoveryService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        second = self._second
-        self._second = None
-        if second is not None and second.active():
-            second.cancel()
+        for call in (self._second, self._soon):
+            if call is not None and call.active():
+                call.cancel()
+        self._second = self._soon = None
         self.protocol.stop()
         port, self._port = self._port, None
         if port is None:

@@ -20,7 +20,7 @@ short-but-complete NAR.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, TypeVar, Union
 from urllib.parse import unquote_to_bytes
@@ -49,6 +49,7 @@ from peernix.nix.storepath import STORE_DIR, StorePathError, parse_basename
 from peernix.peers.client import PEER_HEADER
 from peernix.peers.errors import NarUnavailable
 from peernix.store.share import SharedStore
+from peernix.web.digest import DIGEST_PATH
 from peernix.web.encoding import RangeNotSatisfiable, choose_encoding, parse_range
 from peernix.web.metrics import Metrics, MetricsResource
 from peernix.web.status import PeerStatus, Status, render_html, render_json
@@ -99,6 +100,7 @@ STALL_TIMEOUT: Final = 300.0
 CLIENT_DECISION_CACHE_SIZE: Final = 4096
 
 CACHE_PREFIX: Final = b"/nix-cache/"
+_DIGEST_PATH_BYTES: Final = DIGEST_PATH.encode("ascii")
 _NIX32_BYTES: Final = frozenset(nix32.ALPHABET.encode("ascii"))
 _NARHASH_LEN: Final = nix32.encoded_length(32)
 _ALLOW: Final = b"GET, HEAD"
@@ -291,6 +293,8 @@ class WebApp:
         registry: IPeerRegistry | None = None,
         peer_store: IStore | None = None,
         trimmer: IdleTrimmer | None = None,
+        digest: IResource | None = None,
+        digest_status: Callable[[], Mapping[str, object]] | None = None,
     ) -> None:
         """
         :param store: the whole local store, served to local clients
@@ -331,6 +335,12 @@ class WebApp:
             its counts.  ``None``: peers see ``store``.
         :param trimmer: told when NAR streams and relays start and end, to
             give freed memory back once none runs (``None``: nobody told).
+        :param digest: the resource serving this node's store digest at
+            ``/peernix/digest`` (:class:`~peernix.web.digest.DigestResource`);
+            ``None``: no digest, that path is a 404 (as on an older node).
+        :param digest_status: returns what ``/status.json`` shows under
+            ``"digests"`` (this node's digest and its peers'); ``None``:
+            nothing.
         """
         self._store = store
         self._peer_store = peer_store if peer_store is not None else store
@@ -362,6 +372,8 @@ class WebApp:
         # signing and rendering are most of the cost of a narinfo miss.
         self._narinfo_cache: dict[tuple[str, bool, bool], tuple[float, bytes, PathInfo]] = {}
         self._metrics_resource = MetricsResource(metrics.registry)
+        self._digest = digest
+        self._digest_status = digest_status
         self._klein = self._make_klein()
 
     def resource(self) -> IResource:
@@ -376,6 +388,9 @@ class WebApp:
         app.route("/", **options)(self._status_html)
         app.route("/status.json", **options)(self._status_json)
         app.route("/metrics", **options)(self._metrics_page)
+        if self._digest is not None:
+            digest = self._digest
+            app.route(DIGEST_PATH, **options)(lambda request: digest)
         return app
 
     async def _status(self) -> Status:
@@ -402,6 +417,7 @@ class WebApp:
             peer_counters=self._peer_counters(),
             # Never waits: the count runs on the store's worker thread.
             sharing=self._peer_store.share_status() if isinstance(self._peer_store, SharedStore) else None,
+            digests=self._digest_status() if self._digest_status is not None else None,
         )
 
     def _peer_rows(self) -> tuple[PeerStatus, ...] | None:
@@ -493,6 +509,8 @@ class WebApp:
         """Answer a request outside ``/nix-cache/`` through Klein, counting it."""
         path = request.path
         route = "status" if path in (b"/", b"/status.json") else "metrics" if path == b"/metrics" else "other"
+        if path == _DIGEST_PATH_BYTES:
+            route = "digest"
         request.notifyFinish().addBoth(self._count_finished, request, route)
         result: bytes | int = klein.render(request)  # type: ignore[no-untyped-call]
         return result

@@ -82,6 +82,10 @@ class Status:
     #: and withheld paths; ``None`` when peers see the whole store
     #: unfiltered by any policy.
     sharing: ShareStatus | None = None
+    #: Store digests (``/status.json`` ``"digests"``): this node's
+    #: (``"own"``: paths, size, tag...) and per peer (``"peers"``, keyed by
+    #: URL); ``None`` when digests are off.  Plain JSON data.
+    digests: Mapping[str, object] | None = None
 
     def document(self) -> dict[str, object]:
         """:returns: the JSON document of ``/status.json``."""
@@ -102,6 +106,7 @@ class Status:
                 name: _number(value) for name, value in sorted(self.peer_counters.items())
             },
             "sharing": None if self.sharing is None else _sharing_document(self.sharing),
+            "digests": None if self.digests is None else dict(self.digests),
         }
 
 
@@ -212,6 +217,10 @@ def render_html(status: Status) -> bytes:
     if status.public_key is not None:
         rows.append(row("Public key", status.public_key))
     rows.append(row("Valid paths", status.valid_paths if status.valid_paths is not None else "unknown"))
+    own = status.digests.get("own") if status.digests is not None else None
+    if isinstance(own, Mapping):
+        rows.append(row("Store digest", f"{own.get('paths')} shared paths, {own.get('size_bytes')} bytes"
+                        f" (false positives {own.get('fp_rate')}, version {own.get('tag') or 'none yet'})"))
     request_rows = "".join(
         f"<tr><td>{escape(route)}</td><td>{code}</td><td>{count}</td></tr>"
         for (route, code), count in sorted(status.requests.items())
