@@ -50,7 +50,7 @@ from twisted.python.failure import Failure
 from peernix.interfaces import IStoreScanner
 from peernix.nix.pathinfo import PathInfo
 from peernix.nix.storepath import is_hash_part
-from peernix.store.local import PathScan
+from peernix.store.local import PathScan, StoreError
 
 __all__ = [
     "DELTA_CONTENT_TYPE",
@@ -244,6 +244,7 @@ class DigestPublisher:
         self._busy = False
         self._again = False
         self._loop: LoopingCall | None = None
+        self._stopped = False
         self._subscribers: list[Callable[[], object]] = []
 
     # -- reading -------------------------------------------------------
@@ -322,6 +323,7 @@ class DigestPublisher:
         """Build the digest now, then look for changes every ``check_interval`` seconds."""
         if self._loop is not None:
             return
+        self._stopped = False
         self._loop = LoopingCall(self.update)
         self._loop.clock = self._clock
         # Stopped in stop(); update() never fails (it logs).
@@ -329,6 +331,7 @@ class DigestPublisher:
 
     def stop(self) -> None:
         """Stop looking for changes (an update running on the worker thread finishes on its own)."""
+        self._stopped = True
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
@@ -352,7 +355,12 @@ class DigestPublisher:
         def done(result: None | Failure) -> None:
             self._busy = False
             if isinstance(result, Failure):
-                _log.failure("Updating the store digest failed", result)
+                if self._stopped:
+                    pass  # stopped meanwhile: the store may be gone too
+                elif result.check(StoreError):
+                    _log.warn("Updating the store digest failed: {error}", error=str(result.value))
+                else:
+                    _log.failure("Updating the store digest failed", result)
             if self._again:
                 self._again = False
                 self.update()

@@ -102,14 +102,14 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IReactorFromThreads, ThreadedMemoryReactor()))
 
     def test_children(self) -> None:
-        """With a given store: CPU pool, peer side, HTTP listener, then discovery, in that order."""
+        """With a given store: CPU pool, peer side, digests, HTTP listener, then discovery, in that order."""
         service, _ = self.build()
         children = list(service)
         self.assertEqual([c.name for c in children],
-                         ["cpu-threads", "peer-client", "peer-health", "http [::]:9999", "static", "udp"])
+                         ["cpu-threads", "peer-client", "peer-health", "digests", "http [::]:9999", "static", "udp"])
         self.assertIsInstance(children[0], ThreadPoolService)
-        self.assertIsInstance(children[3], ListenerService)
-        self.assertEqual(service.listeners, [children[3]])
+        self.assertIsInstance(children[4], ListenerService)
+        self.assertEqual(service.listeners, [children[4]])
         self.assertIsInstance(service.upstream, Fanout)
         self.assertIsInstance(service.registry, PeerRegistry)
 
