@@ -357,7 +357,7 @@ class DigestPublisher:
             if isinstance(result, Failure):
                 if self._stopped:
                     pass  # stopped meanwhile: the store may be gone too
-                elif result.check(StoreError):
+                elif isinstance(result.value, StoreError):
                     _log.warn("Updating the store digest failed: {error}", error=str(result.value))
                 else:
                     _log.failure("Updating the store digest failed", result)

@@ -171,6 +171,8 @@ class FakePeer:
     :ivar hold: substrings of paths that are held open like a slow peer's
         (e.g. some hash parts), whatever the mode.
     :ivar pending: requests held open (slow mode or ``hold``).
+    :ivar digest: answers ``/peernix/digest`` (404 when ``None``, as the Go
+        peernix and older peernix do).
     """
 
     narinfos: dict[str, bytes] = attrs.field(factory=dict)
@@ -178,6 +180,7 @@ class FakePeer:
     mode: str = "normal"
     hold: set[str] = attrs.field(factory=set)
     pending: list[Request] = attrs.field(factory=list)
+    digest: Resource | None = None
 
     def serve(self, info: NarInfo, nar: bytes | None = None) -> None:
         """Serve ``info`` (and ``nar`` at its URL, compressed as it says)."""
@@ -222,6 +225,9 @@ class FakeLan(Resource):
         if peer.mode == "error":
             request.setResponseCode(500)
             return b"boom"
+        if path == "/peernix/digest" and peer.digest is not None:
+            result: bytes | int = peer.digest.render(request)
+            return result
         if not path.startswith("/nix-cache/"):
             request.setResponseCode(404)
             return b""

@@ -334,7 +334,9 @@ class DigestRouteTests(SynchronousTestCase):
         self.http = StubTreq(DigestResource(self.publisher))
 
     def get(self, query: str = "", headers: dict[bytes, list[bytes]] | None = None) -> tuple[int, object, bytes]:
-        response = self.successResultOf(self.http.get(f"http://node/peernix/digest{query}", headers=headers))
+        response = self.successResultOf(
+            self.http.get(f"http://node/peernix/digest{query}", headers=headers)  # type: ignore[attr-defined]
+        )
         body = self.successResultOf(response.content())
         return response.code, response.headers, body
 
