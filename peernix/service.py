@@ -36,7 +36,8 @@ import peernix
 from peernix.discovery.nodeinfo import NodeInfo, detect_node_info
 from peernix.discovery.signed import AnnounceKeys
 from peernix.discovery.static import StaticPeersService
-from peernix.discovery.udp import DigestHooks, UdpDiscoveryService
+from peernix.discovery.digesttag import DigestHooks
+from peernix.discovery.udp import UdpDiscoveryService
 from peernix.memory import IdleTrimmer
 from peernix.interfaces import IPeerRegistry, IStore, IStoreScanner, IUpstream
 from peernix.nix.signing import PublicKey, SecretKey, load_secret_key_file, parse_public_key
@@ -544,7 +545,7 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
         # a small pool of their own, so they never wait behind NAR work.
         pool = ThreadPool(minthreads=0, maxthreads=2, name="peernix-mdns")
         ThreadPoolService(pool, "mdns-threads").setServiceParent(parent)
-        MdnsDiscoveryService(
+        mdns = MdnsDiscoveryService(
             registry=registry,
             node=node,
             http_port=config.port,
@@ -552,7 +553,11 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
             zeroconf_factory=make_zeroconf,
             defer_to_thread=thread_pool_runner(reactor, pool),
             call_from_thread=reactor.callFromThread,
-        ).setServiceParent(parent)
+            digest=digest_hooks,
+        )
+        mdns.setServiceParent(parent)
+        if parent.digest is not None:
+            parent.digest.subscribe(mdns.digest_changed)
 
 
 def make_peer_store(config: Config, reactor: Reactor, store: IStore,

@@ -40,6 +40,7 @@ from typing import Union
 import attrs
 from attrs import field, frozen
 
+from peernix.discovery.digesttag import is_digest_tag
 from peernix.nix.hashes import Hash, HashError, parse_hash
 from peernix.nix.signing import SecretKey, parse_public_key
 from peernix.nix.storepath import is_hash_part
@@ -248,20 +249,13 @@ def _sig(obj: dict[str, object]) -> str | None:
     return value
 
 
-#: The longest digest version accepted in an announce.
-MAX_DIGEST_TAG = 64
-
-
 def _digest_tag(obj: dict[str, object]) -> str | None:
     value = obj.get("digest")
     if value is None:
         return None
-    if (
-        not isinstance(value, str)
-        or not 1 <= len(value) <= MAX_DIGEST_TAG
-        or not all(c.isascii() and (c.isalnum() or c == "-") for c in value)
-    ):
+    if not is_digest_tag(value):
         raise DatagramError("field", "announce field 'digest' must be a short string of letters, digits and '-'")
+    assert isinstance(value, str)
     return value
 
 

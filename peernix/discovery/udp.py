@@ -58,7 +58,6 @@ from zope.interface import implementer
 from peernix.discovery.addresses import ipv4_broadcast_addresses, peer_url
 from peernix.discovery.datagrams import (
     MAX_DATAGRAM,
-    MAX_DIGEST_TAG,
     GO_MAX_DATAGRAM,
     Announce,
     Answer,
@@ -73,6 +72,7 @@ from peernix.discovery.datagrams import (
     render_datagram,
     sign_announce,
 )
+from peernix.discovery.digesttag import MAX_DIGEST_TAG, DigestHooks
 from peernix.discovery.nodeinfo import NodeInfo
 from peernix.discovery.ratelimit import KeyedRateLimiter
 from peernix.discovery.signed import REPLAY_WINDOW, AnnounceKeys, AnnounceVerifier, Verdict
@@ -497,16 +497,6 @@ class DiscoveryProtocol(DatagramProtocol):
         """Cancel every store lookup in flight."""
         for d in list(self._pending):
             d.cancel()
-
-
-@frozen
-class DigestHooks:
-    """How UDP discovery carries store digest versions (see :mod:`peernix.store.digest`)."""
-
-    #: Returns our digest's current version (``None`` before the first build).
-    tag: Callable[[], str | None]
-    #: Called with a peer's base URL and the version it announced.
-    announced: Callable[[str, str], object]
 
 
 @implementer(IDiscovery)

@@ -23,7 +23,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from peernix.discovery.datagrams import DatagramError, parse_datagram
-from peernix.discovery.udp import DigestHooks, UdpDiscoveryService
+from peernix.discovery.digesttag import DigestHooks
+from peernix.discovery.udp import UdpDiscoveryService
 from peernix.interfaces import IPeerDigests
 from peernix.nix.pathinfo import PathInfo
 from peernix.peers.client import PeerClient
@@ -511,3 +512,165 @@ class DigestKeyUseTests(SynchronousTestCase):
         misses = sum(digest_key(h) in held.bloom for h in parts)
         self.assertLess(misses, 15)
         f.digests.stop()
+
+
+class MdnsDigestTxtTests(SynchronousTestCase):
+    """The ``digest=`` TXT record of mDNS."""
+
+    def make(self) -> None:
+        from peernix.discovery.mdns import MdnsDiscoveryService
+        from peernix.test.discoveryfakes import FakeZeroconf, call_now
+        from peernix.test.fakes import run_synchronously
+
+        self.clock = Clock()
+        self.registry = UdpFakeRegistry()
+        self.zc = FakeZeroconf()
+        self.tag: str | None = "abcd1234-1"
+        self.heard: list[tuple[str, str]] = []
+        self.service = MdnsDiscoveryService(
+            registry=self.registry, node=NODE, http_port=9999, clock=self.clock,
+            zeroconf_factory=lambda: self.zc, defer_to_thread=run_synchronously, call_from_thread=call_now,
+            addresses=lambda: ["192.0.2.1"], hostname="myhost",
+            digest=DigestHooks(tag=lambda: self.tag, announced=lambda url, tag: self.heard.append((url, tag))),
+        )
+        self.service.startService()
+
+    def txt(self) -> bytes | None:
+        [info] = self.zc.registered
+        value: bytes | None = info.properties.get(b"digest")
+        return value
+
+    def test_published_and_updated(self) -> None:
+        """Our TXT record carries our digest's version; a change updates it, at most once per gap."""
+        self.make()
+        self.assertEqual(self.txt(), b"abcd1234-1")
+        self.tag = "abcd1234-2"
+        self.service.digest_changed()
+        # Within the gap of the registration: later, with the version current then.
+        self.assertEqual(self.txt(), b"abcd1234-1")
+        self.tag = "abcd1234-3"
+        self.service.digest_changed()
+        self.clock.advance(5)
+        self.assertEqual(self.txt(), b"abcd1234-3")
+        self.assertEqual([c for c in self.zc.calls if c[0] == "update_service"], [("update_service", self.zc.registered[0].name)])
+        self.clock.advance(10)
+        self.tag = "abcd1234-4"
+        self.service.digest_changed()
+        self.assertEqual(self.txt(), b"abcd1234-4")
+        self.tag = "abcd1234-5"
+        self.service.digest_changed()
+        self.service.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_peer_versions_reported(self) -> None:
+        """A peer's TXT digest goes to the digests with its URL; a malformed one, or none (Go), does not."""
+        from peernix.discovery.mdns import SERVICE_TYPE
+        from zeroconf import ServiceInfo
+
+        self.make()
+        for name, address, txt in (
+            ("a", "192.0.2.5", {"digest": "ffff0000-7"}),
+            ("b", "192.0.2.6", {"digest": "bad tag!"}),
+            ("go", "192.0.2.7", {}),
+        ):
+            full = f"{name}-9999-x.{SERVICE_TYPE}"
+            self.zc.infos[full] = ServiceInfo(
+                SERVICE_TYPE, full, port=9999, server=f"{name}.local.", parsed_addresses=[address],
+                properties={"version": "0.1.0", "id": f"id-{name}", **txt},
+            )
+            self.zc.fire("add_service", SERVICE_TYPE, full)
+        self.assertEqual(self.heard, [("http://192.0.2.5:9999", "ffff0000-7")])
+        self.service.stopService()
+
+
+class DigestWiringTests(SynchronousTestCase):
+    """build_service wires digests: published, announced, used by the fan-out, shown on /status.json."""
+
+    def build(self, **changes: Any) -> Any:
+        import os
+
+        from peernix.interfaces import IStoreScanner
+        from peernix.test.fakes import MemoryStore
+        from peernix.test.test_service import build, quiet
+
+        root = self.mktemp()
+        os.makedirs(root)
+        scanner = FakeScanner()
+        scanner.add(shared("x"), info("private"))
+
+        @implementer(IStoreScanner)
+        class ScannableStore(MemoryStore):
+            def database_state(self) -> Any:
+                return scanner.database_state()
+
+            def scan_paths(self, after_id: int, accept: Any) -> Any:
+                return scanner.scan_paths(after_id, accept)
+
+        from peernix.test.test_store_share import UPSTREAM
+
+        config = quiet(trusted_public_keys=(UPSTREAM.public_key.to_string(),), **changes)
+        service, reactor = build(self, config, store=ScannableStore(root))
+        return service
+
+    def get(self, service: Any, path: str) -> tuple[int, bytes]:
+        from treq.testing import StubTreq
+
+        http = StubTreq(service.app.resource())
+        response = self.successResultOf(http.get(f"http://127.0.0.1{path}"))  # type: ignore[attr-defined]
+        return response.code, self.successResultOf(response.content())
+
+    def test_wired(self) -> None:
+        """By default the digest of the shared paths is published, announced, and peers' digests feed the fan-out."""
+        service = self.build()
+        self.assertIn("digests", [c.name for c in service])
+        self.assertIs(service.upstream._digests, service.peer_digests)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(service.digest.paths, 1)
+        self.assertTrue(service.digest.contains(info("x").hash_part))
+        self.assertFalse(service.digest.contains(info("private").hash_part))
+        code, body = self.get(service, "/peernix/digest")
+        self.assertEqual((code, body), (200, service.digest.digest_bytes()))
+        code, body = self.get(service, "/status.json")
+        digests = json.loads(body)["digests"]
+        self.assertEqual(digests["own"]["paths"], 1)
+        self.assertEqual(digests["peers"], {})
+        self.assertIn(b'"digest":"' + service.digest.tag.encode(), service.udp.protocol.announce_datagram)
+
+    def test_no_digest(self) -> None:
+        """With --no-digest nothing is published or fetched and every peer is asked, as before."""
+        service = self.build(digest=False)
+        self.assertNotIn("digests", [c.name for c in service])
+        self.assertIsNone(service.digest)
+        self.assertIsNone(service.peer_digests)
+        self.assertIsNone(service.upstream._digests)
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(self.get(service, "/peernix/digest")[0], 404)
+        self.assertIsNone(json.loads(self.get(service, "/status.json")[1])["digests"])
+        self.assertNotIn(b'"digest"', service.udp.protocol.announce_datagram)
+
+    def test_options(self) -> None:
+        """--digest-fp-rate and --digest-interval reach the publisher and the peers' digests; bad rates are refused."""
+        from twisted.python.usage import UsageError
+
+        from peernix.options import parse_args
+
+        config = parse_args(["--digest-fp-rate", "0.001", "--digest-interval", "5"])
+        self.assertEqual((config.digest_fp_rate, config.digest_interval, config.digest), (0.001, 5.0, True))
+        self.assertFalse(parse_args(["--no-digest"]).digest)
+        for bad in ("0", "0.6", "-1", "nan", "x"):
+            self.assertRaises(UsageError, parse_args, ["--digest-fp-rate", bad])
+        service = self.build(digest_fp_rate=0.001, digest_interval=5.0)
+        self.assertEqual(service.digest.fp_rate, 0.001)
+        self.assertEqual(service.peer_digests._interval, 5.0)
+
+    def test_config_file(self) -> None:
+        """The options are TOML keys too."""
+        from peernix.options import read_config_file
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("digest = false\ndigest_fp_rate = 0.02\ndigest_interval = 60\n")
+        config = read_config_file(path)
+        self.assertEqual((config["digest"], config["digest_fp_rate"], config["digest_interval"]), (False, 0.02, 60.0))
