@@ -60,6 +60,10 @@ ASSUMED_FP_RATE: Final = 0.01
 #: Lookups counted per judgement window; the counts are halved past it so
 #: old behaviour fades.
 JUDGE_WINDOW: Final = 4096
+#: Memory all peers' digests may hold together (a 1% digest of 100k paths
+#: is 117 KiB, so this is hundreds of such peers); past it a peer's new
+#: digest is not kept and the peer is asked for everything.
+MAX_TOTAL_BYTES: Final = 64 * 1024 * 1024
 
 
 @define
@@ -75,6 +79,9 @@ class PeerDigest:
     tag: str | None = None
     #: The version the peer last announced.
     announced: str | None = None
+    #: A version whose fetch gave no usable digest: announcing it again does
+    #: not make us fetch sooner than the interval.
+    rejected: str | None = None
     paths: int | None = None
     size_bytes: int = 0
     fetched_at: float | None = None
@@ -148,6 +155,9 @@ class PeerDigests:
     :param timeout: deadline of one fetch, body included.
     :param max_bytes: the largest digest accepted.
     :param max_fetches: fetches in flight at most.
+    :param max_total_bytes: memory all digests may hold together (their
+        serialised size); a digest past it is dropped (its peer is asked
+        for everything), so peers serving huge digests cannot exhaust memory.
     :param fp_rate: the false-positive rate a peer's digest is judged by.
     :param metrics_registry: where the metrics go (a private registry when ``None``).
     """
@@ -164,6 +174,7 @@ class PeerDigests:
         timeout: float = 10.0,
         max_bytes: int = MAX_DIGEST_BYTES,
         max_fetches: int = 4,
+        max_total_bytes: int = MAX_TOTAL_BYTES,
         fp_rate: float = ASSUMED_FP_RATE,
         metrics_registry: CollectorRegistry | None = None,
     ) -> None:
@@ -176,6 +187,7 @@ class PeerDigests:
         self._timeout = timeout
         self._max_bytes = max_bytes
         self._max_fetches = max_fetches
+        self._max_total_bytes = max_total_bytes
         self._fp_rate = fp_rate
         self.metrics = DigestMetrics(metrics_registry)
         self._digests: dict[str, PeerDigest] = {}
@@ -316,7 +328,7 @@ class PeerDigests:
         since = now - digest.attempted_at
         if since < self._min_gap:
             return False
-        if digest.announced is not None and digest.announced != digest.tag:
+        if digest.announced is not None and digest.announced not in (digest.tag, digest.rejected):
             return True
         return since >= self._interval
 
@@ -368,6 +380,7 @@ class PeerDigests:
             return
         if answer.code != 200:
             # No digest published: ask this peer for everything, as before.
+            digest.rejected = digest.announced
             digest.bloom = None
             digest.tag = None
             digest.paths = None
@@ -388,6 +401,12 @@ class PeerDigests:
                 digest.deltas += 1
                 changed: Callable[[str], bool] = _contains(bloom)
             elif content_type == DIGEST_CONTENT_TYPE:
+                others = sum(d.size_bytes for d in self._digests.values() if d is not digest)
+                if others + len(answer.body) > self._max_total_bytes:
+                    raise DigestError(
+                        f"keeping its {len(answer.body)} bytes would pass the {self._max_total_bytes}"
+                        " bytes all peers' digests may hold"
+                    )
                 bloom = load_digest(answer.body)
                 digest.bloom = bloom
                 digest.size_bytes = len(answer.body)
@@ -399,6 +418,7 @@ class PeerDigests:
             # Unusable: forget what we held, so the next fetch is a whole one
             # and, until then, the peer is asked for everything.
             log.info("ignoring {peer}'s digest: {error}", peer=peer.url, error=str(e))
+            digest.rejected = tag or digest.announced
             digest.bloom = None
             digest.tag = None
             digest.size_bytes = 0

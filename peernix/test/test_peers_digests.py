@@ -674,3 +674,40 @@ class DigestWiringTests(SynchronousTestCase):
             f.write("digest = false\ndigest_fp_rate = 0.02\ndigest_interval = 60\n")
         config = read_config_file(path)
         self.assertEqual((config["digest"], config["digest_fp_rate"], config["digest_interval"]), (False, 0.02, 60.0))
+
+
+class DigestMemoryTests(SynchronousTestCase):
+    """All peers' digests together are bounded."""
+
+    def test_total_budget(self) -> None:
+        """A digest that would pass the total budget is not kept; its peer is asked for everything."""
+        f = _Lan([A, C], max_total_bytes=400)
+        f.node(A).add(*[shared(f"p{i}") for i in range(10)])
+        f.node(C).add(*[shared(f"q{i}") for i in range(10)])
+        f.digests.start()
+        f.tick()
+        states = sorted(d.state for d in (f.digests.get("http://a:9999"), f.digests.get("http://c:9999")) if d)
+        self.assertEqual(states, ["error", "ok"])
+        self.assertEqual(len(f.chosen(info("nowhere").hash_part)), 1)
+        f.digests.stop()
+
+    def test_unusable_version_not_refetched_on_announcements(self) -> None:
+        """Announcements of a version that gave no usable digest do not make us fetch it again before the interval."""
+        f = _Lan([A], interval=30.0)
+
+        class Garbage(Resource):
+            isLeaf = True
+
+            def render_GET(self, request: Request) -> bytes:
+                request.setHeader(b"Content-Type", DIGEST_CONTENT_TYPE)
+                request.setHeader(b"ETag", b'"bad-1"')
+                return b"\x00" * 20
+
+        f.lan.peer(A).digest = Garbage()
+        f.digests.start()
+        f.tick()
+        for _ in range(10):
+            f.digests.announced("http://a:9999", "bad-1")
+            f.tick(1)
+        self.assertEqual(len(f.digest_requests(A)), 1)
+        f.digests.stop()
