@@ -221,11 +221,6 @@ class PeerDigests:
                 self.metrics.skipped_lookups.inc()
         return chosen
 
-    def claims(self, peer: Peer, hash_part: str) -> bool:
-        """:returns: whether ``peer``'s digest (if we hold one) may hold ``hash_part``."""
-        digest = self._digests.get(peer.url)
-        return digest is not None and digest.bloom is not None and digest_key(hash_part) in digest.bloom
-
     def record_miss(self, peer: Peer, hash_part: str) -> None:
         """See :meth:`IPeerDigests.record_miss`."""
         digest = self._digests.get(peer.url)

@@ -28,6 +28,7 @@ exponentially with every bad answer.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 from attrs import frozen
@@ -281,7 +282,7 @@ class Fanout:
         # A new peer may have what everybody else lacked.
         self._negative.clear()
 
-    def _on_new_digest(self, peer: Peer, contains: Any) -> None:
+    def _on_new_digest(self, peer: Peer, contains: Callable[[str], bool]) -> None:
         # The peer's store grew (or we learnt it for the first time): a miss
         # cached for a path it now may hold must not hide it until the
         # negative TTL passes.

@@ -240,7 +240,6 @@ class DigestPublisher:
         self._log_floor = 0
         self._bytes: tuple[str, bytes] | None = None
         self._db_state: object = None
-        self._changed_since_build = False
         self._busy = False
         self._again = False
         self._loop: LoopingCall | None = None
@@ -376,7 +375,6 @@ class DigestPublisher:
         if self._bloom is None:
             await self._build(state)
             return
-        self._changed_since_build = True
         if self._built_at is not None and now - self._built_at >= self._full_interval:
             await self._build(state)
             return
@@ -430,7 +428,6 @@ class DigestPublisher:
         self._log = []
         self._logged = 0
         self._log_floor = 0
-        self._changed_since_build = False
         _log.info(
             "Store digest built: {paths} shared paths, {size} bytes",
             paths=self._paths,
