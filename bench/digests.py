@@ -46,7 +46,8 @@ def measure(nodes: int, paths: int, misses: int, hits: int, repetitions: int, wo
     Start ``nodes`` daemons with ``paths`` paths each, wait until they hold
     each other's digests, then, ``repetitions`` times, ask node 1's daemon
     (as its local Nix would) for ``misses`` hash parts nobody has and
-    ``hits`` paths one other node has (new ones each time).
+    ``hits`` paths one other node has (new ones each time; fewer when the
+    other nodes do not have that many paths for every repetition).
 
     :returns: per repetition, the figures: ``miss_requests``, ``miss_udp``,
         ``hit_requests``, ``hit_udp`` (per lookup, received by all other
@@ -70,21 +71,20 @@ def measure(nodes: int, paths: int, misses: int, hits: int, repetitions: int, wo
         # Warm node 1's connections to its peers (first requests pay the connects).
         warm = [hash_part(cluster.paths[1 + i % (nodes - 1)][i % paths]) for i in range(nodes - 1)]
         cluster.lookups(0, warm)
-        used = set(warm)
+        # Every hit a path asked for the first time (node 1 caches what it
+        # found), each on a random other node: a shuffled pool of them all.
+        pool = [hash_part(p) for node_paths in cluster.paths[1:] for p in node_paths]
+        pool = [h for h in pool if h not in set(warm)]
+        rng.shuffle(pool)
+        per_repetition = min(hits, len(pool) // repetitions)
         results = []
         for rep in range(repetitions):
-            log(f"digests: {nodes} nodes, {misses} misses and {hits} hits (repetition {rep + 1})")
+            log(f"digests: {nodes} nodes, {misses} misses and {per_repetition} hits (repetition {rep + 1})")
             before = cluster.metrics()
             miss_hashes = [nix32.encode(rng.randbytes(20)) for _ in range(misses)]
             miss_results = cluster.lookups(0, miss_hashes)
             middle = cluster.metrics()
-            hit_hashes: list[str] = []
-            while len(hit_hashes) < hits:
-                node = 1 + rng.randrange(nodes - 1)
-                h = hash_part(cluster.paths[node][rng.randrange(paths)])
-                if h not in used:
-                    used.add(h)
-                    hit_hashes.append(h)
+            hit_hashes = pool[rep * per_repetition:(rep + 1) * per_repetition]
             hit_results = cluster.lookups(0, hit_hashes)
             after = cluster.metrics()
             bad = [c for c, _ in miss_results if c != 404] + [c for c, _ in hit_results if c != 200]
@@ -97,8 +97,10 @@ def measure(nodes: int, paths: int, misses: int, hits: int, repetitions: int, wo
             results.append({
                 "miss_requests": (_sum(middle, others, "narinfo") - _sum(before, others, "narinfo")) / misses,
                 "miss_udp": (_sum(middle, others, "udp_queries") - _sum(before, others, "udp_queries")) / misses,
-                "hit_requests": (_sum(after, others, "narinfo") - _sum(middle, others, "narinfo")) / hits,
-                "hit_udp": (_sum(after, others, "udp_queries") - _sum(middle, others, "udp_queries")) / hits,
+                "hit_requests": (_sum(after, others, "narinfo") - _sum(middle, others, "narinfo")) / len(hit_hashes),
+                "hit_udp": (_sum(after, others, "udp_queries") - _sum(middle, others, "udp_queries")) / len(hit_hashes),
+                "hits": float(len(hit_hashes)),
+                "misses": float(misses),
                 "miss_p50_ms": 1000 * statistics.median(miss_lat),
                 "miss_p99_ms": 1000 * miss_lat[min(len(miss_lat) - 1, int(0.99 * len(miss_lat)))],
                 "hit_p50_ms": 1000 * statistics.median(hit_lat),
