@@ -6,7 +6,11 @@ It fetches every peer's digest (``GET /peernix/digest``, see
 :mod:`peernix.store.digest`) when the peer is new, soon after an
 announcement names a version other than the one held (at most once a
 ``min_gap``), and at least every ``interval`` seconds; a peer whose digest
-changed by additions only sends those (a delta).  Every fetch is bounded in
+changed by additions only sends those (a delta).  A peer that publishes a
+digest but whose announcements we do not hear (a static peer beyond the
+broadcast domain, a LAN without broadcast or mDNS) is revalidated every
+``quiet_interval`` seconds instead (a ``304`` when unchanged), so a path
+added to its store is found within seconds there too.  Every fetch is bounded in
 time and size, and at most ``max_fetches`` run at once.
 
 A digest is a hint, never trust: it only decides whom the fan-out asks.  A
@@ -77,8 +81,9 @@ class PeerDigest:
     bloom: Bloom | None = None
     #: The version held (``"<generation>-<version>"``, unquoted).
     tag: str | None = None
-    #: The version the peer last announced.
+    #: The version the peer last announced, and when (clock time).
     announced: str | None = None
+    heard_at: float | None = None
     #: A version whose fetch gave no usable digest: announcing it again does
     #: not make us fetch sooner than the interval.
     rejected: str | None = None
@@ -151,6 +156,11 @@ class PeerDigests:
     :param interval: seconds between two fetches of a peer's digest at most.
     :param min_gap: seconds between two fetches of one peer's digest at least
         (announcements cannot make us fetch more often).
+    :param quiet_interval: seconds between two fetches of the digest of a
+        peer that publishes one but has announced no version within
+        ``quiet_after`` seconds (we have no other way to learn it changed).
+    :param quiet_after: see ``quiet_interval``; a peer announces at least
+        every 30 s by default.
     :param tick: seconds between two looks at which digests are due.
     :param timeout: deadline of one fetch, body included.
     :param max_bytes: the largest digest accepted.
@@ -170,6 +180,8 @@ class PeerDigests:
         *,
         interval: float = 30.0,
         min_gap: float = 1.0,
+        quiet_interval: float = 2.0,
+        quiet_after: float = 120.0,
         tick: float = 0.25,
         timeout: float = 10.0,
         max_bytes: int = MAX_DIGEST_BYTES,
@@ -183,6 +195,8 @@ class PeerDigests:
         self._clock = clock
         self._interval = interval
         self._min_gap = min_gap
+        self._quiet_interval = min(quiet_interval, interval)
+        self._quiet_after = quiet_after
         self._tick_interval = tick
         self._timeout = timeout
         self._max_bytes = max_bytes
@@ -268,6 +282,7 @@ class PeerDigests:
             return
         digest = self._digests.setdefault(peer.url, PeerDigest())
         digest.announced = tag.strip('"')
+        digest.heard_at = self._clock.seconds()
         if digest.tag != digest.announced:
             self._maybe_fetch(peer, digest, self._clock.seconds())
 
@@ -325,7 +340,8 @@ class PeerDigests:
             return False
         if digest.announced is not None and digest.announced not in (digest.tag, digest.rejected):
             return True
-        return since >= self._interval
+        quiet = digest.state == "ok" and (digest.heard_at is None or now - digest.heard_at > self._quiet_after)
+        return since >= (self._quiet_interval if quiet else self._interval)
 
     def _maybe_fetch(self, peer: Peer, digest: PeerDigest, now: float) -> None:
         if not self._due(digest, now) or len(self._running) >= self._max_fetches:

@@ -189,22 +189,24 @@ class PeerDigestsTests(SynchronousTestCase):
         node = f.node(A)
         node.add(shared("x"))
         f.digests.start()
-        f.tick(2)
+        f.tick(0.5)
         f.digests.announced("http://a:9999", node.publisher.tag or "")
         f.digests.announced("http://unknown:9999", "x-1")
         f.digests.announced("not a url", "x-1")
-        f.tick(0.25)
+        f.tick(1.5)
         self.assertEqual(len(f.digest_requests(A)), 1)
         f.digests.stop()
 
     def test_interval_refresh(self) -> None:
-        """Without announcements a digest is refreshed every interval (304 when unchanged), a change picked up."""
+        """A peer heard announcing is refreshed every interval anyway (304 when unchanged), a change picked up."""
         f = _Lan([A], interval=30.0)
         node = f.node(A)
         node.add(shared("x"))
         f.digests.start()
         f.tick()
         for _ in range(4):
+            # Its periodic announcements name the version we hold.
+            f.digests.announced("http://a:9999", node.publisher.tag or "")
             f.tick(10)
         self.assertEqual(len(f.digest_requests(A)), 2)
         self.assertEqual(f.metric("peernix_digest_fetches_total", result="unchanged"), 1)
@@ -213,6 +215,30 @@ class PeerDigestsTests(SynchronousTestCase):
             f.tick(10)
         self.assertEqual(f.chosen(info("later").hash_part), [A])
         f.digests.stop()
+
+    def test_quiet_peer_revalidated_often(self) -> None:
+        """A peer publishing a digest but never heard announcing (a static peer) is revalidated every quiet_interval."""
+        f = _Lan([A], interval=30.0, quiet_interval=2.0)
+        node = f.node(A)
+        node.add(shared("x"))
+        f.digests.start()
+        f.tick()
+        for _ in range(8):
+            f.tick(0.5)
+        self.assertEqual(len(f.digest_requests(A)), 3)
+        node.add(shared("later"))
+        for _ in range(4):
+            f.tick(0.5)
+        self.assertEqual(f.chosen(info("later").hash_part), [A])
+        # A peer without a digest (404) is not polled that often.
+        g = _Lan([B], interval=30.0, quiet_interval=2.0)
+        g.digests.start()
+        g.tick()
+        for _ in range(20):
+            g.tick(0.5)
+        self.assertEqual(len(g.digest_requests(B)), 1)
+        f.digests.stop()
+        g.digests.stop()
 
     def test_full_refetch_after_rebuild(self) -> None:
         """After a peer's full rebuild (paths deleted), the whole new digest replaces the old one."""
