@@ -581,7 +581,8 @@ def make_peer_store(config: Config, reactor: Reactor, store: IStore,
     return SharedStore(store, policy, clock=reactor, tally=tally)
 
 
-def make_digest(config: Config, reactor: Reactor, store: IStore, peer_store: SharedStore) -> DigestPublisher | None:
+def make_digest(config: Config, reactor: Reactor, store: IStore, peer_store: SharedStore,
+                metrics: Metrics | None = None) -> DigestPublisher | None:
     """
     :returns: this node's store digest over what ``peer_store`` shares, or
         ``None`` with ``--no-digest`` or a store that cannot be scanned
@@ -592,7 +593,8 @@ def make_digest(config: Config, reactor: Reactor, store: IStore, peer_store: Sha
     policy = peer_store.policy
     # The pure policy, not SharedStore.shares: the scan runs on a worker thread.
     accept = (lambda info: True) if policy.shares_everything else policy.shares
-    return DigestPublisher(IStoreScanner(store), accept, reactor, fp_rate=config.digest_fp_rate)
+    return DigestPublisher(IStoreScanner(store), accept, reactor, fp_rate=config.digest_fp_rate,
+                           metrics_registry=metrics.registry if metrics is not None else None)
 
 
 def digest_status(publisher: DigestPublisher | None, peer_digests: PeerDigests | None) -> dict[str, object]:
@@ -799,7 +801,7 @@ def build_service(
     else:
         top.upstream = upstream
     top.peer_store = make_peer_store(config, reactor, top.store, top.secret_key)
-    top.digest = make_digest(config, reactor, top.store, top.peer_store)
+    top.digest = make_digest(config, reactor, top.store, top.peer_store, top.metrics)
     if top.digest is not None or top.peer_digests is not None:
         DigestService(top.digest, top.peer_digests).setServiceParent(top)
     top.app = make_web_app(config, reactor, top.store, defer_to_thread=defer_to_thread,

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from attrs import frozen
+from prometheus_client import CollectorRegistry, Gauge
 from rbloom import Bloom
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -201,6 +202,8 @@ class DigestPublisher:
     :param full_interval: a change seen this long after the last full build
         triggers a full one (signatures added to old rows change what is
         shared without a new row).
+    :param metrics_registry: where the gauges ``peernix_digest_paths`` and
+        ``peernix_digest_bytes`` go (``None``: nowhere).
     """
 
     def __init__(
@@ -213,6 +216,7 @@ class DigestPublisher:
         check_interval: float = 1.0,
         full_interval: float = 600.0,
         delta_log_limit: int = DELTA_LOG_LIMIT,
+        metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         if not 0.0 < fp_rate < 1.0:
             raise ValueError("fp_rate must be between 0 and 1")
@@ -245,6 +249,11 @@ class DigestPublisher:
         self._loop: LoopingCall | None = None
         self._stopped = False
         self._subscribers: list[Callable[[], object]] = []
+        if metrics_registry is not None:
+            Gauge("peernix_digest_paths", "Paths in this node's store digest",
+                  registry=metrics_registry).set_function(lambda: float(self._paths))
+            Gauge("peernix_digest_bytes", "Size of this node's store digest as served",
+                  registry=metrics_registry).set_function(lambda: float(len(self.digest_bytes())))
 
     # -- reading -------------------------------------------------------
 

@@ -657,6 +657,9 @@ class DigestWiringTests(SynchronousTestCase):
         self.assertFalse(service.digest.contains(info("private").hash_part))
         code, body = self.get(service, "/peernix/digest")
         self.assertEqual((code, body), (200, service.digest.digest_bytes()))
+        code, body = self.get(service, "/metrics")
+        self.assertIn(b"peernix_digest_paths 1.0", body)
+        self.assertIn(f"peernix_digest_bytes {float(len(service.digest.digest_bytes()))}".encode(), body)
         code, body = self.get(service, "/status.json")
         digests = json.loads(body)["digests"]
         self.assertEqual(digests["own"]["paths"], 1)
