@@ -24,7 +24,7 @@ from types import FrameType
 
 from attrs import asdict, frozen
 
-from bench import fixtures, load, report, servers
+from bench import digests, fixtures, load, report, servers
 from bench.fixtures import Fixture, hash_part
 
 
@@ -43,12 +43,18 @@ class Profile:
     misses: int
     miss_budget: float
     small_zstd_sample: int
+    #: Store digests: cluster sizes, paths a node, misses and hits a repetition.
+    digest_nodes: tuple[int, ...] = (4, 16)
+    digest_paths: int = 500
+    digest_misses: int = 1000
+    digest_hits: int = 500
 
 
 FULL = Profile("full", fixtures.FULL, repetitions=3, wrk_seconds=5, conns=1000, conns_seconds=10,
                e2e_small=500, fanout_peers=(1, 3, 10), misses=300, miss_budget=60, small_zstd_sample=200)
 QUICK = Profile("quick", fixtures.QUICK, repetitions=1, wrk_seconds=1, conns=1000, conns_seconds=3,
-                e2e_small=100, fanout_peers=(1, 3), misses=40, miss_budget=8, small_zstd_sample=30)
+                e2e_small=100, fanout_peers=(1, 3), misses=40, miss_budget=8, small_zstd_sample=30,
+               digest_nodes=(4,), digest_paths=50, digest_misses=200, digest_hits=60)
 
 
 class Results:
@@ -247,6 +253,27 @@ def bench_fanout(res: Results, prof: Profile, fx: Fixture, nginx: servers.Server
             p.stop()
 
 
+def bench_digests(res: Results, prof: Profile, workdir: str) -> None:
+    """
+    Store digests at each size of ``prof.digest_nodes``: requests per miss and
+    per hit, miss latency, digest size and memory (see :mod:`bench.digests`).
+    The largest size measured is also recorded as ``digests.max``, the row
+    the targets apply to (N = 16; 4 in quick mode).
+    """
+    for n in prof.digest_nodes:
+        def once() -> None:
+            try:
+                figures = digests.measure(n, prof.digest_paths, prof.digest_misses, prof.digest_hits,
+                                          prof.repetitions, workdir, log)
+            except (digests.Unavailable, RuntimeError, AssertionError) as e:
+                raise load.MeasureError(str(e)) from None
+            for values in figures:
+                res.add_all(f"digests.{n}", values)
+                if n == max(prof.digest_nodes):
+                    res.add_all("digests.max", values)
+        res.attempt(f"digests.{n}", once)
+
+
 def start_peernix_pair(res: Results, fx: Fixture, workdir: str) -> tuple[servers.Server | None, servers.Server | None]:
     """
     Start peernix serving the fixture store, and a proxying peernix with an
@@ -315,6 +342,7 @@ def run(prof: Profile, out_dir: str) -> int:
         if serving is not None:
             serving.stop()
         bench_fanout(res, prof, fx, nginx, workdir)
+        bench_digests(res, prof, workdir)
     finally:
         servers.stop_all()
 

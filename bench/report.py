@@ -84,6 +84,29 @@ def _narinfo_figures() -> list[Figure]:
     return out
 
 
+def _digest_figures() -> list[Figure]:
+    # Store digests in namespaces: "max" is the largest N measured (16; 4 in
+    # quick mode), the one the targets apply to.
+    out = []
+    for n, tag in (("4", "N=4"), ("max", "N=16 [quick 4]")):
+        out += [
+            Figure(f"digests {tag}: narinfo requests per miss", f"digests.{n}.miss_requests", None, "", "",
+                   Target("value", "<=", 0.2) if n == "max" else None),
+            Figure(f"digests {tag}: UDP queries per miss", f"digests.{n}.miss_udp", None, "", ""),
+            Figure(f"digests {tag}: narinfo requests per hit", f"digests.{n}.hit_requests", None, "", "",
+                   Target("value", "<=", 1.2) if n == "max" else None),
+            Figure(f"digests {tag}: UDP queries per hit", f"digests.{n}.hit_udp", None, "", ""),
+            Figure(f"digests {tag}: miss p50", f"digests.{n}.miss_p50_ms", None, "", "ms",
+                   Target("value", "<=", 1.0) if n == "max" else None),
+            Figure(f"digests {tag}: miss p99", f"digests.{n}.miss_p99_ms", None, "", "ms"),
+            Figure(f"digests {tag}: hit p50", f"digests.{n}.hit_p50_ms", None, "", "ms"),
+            Figure(f"digests {tag}: digest size a node", f"digests.{n}.digest_bytes", None, "", "bytes"),
+            Figure(f"digests {tag}: RSS a node, max", f"digests.{n}.rss_mb_max", None, "", "MB"),
+            Figure(f"digests {tag}: digests exchanged after", f"digests.{n}.converge_s", None, "", "s"),
+        ]
+    return out
+
+
 FIGURES: list[Figure] = [
     *_narinfo_figures(),
     Figure("NAR 1 stream raw", "nar.peernix.raw1.mbps", "nar.dump.mbps", "nix store dump-path", "MB/s",
@@ -121,6 +144,7 @@ FIGURES: list[Figure] = [
     Figure("miss p99, 3 peers, 1 just frozen", "fanout.frozen_now.p99_ms", None, "", "ms"),
     Figure("miss p99, 3 peers, 10 s after freeze", "fanout.frozen_10s.p99_ms", "fanout.nginx.p99_ms", "nginx 404",
            "ms", Target("value", "<=", 20)),
+    *_digest_figures(),
 ]
 """Every row of the table, in order."""
 

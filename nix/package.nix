@@ -31,6 +31,8 @@ let
     ifaddr
     prometheus-client
     zstandard
+    # Store digests (peernix/store/digest.py): Bloom filters.
+    rbloom
   ] ++ python3Packages.twisted.optional-dependencies.tls
   # peernix/zstd.py: Python 3.14's compression.zstd, else its backport.
   ++ lib.optionals (python3Packages.pythonOlder "3.14") [ backportsZstd ];

@@ -8,6 +8,7 @@ double implements one of these and is checked with ``verifyObject``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from zope.interface import Attribute, Interface
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from peernix.nix.pathinfo import PathInfo
     from peernix.peers.peer import Peer
     from peernix.sources import Found
+    from peernix.store.local import PathScan
 
 
 class IStore(Interface):
@@ -153,7 +155,8 @@ class IPeerRegistry(Interface):
     def record_failure(peer: Peer, kind: str) -> None:
         """
         A request to ``peer`` failed; ``kind`` is ``"timeout"``,
-        ``"connection"``, ``"http"``, ``"untrusted"`` or ``"verification"``.
+        ``"connection"``, ``"http"``, ``"untrusted"``, ``"verification"`` or
+        ``"digest"`` (its store digest claims paths it lacks).
         """
 
     def subscribe(callback: object) -> None:
@@ -171,3 +174,63 @@ class IDiscovery(Interface):
     """A way of finding peers that feeds an :class:`IPeerRegistry`; an ``IService``."""
 
     name = Attribute("Short name of the mechanism, used as the registry source.")
+
+
+class IStoreScanner(Interface):
+    """
+    A store whose valid paths can be listed in bulk, for the store digest
+    (:mod:`peernix.store.digest`).  Both methods run their work on a
+    worker thread and never block the reactor thread.
+    """
+
+    def database_state() -> Deferred[object]:
+        """
+        :returns: a Deferred firing with an opaque value that compares equal
+            as long as the store's database did not change (its files'
+            inode, size and modification time).
+        """
+
+    def scan_paths(after_id: int, accept: Callable[[PathInfo], bool]) -> Deferred[PathScan]:
+        """
+        List the valid paths registered after row ``after_id`` (0: all).
+
+        :param after_id: the ``max_id`` of an earlier scan, or 0.
+        :param accept: ``accept(info) -> bool`` called on the worker thread
+            for every servable path; only accepted paths are listed.
+        :returns: a Deferred firing with a
+            :class:`~peernix.store.local.PathScan`: the accepted hash parts,
+            the rows looked at, and the row count and highest row id of the
+            whole table when the scan started, so a caller can tell that
+            rows were deleted (``rows`` less than the earlier count plus
+            ``scanned``).
+        """
+
+
+class IPeerDigests(Interface):
+    """
+    The digests of peers' stores, kept in memory: which peers may hold a
+    path (:mod:`peernix.peers.digests`).  A digest is a hint, never trust.
+    """
+
+    def candidates(peers: list[Peer], hash_part: str) -> list[Peer]:
+        """
+        :param peers: the peers that could be asked (healthy ones, in order).
+        :param hash_part: a valid hash part.
+        :returns: the peers among ``peers`` worth asking for ``hash_part``,
+            in the same order: those whose digest may hold it, and those
+            without a digest (none published, or not fetched yet).
+        """
+
+    def record_miss(peer: Peer, hash_part: str) -> None:
+        """
+        ``peer`` answered that it lacks ``hash_part``; if its digest claimed
+        it, that is a false claim (counted; far more of them than the
+        false-positive rate explains costs the peer score).
+        """
+
+    def subscribe(callback: object) -> None:
+        """
+        Call ``callback(peer, contains)`` whenever a peer's digest changed;
+        ``contains(hash_part) -> bool`` says whether the new digest may hold
+        a hash part (the fan-out forgets cached misses it now holds).
+        """

@@ -296,6 +296,8 @@ def _check_tailscale_tag(value: str) -> str:
 
 TAILSCALE_TAG = ValueType("Tailscale tag", "TAG", (str,), _identity, _check_tailscale_tag,
                           example='"tag:peernix"')
+
+
 # Sizes and rates (``--max-upload-rate``; also meant for other byte-count
 # settings such as a staging size): a number with an optional unit, ``K``,
 # ``M``, ``G``, ``T`` for powers of 1000 and ``Ki``, ``Mi``, ``Gi``, ``Ti`` for
@@ -399,6 +401,17 @@ RATE = ValueType("rate in bytes per second (K, M, G: powers of 1000; Ki, Mi, Gi:
                  (int, str), _text_to_rate, _check_rate, _show_rate, example='"20M"')
 YES_NO = ValueType("yes or no", "yes|no", (bool, str), _text_to_yes_no, _check_yes_no, _show_yes_no,
                    example="false")
+
+
+def _check_fp_rate(value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or not 0.0 < value <= 0.5:
+        raise ValueError(f"expected a false-positive rate above 0 and at most 0.5, such as 0.01, got {value!r}")
+    return value
+
+
+FP_RATE = ValueType("false-positive rate", "RATE", (int, float), _text_to_float, _check_fp_rate,
+                    example="0.01")
 
 
 # --------------------------------------------------------------------------
@@ -515,6 +528,17 @@ SETTINGS: tuple[Setting, ...] = (
             "Remember for this long that no peer has a path.", group="peers"),
     Setting("peer_timeout", "peer-timeout", SECONDS, 2.0,
             "Give up on a peer's answer after this long.", group="peers"),
+    # Store digests (issue 14): see peernix.store.digest.
+    Setting("digest", "digest", BOOL, True,
+            "Publish a digest of the shared paths (a Bloom filter of their hash parts) "
+            "at /peernix/digest, and ask a peer for a path only when its digest may "
+            "hold it (peers without a digest are always asked).", group="peers"),
+    Setting("digest_fp_rate", "digest-fp-rate", FP_RATE, 0.01,
+            "The false-positive rate this node's digest is sized for: the share of "
+            "paths it lacks that peers still ask it for.", group="peers"),
+    Setting("digest_interval", "digest-interval", SECONDS, 30.0,
+            "Fetch each peer's digest at least this often (and within seconds of an "
+            "announcement saying it changed).", group="peers"),
     # Finding peers (issue C).
     Setting("udp_port", "udp-port", PORT, None,
             "UDP port for announcements and queries.", group="discovery",
@@ -623,6 +647,9 @@ class Config:
     proxy_clients: tuple[IPNetwork, ...] = _default("proxy_clients")
     negative_ttl: float = _default("negative_ttl")
     peer_timeout: float = _default("peer_timeout")
+    digest: bool = _default("digest")
+    digest_fp_rate: float = _default("digest_fp_rate")
+    digest_interval: float = _default("digest_interval")
     #: ``None``: the same as :attr:`port`; see :attr:`effective_udp_port`.
     udp_port: int | None = _default("udp_port")
     broadcast: bool = _default("broadcast")

@@ -37,19 +37,23 @@ import peernix
 from peernix.discovery.nodeinfo import NodeInfo, detect_node_info
 from peernix.discovery.signed import AnnounceKeys
 from peernix.discovery.static import StaticPeersService
+from peernix.discovery.digesttag import DigestHooks
 from peernix.discovery.udp import UdpDiscoveryService
 from peernix.memory import IdleTrimmer
-from peernix.interfaces import IPeerRegistry, IStore, IUpstream
+from peernix.interfaces import IPeerRegistry, IStore, IStoreScanner, IUpstream
 from peernix.nix.signing import PublicKey, SecretKey, load_secret_key_file, parse_public_key
 from peernix.options import Config
 from peernix.peers.client import PeerClient
+from peernix.peers.digests import PeerDigests
 from peernix.peers.fanout import Fanout
 from peernix.peers.health import HealthChecker
 from peernix.peers.registry import PeerRegistry
 from peernix.peers.trust import TrustPolicy, read_nix_trusted_keys
+from peernix.store.digest import DigestPublisher
 from peernix.store.local import LocalStore
 from peernix.store.share import SharedStore, make_share_policy
 from peernix.web.app import WebApp
+from peernix.web.digest import DigestResource
 from peernix.web.limits import (
     HEADER_TIMEOUT,
     ConnectionLimiter,
@@ -262,6 +266,33 @@ class PeerClientService(Service):
         return closed
 
 
+class DigestService(Service):
+    """
+    Keeps this node's store digest up to date and peers' digests fetched
+    (either may be ``None``); stops both on stop.
+    """
+
+    name = "digests"
+
+    def __init__(self, publisher: DigestPublisher | None, peer_digests: PeerDigests | None) -> None:
+        self.publisher = publisher
+        self.peer_digests = peer_digests
+
+    def startService(self) -> None:
+        super().startService()
+        if self.publisher is not None:
+            self.publisher.start()
+        if self.peer_digests is not None:
+            self.peer_digests.start()
+
+    def stopService(self) -> Deferred[None] | None:
+        if self.publisher is not None:
+            self.publisher.stop()
+        if self.peer_digests is not None:
+            self.peer_digests.stop()
+        return super().stopService()  # type: ignore[no-any-return]
+
+
 class PeernixSite(Site):
     """
     The HTTP server: a ``Site`` with an idle timeout on the injected reactor,
@@ -366,6 +397,13 @@ class PeernixService(MultiService):
         self.savings: Savings | None = None
         #: ``--max-upload-rate``'s bucket; ``None``: unlimited.
         self.upload_limiter: UploadLimiter | None = None
+        #: This node's store digest (``None`` with ``--no-digest`` or a
+        #: store that cannot be scanned).
+        self.digest: DigestPublisher | None = None
+        #: Peers' digests (``None`` with ``--no-digest`` or no peer side).
+        self.peer_digests: PeerDigests | None = None
+        #: UDP discovery, once made.
+        self.udp: UdpDiscoveryService | None = None
 
 
 # --------------------------------------------------------------------------
@@ -462,6 +500,11 @@ def make_peers(config: Config, reactor: Reactor, metrics: Metrics,
     pool.cachedConnectionTimeout = 120
     agent = Agent(reactor, pool=pool, connectTimeout=config.peer_timeout)
     client = PeerClient(HTTPClient(agent), reactor, timeout=config.peer_timeout, agent=agent)
+    if config.digest:
+        parent.peer_digests = PeerDigests(
+            registry, client, reactor, interval=config.digest_interval, fp_rate=config.digest_fp_rate,
+            metrics_registry=metrics.registry,
+        )
     fanout = Fanout(
         registry,
         client,
@@ -470,6 +513,7 @@ def make_peers(config: Config, reactor: Reactor, metrics: Metrics,
         negative_ttl=config.negative_ttl,
         lookup_timeout=max(config.peer_timeout * 1.5, config.peer_timeout + 0.5),
         metrics_registry=metrics.registry,
+        digests=parent.peer_digests,
     )
     PeerClientService(pool, fanout).setServiceParent(parent)
     HealthChecker(registry, client, reactor).setServiceParent(parent)
@@ -486,7 +530,14 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
     the HTTP listener, so a node announces itself only once it can serve.
     """
     StaticPeersService(registry, list(config.peers)).setServiceParent(parent)
-    UdpDiscoveryService(
+    digest_hooks = None
+    if parent.digest is not None or parent.peer_digests is not None:
+        publisher, peer_digests = parent.digest, parent.peer_digests
+        digest_hooks = DigestHooks(
+            tag=(lambda: publisher.tag) if publisher is not None else (lambda: None),
+            announced=peer_digests.announced if peer_digests is not None else (lambda url, tag: None),
+        )
+    udp = parent.udp = UdpDiscoveryService(
         udp=reactor,
         clock=reactor,
         registry=registry,
@@ -499,7 +550,13 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
         metrics=metrics.registry,
         # Sign our announces; verify others' against the fan-out's trusted keys.
         keys=AnnounceKeys(parent.secret_key, trusted_keys(config)),
-    ).setServiceParent(parent)
+        digest=digest_hooks,
+    )
+    udp.setServiceParent(parent)
+    if parent.digest is not None:
+        # A changed digest is announced at once (at most once a second), so
+        # peers learn of a new path within seconds, not an announce interval.
+        parent.digest.subscribe(udp.announce_soon)
     if config.mdns:
         # Imported here: zeroconf costs about 3 MB of memory, paid only
         # when mDNS is on.
@@ -509,7 +566,7 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
         # a small pool of their own, so they never wait behind NAR work.
         pool = ThreadPool(minthreads=0, maxthreads=2, name="peernix-mdns")
         ThreadPoolService(pool, "mdns-threads").setServiceParent(parent)
-        MdnsDiscoveryService(
+        mdns = MdnsDiscoveryService(
             registry=registry,
             node=node,
             http_port=config.port,
@@ -517,7 +574,11 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
             zeroconf_factory=make_zeroconf,
             defer_to_thread=thread_pool_runner(reactor, pool),
             call_from_thread=reactor.callFromThread,
-        ).setServiceParent(parent)
+            digest=digest_hooks,
+        )
+        mdns.setServiceParent(parent)
+        if parent.digest is not None:
+            parent.digest.subscribe(mdns.digest_changed)
     make_wide_area_discovery(config, reactor, registry, node, parent)
 
 
@@ -593,6 +654,42 @@ def make_upload_limiter(config: Config, reactor: Reactor) -> UploadLimiter | Non
     return UploadLimiter(config.max_upload_rate, reactor)
 
 
+def make_digest(config: Config, reactor: Reactor, store: IStore, peer_store: SharedStore,
+                metrics: Metrics | None = None) -> DigestPublisher | None:
+    """
+    :returns: this node's store digest over what ``peer_store`` shares, or
+        ``None`` with ``--no-digest`` or a store that cannot be scanned
+        (not an :class:`~peernix.interfaces.IStoreScanner`).
+    """
+    if not config.digest or not IStoreScanner.providedBy(store):
+        return None
+    policy = peer_store.policy
+    # The pure policy, not SharedStore.shares: the scan runs on a worker thread.
+    accept = (lambda info: True) if policy.shares_everything else policy.shares
+    return DigestPublisher(IStoreScanner(store), accept, reactor, fp_rate=config.digest_fp_rate,
+                           metrics_registry=metrics.registry if metrics is not None else None)
+
+
+def digest_status(publisher: DigestPublisher | None, peer_digests: PeerDigests | None) -> dict[str, object]:
+    """:returns: the ``"digests"`` section of ``/status.json``."""
+    own: dict[str, object] | None = None
+    if publisher is not None:
+        snap = publisher.snapshot()
+        own = {
+            "tag": snap.tag,
+            "paths": snap.paths,
+            "capacity": snap.capacity,
+            "size_bytes": snap.size_bytes,
+            "fp_rate": snap.fp_rate,
+            "builds": snap.builds,
+            "updates": snap.updates,
+        }
+    return {
+        "own": own,
+        "peers": peer_digests.document() if peer_digests is not None else None,
+    }
+
+
 def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
                  defer_to_thread: DeferToThread, call_from_thread: Callable[..., object],
                  secret_key: SecretKey | None,
@@ -600,14 +697,19 @@ def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
                  registry: IPeerRegistry | None = None,
                  peer_store: IStore | None = None,
                  savings: Savings | None = None,
-                 upload_limiter: UploadLimiter | None = None) -> WebApp:
+                 upload_limiter: UploadLimiter | None = None,
+                 digest: DigestPublisher | None = None,
+                 peer_digests: PeerDigests | None = None) -> WebApp:
     """
     :returns: the HTTP application: the cache protocol, status page and metrics.
     :param registry: the peer table, shown on the status page (``None``: no peer side).
     :param peer_store: what peers see of ``store`` (``None``: all of it).
     :param savings: what the LAN saves this node (``None``: not counted).
     :param upload_limiter: ``--max-upload-rate`` (``None``: unlimited).
+    :param digest: this node's store digest, served at ``/peernix/digest``.
+    :param peer_digests: peers' digests, shown on the status page.
     """
+    with_digests = config.digest and (digest is not None or peer_digests is not None)
     return WebApp(
         store,
         reactor=reactor,
@@ -626,6 +728,8 @@ def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
         savings=savings,
         upload_limiter=upload_limiter,
         serve_peers=config.serve_peers,
+        digest=DigestResource(digest) if digest is not None else None,
+        digest_status=(lambda: digest_status(digest, peer_digests)) if with_digests else None,
     )
 
 
@@ -781,11 +885,15 @@ def build_service(
     top.peer_store = make_peer_store(config, reactor, top.store, top.secret_key)
     top.savings = make_savings(config, reactor, top)
     top.upload_limiter = make_upload_limiter(config, reactor)
+    top.digest = make_digest(config, reactor, top.store, top.peer_store, top.metrics)
+    if top.digest is not None or top.peer_digests is not None:
+        DigestService(top.digest, top.peer_digests).setServiceParent(top)
     top.app = make_web_app(config, reactor, top.store, defer_to_thread=defer_to_thread,
                            call_from_thread=call_from_thread,
                            secret_key=top.secret_key, metrics=top.metrics, upstream=top.upstream,
                            registry=top.registry, peer_store=top.peer_store,
-                           savings=top.savings, upload_limiter=top.upload_limiter)
+                           savings=top.savings, upload_limiter=top.upload_limiter,
+                           digest=top.digest, peer_digests=top.peer_digests)
     top.site = make_site(config, reactor, top.app, top.metrics)
     stack = ip_stack if ip_stack is not None else probe_ip_stack()
     top.listeners = make_listeners(config, reactor, top.site, stack, top)

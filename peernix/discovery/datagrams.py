@@ -17,7 +17,9 @@ Wire-compatible with the Go predecessor zw3rk/peernix (``main.go``):
   limited; informative).  Optionally signed (see :mod:`.signed`): ``ts`` (unix
   seconds, an integer) and ``sig`` (``name:base64`` ed25519 signature of
   :func:`signing_payload`, the canonical JSON of the announce without
-  ``sig``).
+  ``sig``).  ``digest`` (optional): the version of the sender's store
+  digest (``<generation>-<version>``, see :mod:`peernix.store.digest`); a
+  receiver holding another version fetches the digest soon.
 * ``ping`` -> ``pong`` (legacy discovery).
 * ``has_path?<hash32>`` -> ``yes`` | ``not_found``.
 * ``has_path_with_narhash?<hash32>:<narhash>`` -> ``yes`` |
@@ -41,6 +43,7 @@ from typing import Union
 import attrs
 from attrs import field, frozen
 
+from peernix.discovery.digesttag import is_digest_tag
 from peernix.nix.hashes import Hash, HashError, parse_hash
 from peernix.nix.signing import SecretKey, parse_public_key
 from peernix.nix.storepath import is_hash_part
@@ -93,6 +96,8 @@ class Announce:
         second; ``None`` (not sent) when unlimited.
     :ivar ts: the signing time, unix seconds, for signed announces.
     :ivar sig: ``name:base64`` signature of :attr:`signed_payload`.
+    :ivar digest: the version of the sender's store digest, ``None`` when
+        it names none (the Go predecessor, older peernix, digests off).
     :ivar signed_payload: what ``sig`` signs: set by :func:`parse_datagram`
         from the received JSON when it has a ``sig``, and by
         :func:`sign_announce`; not part of equality.
@@ -111,6 +116,7 @@ class Announce:
     ts: int | None = None
     sig: str | None = None
     signed_payload: bytes | None = field(default=None, eq=False, repr=False)
+    digest: str | None = None
 
 
 @frozen
@@ -252,6 +258,16 @@ def _sig(obj: dict[str, object]) -> str | None:
     return value
 
 
+def _digest_tag(obj: dict[str, object]) -> str | None:
+    value = obj.get("digest")
+    if value is None:
+        return None
+    if not is_digest_tag(value):
+        raise DatagramError("field", "announce field 'digest' must be a short string of letters, digits and '-'")
+    assert isinstance(value, str)
+    return value
+
+
 def _reject_constant(name: str) -> object:
     raise DatagramError("json", f"non-standard JSON constant {name}")
 
@@ -306,6 +322,7 @@ def _parse_announce(text: str) -> Announce:
         ts=ts,
         sig=sig,
         signed_payload=signing_payload(obj) if sig is not None else None,
+        digest=_digest_tag(obj),
     )
 
 
@@ -382,6 +399,8 @@ def _announce_object(a: Announce) -> dict[str, object]:
         obj["serve_peers"] = False
     if a.max_upload_rate is not None:
         obj["max_upload_rate"] = a.max_upload_rate
+    if a.digest is not None:
+        obj["digest"] = a.digest
     if a.ts is not None:
         obj["ts"] = a.ts
     if a.sig is not None:

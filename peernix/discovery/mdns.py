@@ -11,8 +11,11 @@ zeroconf's browse callbacks (made on zeroconf's thread) through the injected
 TXT records, as the Go predecessor: ``version=``, ``platform=``,
 ``features=`` (comma-separated), ``pubkey=`` (only with a key); plus
 ``id=<node id>`` to recognise ourselves, ``serve=0`` from a node that
-serves no peers (``--serve-peers no``), which is then never asked, and
-``upload_rate=<bytes per second>`` from a node with ``--max-upload-rate``.
+serves no peers (``--serve-peers no``), which is then never asked,
+``upload_rate=<bytes per second>`` from a node with ``--max-upload-rate``,
+and ``digest=<version>`` (our store digest's version, see
+:mod:`peernix.store.digest`; the record is updated when it changes, at
+most once a ``digest_update_gap``).
 
 Addresses: IPv4 only when the host has any, else routable IPv6; never
 link-local IPv6 (see :func:`~peernix.discovery.addresses.publishable_addresses`:
@@ -32,7 +35,7 @@ from typing import Any
 from attrs import frozen
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,6 +44,7 @@ from zope.interface import Interface, implementer
 
 from peernix.discovery.addresses import host_addresses, peer_url, publishable_addresses
 from peernix.discovery.datagrams import is_valid_public_key
+from peernix.discovery.digesttag import DigestHooks, is_digest_tag
 from peernix.discovery.nodeinfo import NodeInfo
 from peernix.interfaces import IDiscovery, IPeerRegistry
 
@@ -67,6 +71,9 @@ class IZeroconf(Interface):
 
     def unregister_service(info: ServiceInfo) -> None:
         """Send goodbyes for ``info``."""
+
+    def update_service(info: ServiceInfo) -> None:
+        """Announce the changed records (TXT) of a registered service."""
 
     def add_service_listener(type_: str, listener: object) -> None:
         """Browse ``type_``; ``listener.add_service/update_service/remove_service(zc, type_, name)`` are called on zeroconf's thread."""
@@ -95,6 +102,9 @@ class ZeroconfAdapter:
 
     def unregister_service(self, info: ServiceInfo) -> None:
         self._zc.unregister_service(info)
+
+    def update_service(self, info: ServiceInfo) -> None:
+        self._zc.update_service(info)
 
     def add_service_listener(self, type_: str, listener: object) -> None:
         self._zc.add_service_listener(type_, listener)  # type: ignore[arg-type]
@@ -133,7 +143,8 @@ def instance_name(hostname: str, http_port: int, node_id: str) -> str:
     return host[: _MAX_LABEL - len(tail)].rstrip("-") + tail
 
 
-def build_service_info(node: NodeInfo, http_port: int, instance: str, addresses: Sequence[str]) -> ServiceInfo:
+def build_service_info(node: NodeInfo, http_port: int, instance: str, addresses: Sequence[str],
+                       digest: str | None = None) -> ServiceInfo:
     """
     :param instance: from :func:`instance_name`.
     :param addresses: this host's addresses; only those
@@ -141,6 +152,7 @@ def build_service_info(node: NodeInfo, http_port: int, instance: str, addresses:
         are published (IPv4 when there is any, else routable IPv6; never an
         unscoped link-local ``fe80::``, which no client can use, nor
         loopback unless that is all there is, as in tests on one host).
+    :param digest: our store digest's version (``None``: no ``digest=`` record).
     :returns: the ``ServiceInfo`` we register.
     """
     properties = {
@@ -157,6 +169,8 @@ def build_service_info(node: NodeInfo, http_port: int, instance: str, addresses:
     if node.max_upload_rate is not None:
         properties["upload_rate"] = str(node.max_upload_rate)
     published = publishable_addresses(addresses)
+    if digest is not None:
+        properties["digest"] = digest
     if not published:
         # Tests on one host register loopback only; keep it rather than nothing.
         published = [a for a in addresses if _is_loopback(a)]
@@ -188,12 +202,15 @@ class ResolvedPeer:
     :ivar node_id: the TXT ``id``, ``None`` for nodes without one (Go).
     :ivar serving: ``False`` when the TXT says ``serve=0`` (the node serves
         no peers).
+    :ivar digest: the TXT ``digest`` (store digest version), ``None`` when
+        absent or malformed.
     """
 
     urls: tuple[str, ...]
     public_key: str | None
     node_id: str | None
     serving: bool = True
+    digest: str | None = None
 
 
 def _txt(properties: dict[bytes, bytes | None], key: bytes) -> str | None:
@@ -247,8 +264,13 @@ def resolved_peer(info: ServiceInfo, skip_loopback: bool = True) -> ResolvedPeer
     public_key = _txt(properties, b"pubkey")
     if public_key is not None and not is_valid_public_key(public_key):
         public_key = None
+    digest = _txt(properties, b"digest")
     return ResolvedPeer(
-        tuple(dict.fromkeys(urls)), public_key, _txt(properties, b"id"), serving=_txt(properties, b"serve") != "0"
+        tuple(dict.fromkeys(urls)),
+        public_key,
+        _txt(properties, b"id"),
+        serving=_txt(properties, b"serve") != "0",
+        digest=digest if is_digest_tag(digest) else None,
     )
 
 
@@ -316,6 +338,8 @@ class MdnsDiscoveryService(Service):
         max_pending: int = 16,
         max_services: int = 256,
         skip_loopback: bool = True,
+        digest: DigestHooks | None = None,
+        digest_update_gap: float = 5.0,
     ) -> None:
         """
         :param registry: where peers go (source ``"mdns"``).
@@ -335,6 +359,11 @@ class MdnsDiscoveryService(Service):
         :param max_pending: resolutions in flight at most.
         :param max_services: services remembered at most.
         :param skip_loopback: see :func:`resolved_peer`.
+        :param digest: our store digest's version for our TXT record, and
+            where peers' versions go; ``None``: neither.
+        :param digest_update_gap: :meth:`digest_changed` updates our TXT
+            record at most once in this many seconds (each update is a
+            multicast to the whole LAN).
         """
         self._registry = registry
         self._node = node
@@ -360,6 +389,11 @@ class MdnsDiscoveryService(Service):
         self._known: dict[str, tuple[str, ...]] = {}
         self._resolving: dict[str, Deferred[Any]] = {}
         self._again: set[str] = set()
+        self._digest = digest
+        self._digest_gap = digest_update_gap
+        self._digest_updated = float("-inf")
+        self._digest_timer: IDelayedCall | None = None
+        self._registered_addresses: list[str] | None = None
 
     def known_urls(self) -> dict[str, tuple[str, ...]]:
         """:returns: service name -> URLs added to the registry for it."""
@@ -391,7 +425,9 @@ class MdnsDiscoveryService(Service):
             return
         # Set before browsing starts, so the first browse events are acted on.
         self._zc = zc
-        info = build_service_info(self._node, self._http_port, self.instance, await self._defer_to_thread(self._addresses))
+        addresses = await self._defer_to_thread(self._addresses)
+        info = build_service_info(self._node, self._http_port, self.instance, addresses,
+                                  self._digest.tag() if self._digest is not None else None)
         if not self.running:
             return
         if not info.parsed_addresses():
@@ -399,6 +435,8 @@ class MdnsDiscoveryService(Service):
                 "mDNS: this host has no IPv4 or routable IPv6 address to publish; "
                 "peers find it by UDP broadcast or --peer only"
             )
+        self._registered_addresses = addresses
+        self._digest_updated = self._clock.seconds()
 
         def register() -> None:
             with made.lock:
@@ -443,6 +481,9 @@ class MdnsDiscoveryService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
+        if self._digest_timer is not None and self._digest_timer.active():
+            self._digest_timer.cancel()
+        self._digest_timer = None
         for d in list(self._resolving.values()):
             # The thread finishes on its own (bounded by resolve_timeout);
             # its result is ignored.
@@ -478,6 +519,39 @@ class MdnsDiscoveryService(Service):
         if isinstance(failure.value, CancelledError):
             failure.raiseException()
         self.log.failure("mDNS shutdown failed", failure)
+
+    def digest_changed(self) -> None:
+        """
+        Our store digest has a new version: update our ``digest=`` TXT
+        record now, or ``digest_update_gap`` seconds after the last update
+        (then with the version current at that time).
+        """
+        if not self.running or self._digest is None or (self._digest_timer is not None and self._digest_timer.active()):
+            return
+        wait = self._digest_updated + self._digest_gap - self._clock.seconds()
+        if wait > 0:
+            # Cancelled in stopService.
+            self._digest_timer = self._clock.callLater(wait, self._update_digest)
+        else:
+            self._update_digest()
+
+    def _update_digest(self) -> None:
+        self._digest_timer = None
+        zc, addresses, made = self._zc, self._registered_addresses, self._made
+        if not self.running or self._digest is None or zc is None or addresses is None:
+            return
+        self._digest_updated = self._clock.seconds()
+        info = build_service_info(self._node, self._http_port, self.instance, addresses, self._digest.tag())
+
+        def update() -> None:
+            with made.lock:
+                if not made.closed and made.info is not None:
+                    zc.update_service(info)
+                    made.info = info
+
+        self._defer_to_thread(update).addErrback(
+            lambda f: None if isinstance(f.value, CancelledError) else self.log.failure("mDNS: updating our TXT record failed", f)
+        )
 
     def _refresh(self) -> None:
         for name in list(self._known):
@@ -551,6 +625,8 @@ class MdnsDiscoveryService(Service):
             added = self._registry.add(url, SOURCE, peer.public_key)
             if added is not None:
                 self._registry.record_serving(added, peer.serving)
+            if added is not None and peer.digest is not None and self._digest is not None:
+                self._digest.announced(url, peer.digest)
         self._known[name] = peer.urls
         if peer.urls and not old:
             self.log.info("mDNS: found {name} at {urls}", name=name, urls=list(peer.urls))

@@ -86,6 +86,7 @@ from peernix.discovery.datagrams import (
     render_datagram,
     sign_announce,
 )
+from peernix.discovery.digesttag import MAX_DIGEST_TAG, DigestHooks
 from peernix.discovery.nodeinfo import NodeInfo
 from peernix.discovery.ratelimit import KeyedRateLimiter
 from peernix.discovery.signed import REPLAY_WINDOW, AnnounceKeys, AnnounceVerifier, Verdict
@@ -215,6 +216,7 @@ class DiscoveryProtocol(DatagramProtocol):
         metrics: UdpMetrics,
         limits: UdpLimits = UdpLimits(),
         keys: AnnounceKeys = AnnounceKeys(),
+        digest: DigestHooks | None = None,
     ) -> None:
         """
         :param clock: time for rate limits, query timeouts and the ``ts`` of
@@ -230,9 +232,14 @@ class DiscoveryProtocol(DatagramProtocol):
         :param keys: our secret key (announces are signed when set; the
             announced ``public_key`` is then its public key, whatever
             ``node`` says) and the trusted keys that verify others.
+        :param digest: our digest's version for our announces (full forms
+            only), and where others' announced versions go; ``None``: no
+            ``digest`` field either way.
         :raises DatagramError: if our announce would be too large for Go.
         """
         self._clock = clock
+        self._digest = digest
+        self._rendered_tag: str | None = None
         self._registry = registry
         self._store = store
         self._node = node
@@ -286,11 +293,15 @@ class DiscoveryProtocol(DatagramProtocol):
             ]
         else:
             self._reply_forms = [(full_reply, False), (compact_unsigned, False)]
+        #: Forms that carry our digest's version (the compact ones stay small).
+        self._with_digest = {-1} | {i for i, (form, _) in enumerate(self._reply_forms) if form is full_reply}
         # Rendered now so that a too-large announce fails at construction,
         # not at the first broadcast; signed forms with the longest ts we
-        # could ever put in them.
+        # could ever put in them, and the longest digest version.
+        longest_tag = "x" * MAX_DIGEST_TAG if digest is not None else None
         for form, signed in [(full, True), *self._reply_forms]:
-            self._render(form, signed, 10**11 - 1)
+            with_tag = form is full or form is full_reply
+            self._render(attrs.evolve(form, digest=longest_tag) if with_tag else form, signed, 10**11 - 1)
         self._rendered: dict[int, bytes] = {}
         self._rendered_ts: int | None = None
 
@@ -305,12 +316,16 @@ class DiscoveryProtocol(DatagramProtocol):
         :returns: ``announce`` rendered (and signed with the current ``ts``), cached for the current second.
         """
         ts = int(self._clock.seconds())
-        if ts != self._rendered_ts:
+        tag = self._digest.tag() if self._digest is not None else None
+        if ts != self._rendered_ts or tag != self._rendered_tag:
             # Signatures are deterministic per (form, ts): one per second is enough.
             self._rendered.clear()
             self._rendered_ts = ts
+            self._rendered_tag = tag
         data = self._rendered.get(index)
         if data is None:
+            if tag is not None and index in self._with_digest:
+                announce = attrs.evolve(announce, digest=tag)
             data = self._rendered[index] = self._render(announce, signed, ts)
         return data
 
@@ -430,6 +445,8 @@ class DiscoveryProtocol(DatagramProtocol):
         if peer is not None:
             # A consume-only node (serve_peers false) is kept but never asked.
             self._registry.record_serving(peer, announce.serve_peers)
+        if peer is not None and announce.digest is not None and self._digest is not None:
+            self._digest.announced(url, announce.digest)
         if announce.node_id is None:
             # The Go predecessor: never answered (see the module docstring).
             self.log.debug("Announce from {source} without node_id (zw3rk/peernix): not answered", source=addr)
@@ -537,6 +554,8 @@ class UdpDiscoveryService(Service):
         metrics: CollectorRegistry | None = None,
         limits: UdpLimits = UdpLimits(),
         keys: AnnounceKeys = AnnounceKeys(),
+        digest: DigestHooks | None = None,
+        extra_announce_gap: float = 1.0,
     ) -> None:
         """
         :param udp: the reactor to listen with.
@@ -560,9 +579,15 @@ class UdpDiscoveryService(Service):
         :param limits: rate and size bounds.
         :param keys: our secret key (sign our announces) and the trusted keys
             (verify others'); by default neither.
+        :param digest: see :class:`DiscoveryProtocol`.
+        :param extra_announce_gap: :meth:`announce_soon` announces at most
+            once in this many seconds.
         :raises DatagramError: if our announce would be too large for Go.
         """
         self._udp = udp
+        self._extra_gap = extra_announce_gap
+        self._last_announce = float("-inf")
+        self._soon: IDelayedCall | None = None
         self._clock = clock
         self._registry = registry
         self._udp_port = udp_port
@@ -572,7 +597,7 @@ class UdpDiscoveryService(Service):
         self._interface = interface
         self._second_announce = second_announce
         self.metrics = UdpMetrics(metrics if metrics is not None else CollectorRegistry())
-        self.protocol = DiscoveryProtocol(clock, registry, store, node, http_port, self.metrics, limits, keys)
+        self.protocol = DiscoveryProtocol(clock, registry, store, node, http_port, self.metrics, limits, keys, digest)
         self._port: IListeningPort | None = None
         self._loop: LoopingCall | None = None
         self._second: IDelayedCall | None = None
@@ -609,9 +634,25 @@ class UdpDiscoveryService(Service):
         # Cancelled in stopService if it has not run.
         self._second = self._clock.callLater(self._second_announce, self._announce)
 
+    def announce_soon(self) -> None:
+        """
+        Announce now, out of schedule (our digest changed), or as soon as
+        ``extra_announce_gap`` seconds have passed since the last
+        announcement: a burst of changes costs one announcement a gap.
+        """
+        if not self.running or not self._broadcast or (self._soon is not None and self._soon.active()):
+            return
+        wait = self._last_announce + self._extra_gap - self._clock.seconds()
+        if wait <= 0:
+            self._announce()
+        else:
+            # Cancelled in stopService if it has not run.
+            self._soon = self._clock.callLater(wait, self._announce)
+
     def _announce(self) -> None:
         if not self._broadcast:
             return
+        self._last_announce = self._clock.seconds()
         try:
             addresses = self._broadcast_addresses()
         except OSError as e:
@@ -629,10 +670,10 @@ class UdpDiscoveryService(Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        second = self._second
-        self._second = None
-        if second is not None and second.active():
-            second.cancel()
+        for call in (self._second, self._soon):
+            if call is not None and call.active():
+                call.cancel()
+        self._second = self._soon = None
         self.protocol.stop()
         port, self._port = self._port, None
         if port is None:

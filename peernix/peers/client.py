@@ -10,7 +10,9 @@ overall deadline and every body is read with a byte cap, never with
 from __future__ import annotations
 
 from typing import Any, Coroutine, TypeVar, cast
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
+
+from attrs import frozen
 
 from attrs import frozen
 from treq.client import HTTPClient
@@ -225,24 +227,29 @@ class PeerClient:
         # directly (the same connection pool), whose URI parser accepts them.
         self._agent: IAgent | None = agent if agent is not None else getattr(http, "_agent", None)
 
-    def _bounded(self, coro: Coroutine[Any, Any, _T]) -> Deferred[_T]:
+    def _bounded(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> Deferred[_T]:
         d = _clean_cancel(Deferred.fromCoroutine(coro))
         # addTimeout cancels the request (and so the connection) at the
         # deadline and cancels its own timer when d fires first.
-        d.addTimeout(self.timeout, self._clock)
+        d.addTimeout(self.timeout if timeout is None else timeout, self._clock)
         d.addErrback(_translate)
         return d
 
-    def _get(self, url: str) -> Deferred[IResponse]:
+    def _get(self, url: str, extra: dict[bytes, bytes] | None = None) -> Deferred[IResponse]:
         if self._agent is not None:
             # The agent directly, whenever there is one: treq's wrappers
             # would follow redirects (to hosts nar_url never checked), ask
             # for gzip and inflate it unbounded, and cost a URL parse per
             # request on the proxy's hot path.
-            return self._agent.request(b"GET", url.encode("ascii"), Headers({_PEER_HEADER_BYTES: [b"1"]}))
+            raw = Headers({_PEER_HEADER_BYTES: [b"1"]})
+            for name, value in (extra or {}).items():
+                raw.setRawHeaders(name, [value])
+            return self._agent.request(b"GET", url.encode("ascii"), raw)
         if "[" in urlsplit(url).netloc:
             raise PeerConnectionError(f"cannot request {url}: IPv6 peers need an agent")
         headers: dict[bytes | str, bytes | str] = {PEER_HEADER: "1"}
+        for name, value in (extra or {}).items():
+            headers[name] = value
         return cast("Deferred[IResponse]", self._http.get(url, headers=headers, unbuffered=True))
 
     def fetch_narinfo(
@@ -360,3 +367,71 @@ class PeerClient:
             discard_body(response)
             raise PeerHTTPError(response.code)
         return response
+
+    def fetch_digest(
+        self, peer: Peer, tag: str | None, *, max_bytes: int, timeout: float
+    ) -> Deferred[DigestAnswer]:
+        """
+        Fetch ``peer``'s store digest (``GET /peernix/digest``), or what
+        changed since version ``tag`` (``?since=`` and ``If-None-Match``).
+
+        :param tag: the version held (``"<generation>-<version>"``), if any.
+        :param max_bytes: the largest body accepted.
+        :param timeout: deadline of the whole request, body included.
+        :returns: a Deferred firing with a :class:`DigestAnswer` for 200,
+            304 and 404/410 (no digest published); failing like
+            :meth:`fetch_narinfo` otherwise.
+        """
+        url = f"{peer.url}/peernix/digest"
+        extra: dict[bytes, bytes] = {}
+        if tag is not None:
+            url += f"?since={quote(tag, safe='-')}"
+            extra[b"If-None-Match"] = f'"{tag}"'.encode("ascii")
+        return self._bounded(self._fetch_digest(url, extra, max_bytes, timeout), timeout)
+
+    async def _fetch_digest(
+        self, url: str, extra: dict[bytes, bytes], max_bytes: int, timeout: float
+    ) -> DigestAnswer:
+        response = await self._get(url, extra)
+        if response.code in (304, 404, 410):
+            try:
+                await read_limited(response, MAX_MISS_BODY_BYTES, self._clock, timeout)
+            except PeerError:
+                pass
+            return DigestAnswer(response.code, _header(response, b"ETag"), None, b"", None)
+        if response.code != 200:
+            discard_body(response)
+            raise PeerHTTPError(response.code)
+        body = await read_limited(response, max_bytes, self._clock, timeout)
+        return DigestAnswer(
+            200,
+            _header(response, b"ETag"),
+            _header(response, b"Content-Type"),
+            body,
+            _header(response, b"X-Peernix-Digest-Base"),
+        )
+
+
+@frozen
+class DigestAnswer:
+    """A peer's answer to ``GET /peernix/digest`` (see :meth:`PeerClient.fetch_digest`)."""
+
+    #: 200, 304 (unchanged) or 404/410 (none published).
+    code: int
+    #: The ``ETag`` header, quotes included, if any.
+    etag: str | None
+    #: The ``Content-Type`` header (a whole digest or a delta).
+    content_type: str | None
+    body: bytes
+    #: ``X-Peernix-Digest-Base``: the version a delta applies to.
+    base: str | None
+
+
+def _header(response: IResponse, name: bytes) -> str | None:
+    values = response.headers.getRawHeaders(name)
+    if not values:
+        return None
+    try:
+        return str(values[0].decode("ascii"))
+    except UnicodeDecodeError:
+        return None

@@ -4,7 +4,9 @@ The local Nix's upstream: first *trusted* answer across all peers.
 :class:`Fanout` implements :class:`~peernix.interfaces.IUpstream`:
 
 - ``lookup``: positive cache, negative cache, then one coalesced fan-out per
-  hash part: every healthy peer is asked at once and the first answer that
+  hash part: every healthy peer that may hold the path (:meth:`Fanout.candidates`:
+  its store digest may contain the hash part, or it publishes no digest)
+  is asked at once and the first answer that
   parses, names exactly the asked path and is trusted wins (``race`` cancels
   the rest).  Answers failing the filter are counted against their peer and
   ignored while the others continue, so a fast liar cannot starve honest
@@ -26,7 +28,8 @@ exponentially with every bad answer.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from attrs import frozen
 from prometheus_client import CollectorRegistry
@@ -36,7 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from peernix.interfaces import IPeerRegistry, IUpstream
+from peernix.interfaces import IPeerDigests, IPeerRegistry, IUpstream
 from peernix.nix.hashes import Hash
 from peernix.nix.narinfo import NarInfo
 from peernix.nix.storepath import StorePathError, is_hash_part, parse_store_path
@@ -224,6 +227,9 @@ class Fanout:
         (while the client is not the slow side).
     :param metrics_registry: where to register metrics (a private registry
         when ``None``; never the global one).
+    :param digests: peers' store digests: only peers that may hold a path
+        are asked for it (``None``: every healthy peer).  A newer digest
+        that may hold a hash part clears its cached miss.
     """
 
     def __init__(
@@ -244,8 +250,10 @@ class Fanout:
         nar_silence_timeout: float = 30.0,
         relay_hold_back: int = HOLD_BACK_BYTES,
         metrics_registry: CollectorRegistry | None = None,
+        digests: IPeerDigests | None = None,
     ) -> None:
         self._registry = registry
+        self._digests = digests
         self._client = client
         self._trust = trust
         self._clock = clock
@@ -266,12 +274,32 @@ class Fanout:
         self._prefetch_running = 0
         self.slots = PeerSlots(per_peer_concurrency, total_concurrency)
         registry.subscribe(self._on_new_peer)
+        if digests is not None:
+            digests.subscribe(self._on_new_digest)
 
     # -- caches ----------------------------------------------------------
 
     def _on_new_peer(self, peer: Peer) -> None:
         # A new peer may have what everybody else lacked.
         self._negative.clear()
+
+    def _on_new_digest(self, peer: Peer, contains: Callable[[str], bool]) -> None:
+        # The peer's store grew (or we learnt it for the first time): a miss
+        # cached for a path it now may hold must not hide it until the
+        # negative TTL passes.
+        for hash_part in [h for h in self._negative if contains(h)]:
+            del self._negative[hash_part]
+
+    def candidates(self, hash_part: str) -> list[Peer]:
+        """
+        :returns: the peers to ask for ``hash_part``, best first: healthy
+            peers whose digest may hold it, and healthy peers without a
+            digest.  Empty when no peer may have it (then no request is made).
+        """
+        peers = self._registry.healthy_peers()
+        if self._digests is None or not peers:
+            return peers
+        return self._digests.candidates(peers, hash_part)
 
     def _cached(self, hash_part: str) -> tuple[bool, Found | None]:
         """:returns: ``(True, answer)`` when the caches know the answer."""
@@ -365,7 +393,7 @@ class Fanout:
             self._schedule_prefetch(result.info)
 
     async def _fan_out(self, hash_part: str) -> Found | None:
-        peers = self._registry.healthy_peers()
+        peers = self.candidates(hash_part)
         if not peers:
             # race() never fires on an empty list.
             self.metrics.fanout_misses.inc()
@@ -444,6 +472,8 @@ class Fanout:
         if info is None:
             self._registry.record_success(peer, latency)
             self.metrics.peer_requests.labels("miss").inc()
+            if self._digests is not None:
+                self._digests.record_miss(peer, hash_part)
             raise _Rejected("not found")
         reason = self._disqualify(info, hash_part)
         if reason is not None:
@@ -546,7 +576,7 @@ class Fanout:
 
     async def _find_offers(self, hash_part: str, info: NarInfo, tried: set[str]) -> list[tuple[Peer, PeerOffer]]:
         """Ask every healthy untried peer at once whether it has exactly ``info.nar_hash``."""
-        candidates = [p for p in self._registry.healthy_peers() if p.url not in tried]
+        candidates = [p for p in self.candidates(hash_part) if p.url not in tried]
         pending = [Deferred.fromCoroutine(self._offer_from(peer, hash_part, info)) for peer in candidates]
         found: list[tuple[Peer, PeerOffer]] = []
         try:

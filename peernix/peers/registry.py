@@ -35,7 +35,7 @@ from peernix.peers.peer import Peer as Peer
 log = Logger()
 
 #: Failure kinds that say the peer is alive but misbehaving, with their weight.
-_MISBEHAVIOUR_WEIGHTS = {"untrusted": 2, "verification": 4}
+_MISBEHAVIOUR_WEIGHTS = {"untrusted": 2, "verification": 4, "digest": 1}
 _LIVENESS_KINDS = frozenset({"timeout", "connection", "http"})
 
 _HOSTNAME_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")

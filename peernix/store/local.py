@@ -27,13 +27,15 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from peernix.interfaces import IStore
+from attrs import frozen
+
+from peernix.interfaces import IStore, IStoreScanner
 from peernix.nix.hashes import HashError, parse_hash
 from peernix.nix.pathinfo import PathInfo
 from peernix.nix.signing import is_well_formed_sig
 from peernix.nix.storepath import STORE_DIR, StorePathError, is_hash_part, parse_basename, parse_store_path
 
-__all__ = ["LocalStore", "StoreError"]
+__all__ = ["LocalStore", "PathScan", "StoreError"]
 
 _log = Logger()
 
@@ -72,8 +74,32 @@ _SCAN_REFS_QUERY = (
     "SELECT referrer, ValidPaths.path FROM Refs JOIN ValidPaths ON reference = ValidPaths.id"
     " WHERE referrer IN (SELECT id FROM ValidPaths WHERE path > ? ORDER BY path LIMIT ?)"
 )
+# The store digest's scans go by row id: Nix's ValidPaths.id is an
+# AUTOINCREMENT key, so rows added later always have higher ids.
+_ID_SCAN_QUERY = (
+    "SELECT id, path, hash, registrationTime, deriver, narSize, sigs, ca"
+    " FROM ValidPaths WHERE id > ? AND id <= ? ORDER BY id LIMIT ?"
+)
+_ID_SCAN_REFS_QUERY = (
+    "SELECT referrer, ValidPaths.path FROM Refs JOIN ValidPaths ON reference = ValidPaths.id"
+    " WHERE referrer IN (SELECT id FROM ValidPaths WHERE id > ? AND id <= ? ORDER BY id LIMIT ?)"
+)
 # Nix's own query (local-store.cc queryReferences); rows come back unsorted.
 _REFS_QUERY = "SELECT path FROM Refs JOIN ValidPaths ON reference = id WHERE referrer = ?"
+
+
+@frozen
+class PathScan:
+    """What :meth:`LocalStore.scan_paths` found."""
+
+    #: Hash parts of the accepted paths, in row order.
+    hash_parts: tuple[str, ...]
+    #: Rows of ``ValidPaths`` when the scan started.
+    rows: int
+    #: The highest row id when the scan started (the next scan starts after it).
+    max_id: int
+    #: Rows looked at (ids after ``after_id`` up to :attr:`max_id`), accepted or not.
+    scanned: int
 
 
 class StoreError(Exception):
@@ -116,7 +142,7 @@ def _connect_ro(db_path: str) -> sqlite3.Connection:
     return conn
 
 
-@implementer(IStore)
+@implementer(IStore, IStoreScanner)
 class LocalStore:
     """
     A read-only :class:`~peernix.interfaces.IStore` over a Nix store on this
@@ -383,6 +409,28 @@ class LocalStore:
             return fail(StoreError("the local store is stopped"))
         return deferToThreadPool(self._from_threads, self._pool, self._tally, classify)
 
+    def database_state(self) -> Deferred[object]:
+        """See :meth:`IStoreScanner.database_state`: the state of ``db.sqlite`` and its WAL."""
+        if self._stopped:
+            return fail(StoreError("the local store is stopped"))
+        return deferToThreadPool(self._from_threads, self._pool, lambda: self._db_files_state()[0])
+
+    def scan_paths(self, after_id: int, accept: Callable[[PathInfo], bool]) -> Deferred[PathScan]:
+        """
+        See :meth:`IStoreScanner.scan_paths`.  Runs on one worker thread in
+        batches of :data:`SCAN_BATCH` rows, each its own short read
+        transaction (Nix's checkpoints are never held back for long); the
+        count and highest id come from a first transaction of their own.
+        Rows a lookup would not serve are looked at (counted in
+        ``scanned``) but never accepted.
+
+        :returns: a Deferred failing with :class:`StoreError` when the
+            database fails or the store stops during the scan.
+        """
+        if self._stopped:
+            return fail(StoreError("the local store is stopped"))
+        return deferToThreadPool(self._from_threads, self._pool, self._scan_paths, after_id, accept)
+
     # -- reactor-thread helpers -----------------------------------------------
 
     def _lookup_done(
@@ -616,6 +664,44 @@ class LocalStore:
             if len(rows) < SCAN_BATCH:
                 return counts
             after = rows[-1][1]
+
+    def _scan_paths(self, after_id: int, accept: Callable[[PathInfo], bool]) -> PathScan:
+        conn = self._connection()
+        try:
+            rows, max_id = conn.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM ValidPaths").fetchone()
+        except sqlite3.Error as e:
+            self._drop_connection()
+            raise StoreError(f"reading the Nix database {self.db_path} failed: {e}") from e
+        found: list[str] = []
+        scanned = 0
+        after = after_id
+        while after < max_id:
+            if self._stopped:
+                raise StoreError("the local store is stopped")
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN")
+                try:
+                    batch = conn.execute(_ID_SCAN_QUERY, (after, max_id, SCAN_BATCH)).fetchall()
+                    refs: dict[int, list[str]] = {}
+                    for referrer, ref in conn.execute(_ID_SCAN_REFS_QUERY, (after, max_id, SCAN_BATCH)):
+                        refs.setdefault(referrer, []).append(ref)
+                finally:
+                    conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._drop_connection()
+                raise StoreError(f"reading the Nix database {self.db_path} failed: {e}") from e
+            if not batch:
+                break
+            scanned += len(batch)
+            for row_id, path, hash_text, registration_time, deriver, nar_size, sigs, ca in batch:
+                info = self._row_to_info(
+                    path, hash_text, registration_time, deriver, nar_size, sigs, ca, refs.get(row_id, [])
+                )
+                if info is not None and accept(info):
+                    found.append(path[len(STORE_DIR) + 1 : len(STORE_DIR) + 33])
+            after = batch[-1][0]
+        return PathScan(hash_parts=tuple(found), rows=rows, max_id=max_id, scanned=scanned)
 
     def _count(self) -> int:
         conn = self._connection()

@@ -262,6 +262,10 @@ class FakeZeroconf:
         self.calls.append(("unregister_service", info.name))
         self.registered.remove(info)
 
+    def update_service(self, info: ServiceInfo) -> None:
+        self.calls.append(("update_service", info.name))
+        self.registered = [info if r.name == info.name else r for r in self.registered]
+
     def add_service_listener(self, type_: str, listener: object) -> None:
         self.calls.append(("add_service_listener", type_))
         self.listeners.append(listener)

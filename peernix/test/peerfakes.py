@@ -177,6 +177,8 @@ class FakePeer:
     :ivar pending: requests held open (slow mode or ``hold``).
     :ivar serving: what its ``nix-cache-info`` says in
         ``X-Peernix-Serve-Peers`` (``None``: no header, as the Go peernix).
+    :ivar digest: answers ``/peernix/digest`` (404 when ``None``, as the Go
+        peernix and older peernix do).
     """
 
     narinfos: dict[str, bytes] = attrs.field(factory=dict)
@@ -185,6 +187,7 @@ class FakePeer:
     hold: set[str] = attrs.field(factory=set)
     pending: list[Request] = attrs.field(factory=list)
     serving: bool | None = None
+    digest: Resource | None = None
 
     def serve(self, info: NarInfo, nar: bytes | None = None) -> None:
         """Serve ``info`` (and ``nar`` at its URL, compressed as it says)."""
@@ -229,6 +232,9 @@ class FakeLan(Resource):
         if peer.mode == "error":
             request.setResponseCode(500)
             return b"boom"
+        if path == "/peernix/digest" and peer.digest is not None:
+            result: bytes | int = peer.digest.render(request)
+            return result
         if not path.startswith("/nix-cache/"):
             request.setResponseCode(404)
             return b""

@@ -173,7 +173,11 @@ in [ top ]
         # builds and its own trust check is what keeps them out.
         self.b = self.daemon("b", b_port, self.b_store, [a_port], self.b_sk, ["--share", "all"])
         # Only 127.0.0.1 may make A fan out, so 127.0.0.2 is a "non-proxy client".
-        self.a = self.daemon("a", a_port, self.a_store, [b_port], self.a_sk, ["--proxy-client", "127.0.0.1/32"])
+        # A uses no store digests: it asks B for every path, as it would a
+        # Go peer or an older peernix, so these tests see every request
+        # (test_e2e_digests covers digests).
+        self.a = self.daemon("a", a_port, self.a_store, [b_port], self.a_sk,
+                             ["--proxy-client", "127.0.0.1/32", "--no-digest"])
         for d in (self.a, self.b):
             d.wait_ready()
 
@@ -227,9 +231,10 @@ class _PeersTests(TestCaseMixin):
         # shared by the tests of both clients.
         self.fx = shared_fixture(__name__, lambda: start_fixture(_Fixture()))
 
-    def _started(self, name: str, store: ChrootStore, peers: Sequence[int], port: int | None = None) -> Daemon:
+    def _started(self, name: str, store: ChrootStore, peers: Sequence[int], port: int | None = None,
+                 extra: Sequence[str] = ()) -> Daemon:
         """Start an extra daemon for one test, stopped by the test's cleanup."""
-        daemon = self.fx.daemon(name, port or free_port(), store, peers, None)
+        daemon = self.fx.daemon(name, port or free_port(), store, peers, None, extra)
         self.addCleanup(daemon.stop)
         daemon.wait_ready()
         return daemon
@@ -371,7 +376,10 @@ class _PeersClientTests(_PeersTests, RealClientTests):
         """With a peer frozen by SIGSTOP, a miss is answered within the timeout bound and a hit on B still works."""
         fx = self.fx
         frozen = self._started("f", fx.store("f"), [])
-        a2 = self._started("a2", fx.store("a2"), [fx.b.port, frozen.port])
+        # Without digests A2 asks the frozen peer for every path (as it would
+        # a frozen peer that publishes none); with them it would not ask it
+        # for a path its digest lacks at all.
+        a2 = self._started("a2", fx.store("a2"), [fx.b.port, frozen.port], extra=["--no-digest"])
         # Both peers answered A2's first health probe.
         wait_for(lambda: all_peers_answered(a2, 2), what="A2's health probes")
         frozen.signal(signal.SIGSTOP)
@@ -446,6 +454,12 @@ class _PeersClientTests(_PeersTests, RealClientTests):
         hash_part = big[len("/nix/store/"):][:32]
         wait_for(lambda: http_get(f"{c2.url}/{hash_part}.narinfo", headers={"X-Peernix-Peer": "1"})[0] == 200,
                  what="C2 to serve the copied path")
+        # And until A3 holds C2's digest with it: C2 looks at its database
+        # every second, and A3 revalidates the digest of a peer it hears no
+        # announcements from (no broadcast here) every 2 s.
+        c2_url = f"http://127.0.0.1:{c2.port}"
+        wait_for(lambda: (status(a3)["digests"]["peers"][c2_url]["paths"] or 0) >= 1,
+                 timeout=WAIT, what="A3 to hold C2's new digest (C2's store was empty before)")
         started = time.monotonic()
         done = client.substitute([big], a3.url, [fx.upstream_pk])
         print(f"second attempt from C2: {time.monotonic() - started:.2f} s")

@@ -106,11 +106,12 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IReactorFromThreads, ThreadedMemoryReactor()))
 
     def test_children(self) -> None:
-        """With a given store: CPU pool, peer side, savings, HTTP listener, then discovery, in that order."""
+        """With a given store: CPU pool, peer side, savings, digests, HTTP listener, then discovery, in that order."""
         service, _ = self.build()
         children = list(service)
         self.assertEqual([c.name for c in children],
-                         ["cpu-threads", "peer-client", "peer-health", "savings", "http [::]:9999", "static", "udp"])
+                         ["cpu-threads", "peer-client", "peer-health", "savings", "digests", "http [::]:9999",
+                          "static", "udp"])
         self.assertIsInstance(children[0], ThreadPoolService)
         self.assertIsInstance(children[3], SavingsService)
         self.assertIsInstance(children[4], ListenerService)

@@ -20,7 +20,7 @@ short-but-complete NAR.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, TypeVar, Union
 from urllib.parse import unquote_to_bytes
@@ -51,6 +51,7 @@ from peernix.peers.client import SERVE_PEERS_HEADER as _SERVE_PEERS_HEADER_NAME
 from peernix.peers.errors import NarClientGone, NarUnavailable
 from peernix.sources import LOCAL, SOURCE_HEADER, Found, Source, peer_source
 from peernix.store.share import SharedStore
+from peernix.web.digest import DIGEST_PATH
 from peernix.web.encoding import RangeNotSatisfiable, choose_encoding, parse_range
 from peernix.web.metrics import Metrics, MetricsResource
 from peernix.web.ranges import RangeConsumer
@@ -109,6 +110,7 @@ STALL_TIMEOUT: Final = 300.0
 CLIENT_DECISION_CACHE_SIZE: Final = 4096
 
 CACHE_PREFIX: Final = b"/nix-cache/"
+_DIGEST_PATH_BYTES: Final = DIGEST_PATH.encode("ascii")
 _NIX32_BYTES: Final = frozenset(nix32.ALPHABET.encode("ascii"))
 _NARHASH_LEN: Final = nix32.encoded_length(32)
 _ALLOW: Final = b"GET, HEAD"
@@ -367,6 +369,8 @@ class WebApp:
         savings: Savings | None = None,
         upload_limiter: UploadLimiter | None = None,
         serve_peers: bool = True,
+        digest: IResource | None = None,
+        digest_status: Callable[[], Mapping[str, object]] | None = None,
     ) -> None:
         """
         :param store: the whole local store, served to local clients
@@ -416,6 +420,12 @@ class WebApp:
         :param serve_peers: ``False`` (``--serve-peers no``): peers get 404
             for everything but ``nix-cache-info``, which says so in
             :data:`SERVE_PEERS_HEADER`.
+        :param digest: the resource serving this node's store digest at
+            ``/peernix/digest`` (:class:`~peernix.web.digest.DigestResource`);
+            ``None``: no digest, that path is a 404 (as on an older node).
+        :param digest_status: returns what ``/status.json`` shows under
+            ``"digests"`` (this node's digest and its peers'); ``None``:
+            nothing.
         """
         self._store = store
         self._peer_store = peer_store if peer_store is not None else store
@@ -450,6 +460,8 @@ class WebApp:
         # signing and rendering are most of the cost of a narinfo miss.
         self._narinfo_cache: dict[tuple[str, bool, bool], tuple[float, bytes, PathInfo]] = {}
         self._metrics_resource = MetricsResource(metrics.registry)
+        self._digest = digest
+        self._digest_status = digest_status
         self._klein = self._make_klein()
 
     def resource(self) -> IResource:
@@ -464,6 +476,9 @@ class WebApp:
         app.route("/", **options)(self._status_html)
         app.route("/status.json", **options)(self._status_json)
         app.route("/metrics", **options)(self._metrics_page)
+        if self._digest is not None:
+            digest = self._digest
+            app.route(DIGEST_PATH, **options)(lambda request: digest)
         return app
 
     async def _status(self) -> Status:
@@ -493,6 +508,7 @@ class WebApp:
             savings=self._savings.snapshot() if self._savings is not None else None,
             serve_peers=self._serve_peers,
             max_upload_rate=self._upload_limiter.rate if self._upload_limiter is not None else None,
+            digests=self._digest_status() if self._digest_status is not None else None,
         )
 
     def _peer_rows(self) -> tuple[PeerStatus, ...] | None:
@@ -590,6 +606,8 @@ class WebApp:
         """Answer a request outside ``/nix-cache/`` through Klein, counting it."""
         path = request.path
         route = "status" if path in (b"/", b"/status.json") else "metrics" if path == b"/metrics" else "other"
+        if path == _DIGEST_PATH_BYTES:
+            route = "digest"
         request.notifyFinish().addBoth(self._count_finished, request, route)
         result: bytes | int = klein.render(request)  # type: ignore[no-untyped-call]
         return result

@@ -93,6 +93,10 @@ class Status:
     serve_peers: bool = True
     #: ``--max-upload-rate`` in bytes per second; ``None``: unlimited.
     max_upload_rate: int | None = None
+    #: Store digests (``/status.json`` ``"digests"``): this node's
+    #: (``"own"``: paths, size, tag...) and per peer (``"peers"``, keyed by
+    #: URL); ``None`` when digests are off.  Plain JSON data.
+    digests: Mapping[str, object] | None = None
 
     def document(self) -> dict[str, object]:
         """:returns: the JSON document of ``/status.json``."""
@@ -115,6 +119,7 @@ class Status:
             "sharing": None if self.sharing is None else _sharing_document(self.sharing),
             "savings": None if self.savings is None else self.savings.document(),
             "giving": {"serve_peers": self.serve_peers, "max_upload_rate": self.max_upload_rate},
+            "digests": None if self.digests is None else dict(self.digests),
         }
 
 
@@ -363,6 +368,10 @@ def render_html(status: Status) -> bytes:
         rows.append(row("Public key", status.public_key))
     rows.append(row("Valid paths", status.valid_paths if status.valid_paths is not None else "unknown"))
     rows += [row(label, value) for label, value in _giving_rows(status)]
+    own = status.digests.get("own") if status.digests is not None else None
+    if isinstance(own, Mapping):
+        rows.append(row("Store digest", f"{own.get('paths')} shared paths, {own.get('size_bytes')} bytes"
+                        f" (false positives {own.get('fp_rate')}, version {own.get('tag') or 'none yet'})"))
     request_rows = "".join(
         f"<tr><td>{escape(route)}</td><td>{code}</td><td>{count}</td></tr>"
         for (route, code), count in sorted(status.requests.items())
