@@ -25,7 +25,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer
 from zope.interface import implementer
 
-from peernix.interfaces import IStore, IUpstream
+from peernix.interfaces import IStore, IStoreScanner, IUpstream
+from peernix.store.local import PathScan
 from peernix.sources import Found, peer_source
 from peernix.nix import nix32
 from peernix.nix.hashes import Hash
@@ -116,7 +117,7 @@ def fake_hash_part(name: str) -> str:
 # -- MemoryStore ----------------------------------------------------------------
 
 
-@implementer(IStore)
+@implementer(IStore, IStoreScanner)
 class MemoryStore:
     """
     An :class:`~peernix.interfaces.IStore` whose path infos live in a dict
@@ -139,6 +140,11 @@ class MemoryStore:
         os.makedirs(self.log_dir, exist_ok=True)
         self._infos: dict[str, PathInfo] = {}
         self.lookups: list[str] = []
+        #: Row ids, as the database's ``ValidPaths.id``: new for every added path.
+        self._ids: dict[str, int] = {}
+        self._next_id = 1
+        #: Bumped by every change, as the database files' state.
+        self._state = 0
 
     # building the store
 
@@ -177,6 +183,7 @@ class MemoryStore:
             ca=ca,
         )
         self._infos[parsed.hash_part] = info
+        self._changed(parsed.hash_part)
         return info
 
     def add_file(self, name: str, contents: bytes, *, executable: bool = False, **kwargs: Any) -> PathInfo:
@@ -215,16 +222,27 @@ class MemoryStore:
     def set_info(self, info: PathInfo) -> None:
         """Replace (or add) the database entry of ``info.path`` without touching files."""
         self._infos[info.hash_part] = info
+        self._changed(info.hash_part)
 
     def evolve(self, hash_part: str, **changes: Any) -> PathInfo:
         """Change fields of a path's database entry (e.g. a different ``nar_hash``)."""
         info = attrs.evolve(self._infos[hash_part], **changes)
         self._infos[hash_part] = info
+        self._changed(hash_part)
         return info
 
     def remove(self, hash_part: str) -> None:
         """Forget a path's database entry (its files stay, as after a failed GC)."""
         del self._infos[hash_part]
+        del self._ids[hash_part]
+        self._state += 1
+
+    def _changed(self, hash_part: str) -> None:
+        """A path was added or its entry changed: a new row id for a new path, and a new database state."""
+        if hash_part not in self._ids:
+            self._ids[hash_part] = self._next_id
+            self._next_id += 1
+        self._state += 1
 
     def add_log(self, drv_basename: str, text: bytes, *, compress: bool = False) -> str:
         """
@@ -264,6 +282,20 @@ class MemoryStore:
     def path_count(self) -> Deferred[int]:
         """:returns: the number of valid paths, like ``LocalStore.path_count``."""
         return succeed(len(self._infos))
+
+    def database_state(self) -> Deferred[object]:
+        """See :meth:`peernix.interfaces.IStoreScanner.database_state`."""
+        return succeed(self._state)
+
+    def scan_paths(self, after_id: int, accept: Callable[[PathInfo], bool]) -> Deferred[PathScan]:
+        """See :meth:`peernix.interfaces.IStoreScanner.scan_paths` (synchronous here)."""
+        newer = [(row, hash_part) for hash_part, row in self._ids.items() if row > after_id]
+        return succeed(PathScan(
+            hash_parts=tuple(h for _, h in newer if accept(self._infos[h])),
+            rows=len(self._ids),
+            max_id=max(self._ids.values(), default=0),
+            scanned=len(newer),
+        ))
 
 
 # -- FakeUpstream ---------------------------------------------------------------

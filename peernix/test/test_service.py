@@ -23,6 +23,7 @@ from peernix.interfaces import IStore
 from peernix.nix.signing import KeyFormatError, SecretKey
 from peernix.options import Config
 from peernix.service import (
+    DigestService,
     LISTEN_BACKLOG,
     REQUEST_IDLE_TIMEOUT,
     ListenError,
@@ -114,8 +115,9 @@ class BuildServiceTests(SynchronousTestCase):
                           "static", "udp"])
         self.assertIsInstance(children[0], ThreadPoolService)
         self.assertIsInstance(children[3], SavingsService)
-        self.assertIsInstance(children[4], ListenerService)
-        self.assertEqual(service.listeners, [children[4]])
+        self.assertIsInstance(children[4], DigestService)
+        self.assertIsInstance(children[5], ListenerService)
+        self.assertEqual(service.listeners, [children[5]])
         self.assertIsInstance(service.upstream, Fanout)
         self.assertIsInstance(service.registry, PeerRegistry)
 
@@ -148,7 +150,7 @@ class BuildServiceTests(SynchronousTestCase):
         """An injected upstream replaces the peer side and discovery."""
         upstream = FakeUpstream()
         service, _ = self.build(upstream=upstream)
-        self.assertEqual([c.name for c in service], ["cpu-threads", "savings", "http [::]:9999"])
+        self.assertEqual([c.name for c in service], ["cpu-threads", "savings", "digests", "http [::]:9999"])
         self.assertIs(service.upstream, upstream)
 
     def test_trusted_keys_from_options(self) -> None:

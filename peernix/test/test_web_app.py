@@ -25,7 +25,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
-from peernix.interfaces import IPeerRegistry, IStore, IUpstream
+from peernix.interfaces import IPeerRegistry, IStore, IStoreScanner, IUpstream
 from peernix.memory import TRIM_DELAY, IdleTrimmer
 from peernix.nix.hashes import Hash
 from peernix.nix.narinfo import NarInfo, parse_narinfo
@@ -187,6 +187,7 @@ class FakesTests(SynchronousTestCase):
         root = self.mktemp()
         os.makedirs(root)
         verifyObject(IStore, MemoryStore(root))
+        verifyObject(IStoreScanner, MemoryStore(root))
 
     def test_fake_upstream(self) -> None:
         """FakeUpstream provides IUpstream."""
