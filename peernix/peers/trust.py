@@ -67,6 +67,76 @@ def _read_conf(path: str, depth: int, settings: list[tuple[str, str]]) -> None:
         settings.append((tokens[0], " ".join(tokens[2:])))
 
 
+def read_nix_conf(
+    nix_conf_dir: str | None = None, env: Mapping[str, str] = os.environ
+) -> list[tuple[str, str]]:
+    """
+    Read ``<dir>/nix.conf`` (``dir`` is ``nix_conf_dir``, else
+    ``$NIX_CONF_DIR``, else ``/etc/nix``) the way Nix reads it, includes
+    followed (see :func:`read_nix_trusted_keys` for the rules).
+
+    Blocking file I/O: call it at start-up.
+
+    :returns: every ``(name, value)`` assignment in file order; none when
+        the file does not exist.
+    :raises NixConfError: for a malformed line, a missing ``include`` or an
+        unreadable file.
+    """
+    conf_dir = nix_conf_dir or env.get("NIX_CONF_DIR") or "/etc/nix"
+    path = os.path.join(conf_dir, "nix.conf")
+    settings: list[tuple[str, str]] = []
+    if os.path.exists(path):
+        try:
+            _read_conf(path, 0, settings)
+        except OSError as e:
+            raise NixConfError(f"cannot read {e.filename or path!r}: {e.strerror or e}") from None
+    return settings
+
+
+def nix_list_setting(
+    settings: Iterable[tuple[str, str]], names: Iterable[str], default: Iterable[str]
+) -> list[str]:
+    """
+    :param settings: as :func:`read_nix_conf` returns them.
+    :param names: the setting's name and its aliases (``substituters``,
+        ``binary-caches``).
+    :param default: Nix's built-in value, used when the setting is never
+        assigned.
+    :returns: the value of a list setting as Nix computes it: an assignment
+        replaces the list, ``extra-<name>`` appends, in file order.
+    """
+    names = tuple(names)
+    value = list(default)
+    for name, text in settings:
+        if name in names:
+            value = text.split()
+        elif name.startswith("extra-") and name[6:] in names:
+            value.extend(text.split())
+    return value
+
+
+#: What Nix substitutes from when ``substituters`` is never set (``globals.hh``).
+NIX_DEFAULT_SUBSTITUTERS = ("https://cache.nixos.org/",)
+
+
+def read_nix_substituters(
+    nix_conf_dir: str | None = None, env: Mapping[str, str] = os.environ
+) -> list[str]:
+    """
+    Read the local Nix's ``substituters`` and ``extra-substituters`` (and
+    their deprecated aliases ``binary-caches``/``extra-binary-caches``) from
+    the same ``nix.conf`` :func:`read_nix_trusted_keys` reads.
+
+    Blocking file I/O: call it at start-up.
+
+    :returns: the substituter URLs as written, in order; Nix's default
+        (:data:`NIX_DEFAULT_SUBSTITUTERS`) when never set.
+    :raises NixConfError: see :func:`read_nix_conf`.
+    """
+    return nix_list_setting(read_nix_conf(nix_conf_dir, env), ("substituters", "binary-caches"),
+                            NIX_DEFAULT_SUBSTITUTERS)
+
+
 def read_nix_trusted_keys(
     nix_conf_dir: str | None = None, env: Mapping[str, str] = os.environ
 ) -> list[PublicKey]:
@@ -89,20 +159,8 @@ def read_nix_trusted_keys(
         Duplicate names are kept here; :class:`TrustPolicy` keeps the first.
     :raises NixConfError: for a malformed line or a missing ``include``.
     """
-    conf_dir = nix_conf_dir or env.get("NIX_CONF_DIR") or "/etc/nix"
-    path = os.path.join(conf_dir, "nix.conf")
-    settings: list[tuple[str, str]] = []
-    if os.path.exists(path):
-        try:
-            _read_conf(path, 0, settings)
-        except OSError as e:
-            raise NixConfError(f"cannot read {e.filename or path!r}: {e.strerror or e}") from None
-    value: list[str] = list(NIX_DEFAULT_TRUSTED_KEYS)
-    for name, text in settings:
-        if name in (_SETTING, _ALIAS):
-            value = text.split()
-        elif name in ("extra-" + _SETTING, "extra-" + _ALIAS):
-            value.extend(text.split())
+    value = nix_list_setting(read_nix_conf(nix_conf_dir, env), (_SETTING, _ALIAS),
+                             NIX_DEFAULT_TRUSTED_KEYS)
     keys = []
     for item in value:
         try:
