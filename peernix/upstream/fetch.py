@@ -341,13 +341,15 @@ class LanFetcher:
             return reader
         if start_as_fetcher and not self.table.fetch_for_lan:
             return None
-        self._start(record, as_fetcher=start_as_fetcher)
-        return self.staging.open_reader(hash_part, info.nar_hash, consumer, offset=offset, on_bytes=on_bytes)
-
-    def _start(self, record: UpstreamRecord, as_fetcher: bool) -> None:
-        info = record.info
-        hash_part = info.store_path[len("/nix/store/"):][:32]
         download = self.staging.begin(hash_part, info.nar_hash, info.nar_size)
+        # The reader first, then the download: it counts as one of the
+        # download's requests even if the download completes at once.
+        reader = self.staging.open_reader(hash_part, info.nar_hash, consumer, offset=offset, on_bytes=on_bytes)
+        self._start(download, record, as_fetcher=start_as_fetcher)
+        return reader
+
+    def _start(self, download: Download, record: UpstreamRecord, as_fetcher: bool) -> None:
+        info = record.info
         key = download.key
         self.active[key] = ActiveFetch(info.store_path, info.nar_size, download, started=self._clock.seconds())
         fill = Deferred.fromCoroutine(self._fill(download, record, as_fetcher))
