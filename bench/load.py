@@ -28,6 +28,9 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
 #: 1 MB = 10**6 bytes in every throughput figure.
 MB = 1_000_000
+#: The header peernix puts on its requests to peers; a request carrying it
+#: is answered as a peer's (transport compression included).
+PEER_HEADER = "X-Peernix-Peer"
 
 
 class MeasureError(Exception):
@@ -124,7 +127,9 @@ def curl_downloads(url: str, streams: int, zstd: bool) -> tuple[int, float]:
     """
     argv = ["curl", "-s", "-o", "/dev/null", "--max-time", "600", "-w", "%{http_code} %{size_download}"]
     if zstd:
-        argv += ["-H", "Accept-Encoding: zstd"]
+        # Transport compression is for peers only (local clients always get
+        # the identity NAR): ask as a peer does.
+        argv += ["-H", "Accept-Encoding: zstd", "-H", f"{PEER_HEADER}: 1"]
     start = time.monotonic()
     procs = [subprocess.Popen([*argv, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
              for _ in range(streams)]
@@ -186,14 +191,16 @@ def zstd_cli(nar_file: str) -> dict[str, float]:
 
 def small_paths_zstd_ratio(cache_url: str, paths: Sequence[str]) -> float:
     """
-    Fetch each path's NAR with ``Accept-Encoding: zstd`` (raw bytes kept).
+    Fetch each path's NAR with ``Accept-Encoding: zstd`` as a peer does
+    (``X-Peernix-Peer: 1``: local clients never get transport compression),
+    raw bytes kept.
 
     :returns: total wire bytes / total NAR bytes.
     """
     wire = nar = 0
     for p in paths:
         url, size = nar_url(cache_url, p)
-        status, body, _ = http_get(url, {"Accept-Encoding": "zstd"})
+        status, body, _ = http_get(url, {"Accept-Encoding": "zstd", PEER_HEADER: "1"})
         if status != 200:
             raise MeasureError(f"{url} answered {status}")
         wire += len(body)

@@ -62,7 +62,14 @@ class NarInfo:
 
     @classmethod
     def from_path_info(cls, info: PathInfo, url: str, compression: str = "none") -> NarInfo:
-        """:returns: the narinfo of a local path served at ``url``."""
+        """
+        :returns: the narinfo of a local path served at ``url``.  With
+            ``compression="none"`` the file is the NAR, so ``FileHash`` and
+            ``FileSize`` equal ``NarHash`` and ``NarSize`` (as ``nix copy
+            --to file://...?compression=none`` writes them); otherwise the
+            file's hash is not known before it is made and both are left out.
+        """
+        raw = compression == "none"
         return cls(
             store_path=info.path,
             url=url,
@@ -73,6 +80,8 @@ class NarInfo:
             deriver=info.deriver.rsplit("/", 1)[-1] if info.deriver else None,
             sigs=info.sigs,
             ca=info.ca,
+            file_hash=info.nar_hash if raw else None,
+            file_size=info.nar_size if raw else None,
         )
 
     def fingerprint(self) -> bytes:

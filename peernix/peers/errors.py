@@ -18,6 +18,14 @@ class NarRelayInterrupted(Exception):
     """
 
 
+class NarClientGone(NarRelayInterrupted):
+    """
+    The client stopped a relayed NAR part-way (its connection closed): a
+    normal event, nobody's fault (Nix resumes or retries), logged as one
+    info line.
+    """
+
+
 class PeerError(Exception):
     """
     A request to a peer failed.  ``kind`` is the failure kind recorded in the

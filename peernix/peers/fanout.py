@@ -41,7 +41,7 @@ from peernix.nix.hashes import Hash
 from peernix.nix.narinfo import NarInfo
 from peernix.nix.storepath import StorePathError, is_hash_part, parse_store_path
 from peernix.peers.client import PeerClient
-from peernix.peers.errors import NarRelayInterrupted, NarUnavailable, NarVerificationFailed, PeerError
+from peernix.peers.errors import NarClientGone, NarRelayInterrupted, NarUnavailable, NarVerificationFailed, PeerError
 from peernix.peers.metrics import PeerMetrics
 from peernix.peers.registry import Peer
 from peernix.peers.relay import HOLD_BACK_BYTES, SUPPORTED_COMPRESSIONS, NarRelay
@@ -613,6 +613,10 @@ class Fanout:
         hash_part = info.store_path.rsplit("/", 1)[-1][:32]
         try:
             await relay.done
+        except NarClientGone:
+            # The client left: nothing to hold against the peer, and the web
+            # layer logs the one line this deserves.
+            raise
         except (NarVerificationFailed, NarRelayInterrupted) as e:
             log.warn("relaying {path} from {peer} failed: {error}", path=info.store_path, peer=peer.url, error=str(e))
             if relay.failure_kind is not None:

@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from peernix.nix.hashes import Hash
 from peernix.nix.nar import NarError, NarVerifier
-from peernix.peers.errors import NarRelayInterrupted, NarVerificationFailed
+from peernix.peers.errors import NarClientGone, NarRelayInterrupted, NarVerificationFailed
 from peernix.zstd import ZstdDecompressor, ZstdError
 
 #: Most decompressed bytes one step produces: a zstd bomb cannot make one
@@ -61,7 +61,7 @@ class _PeerProducer:
 
     def stopProducing(self) -> None:
         # The consumer went away (client disconnected): no fault of the peer.
-        self._relay.fail(None, NarRelayInterrupted("the client stopped the transfer"))
+        self._relay.fail(None, NarClientGone("the client stopped the transfer"))
 
 
 class NarRelay(Protocol):
@@ -87,7 +87,7 @@ class NarRelay(Protocol):
         fails with :class:`NarVerificationFailed` (bad bytes, attribute
         ``failure_kind == "verification"``) or :class:`NarRelayInterrupted`
         (peer connection lost: ``"connection"``; silent: ``"timeout"``;
-        client stopped: ``None``).  Cancelling it stops the peer connection.
+        client stopped: ``None``, as its subclass :class:`NarClientGone`).  Cancelling it stops the peer connection.
     :ivar wrote_any: whether any byte has been written to the consumer; if
         not, a failed relay may be retried with another peer.
     """

@@ -9,8 +9,9 @@ Usage::
 
 ``DIR/replay/<hash>.narinfo`` and ``DIR/replay/<hash>.nar``: a genuine,
 correctly signed narinfo taken from an honest peer, and the genuine NAR.  The
-narinfo is replayed as is; its NAR URL (any ``nar/...`` URL starting with the
-hash part) serves the NAR with a few bytes flipped, same length.
+narinfo is replayed as is; its NAR URL (any ``.nar`` URL, under ``nar/`` or
+not, starting with the hash part) serves the NAR with a few bytes flipped,
+same length.
 
 Any other hash part gets a forged narinfo: ``StorePath`` from
 ``DIR/forge/<hash>`` (the right path; ``<hash>-forged`` without that file),
@@ -79,8 +80,9 @@ class Peer:
         name = path[len("/nix-cache/"):] if path.startswith("/nix-cache/") else ""
         if name.endswith(".narinfo") and len(name) == 40 and "/" not in name:
             return 200, "text/x-nix-narinfo", self.narinfo(name[:32])
-        if name.startswith("nar/"):
-            hash_part = name[4:36]
+        if name.endswith(".nar"):
+            # Any NAR URL form: nar/<hash>-..., <hash>-<narhash>.nar, <hash>.nar.
+            hash_part = name.removeprefix("nar/")[:32]
             nar = self._file("replay", f"{hash_part}.nar") if "/" not in hash_part else None
             return 200, "application/x-nix-nar", corrupt(nar) if nar is not None else _GARBAGE
         return 404, "text/plain", b"not found\n"

@@ -134,7 +134,8 @@ def make_info(
     nar_hash = Hash.sha256_of(nar)
     basename = store_path.rsplit("/", 1)[-1]
     if url is None:
-        # peernix's own form for zstd, the Go peernix's form otherwise.
+        # An older peernix's form for zstd, the Go peernix's (and today's
+        # peernix's) form otherwise.
         if compression == "zstd":
             url = f"nar/{basename[:32]}-{nar_hash.nix32()}.nar.zst"
         else:

@@ -233,7 +233,7 @@ class PeersEndToEndTests(SynchronousTestCase):
             theirs = self._narinfo(fx.b, path)
             ours = self._narinfo(fx.a, path)
             nar_hash = ours.nar_hash.nix32()
-            self.assertEqual(ours.url, f"nar/{hash_part(path)}-{nar_hash}.nar")
+            self.assertEqual(ours.url, f"{hash_part(path)}-{nar_hash}.nar")
             self.assertEqual(ours.compression, "none")
             for name in ("store_path", "nar_hash", "nar_size", "references", "deriver", "ca"):
                 self.assertEqual(getattr(ours, name), getattr(theirs, name), name)

@@ -114,7 +114,7 @@ class ServeEndToEndTests(SynchronousTestCase):
         self.assertNotEqual(done.returncode, 0)
 
     def test_narinfo_fields_equal_nix_copy(self) -> None:
-        """Each narinfo field equals what nix copy --to file:// writes, but URL, FileHash, FileSize and our own Sig."""
+        """Each narinfo field equals what nix copy --to file://...?compression=none writes, but URL and our own Sig."""
         dest = os.path.join(self.fixture.tmp, "filecache")
         self.fixture.store.copy_to_file_cache(self.fixture.everything, dest)
         for path in self.fixture.everything:
@@ -124,7 +124,8 @@ class ServeEndToEndTests(SynchronousTestCase):
             status, body = http_get(f"{self.daemon.url}/{hash_part}.narinfo")
             self.assertEqual(status, 200)
             ours = parse_narinfo(body)
-            for field in ("store_path", "compression", "nar_hash", "nar_size", "references", "deriver", "ca"):
+            for field in ("store_path", "compression", "file_hash", "file_size", "nar_hash", "nar_size",
+                          "references", "deriver", "ca"):
                 self.assertEqual(getattr(ours, field), getattr(theirs, field), f"{field} of {path}")
             own = [s for s in ours.sigs if s.startswith("e2ehost-peernix-1:")]
             self.assertEqual(len(own), 1)

@@ -606,6 +606,31 @@ class FromPathInfoTests(SynchronousTestCase):
         self.assertEqual(info.compression, "none")
         self.assertEqual(parse_narinfo(render_narinfo(info)), info)
 
+    def test_file_fields_uncompressed(self) -> None:
+        """With Compression none, FileHash/FileSize equal NarHash/NarSize, in Nix's writer's field order."""
+        info = NarInfo.from_path_info(
+            PathInfo(path=PATH, nar_hash=parse_hash(HELLO_HASH), nar_size=120, references=(), deriver=None, sigs=()),
+            url="x.nar",
+        )
+        self.assertEqual((info.file_hash, info.file_size), (info.nar_hash, 120))
+        lines = render_narinfo(info).splitlines()
+        self.assertEqual(
+            [line.split(":", 1)[0] for line in lines],
+            ["StorePath", "URL", "Compression", "FileHash", "FileSize", "NarHash", "NarSize", "References"],
+        )
+        self.assertIn(f"FileHash: {HELLO_HASH}", lines)
+        self.assertIn("FileSize: 120", lines)
+
+    def test_file_fields_left_out_when_compressed(self) -> None:
+        """For an on-the-fly compressed file the file hash is unknown: FileHash/FileSize are left out."""
+        info = NarInfo.from_path_info(
+            PathInfo(path=PATH, nar_hash=parse_hash(HELLO_HASH), nar_size=120, references=(), deriver=None, sigs=()),
+            url="x.nar.zst",
+            compression="zstd",
+        )
+        self.assertEqual((info.file_hash, info.file_size), (None, None))
+        self.assertNotIn("File", render_narinfo(info))
+
 
 class CATests(SynchronousTestCase):
     """is_valid_ca accepts the content addresses Nix writes."""

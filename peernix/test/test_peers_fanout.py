@@ -13,6 +13,7 @@ from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
@@ -22,7 +23,7 @@ from peernix.interfaces import IUpstream
 from peernix.nix.narinfo import NarInfo, render_narinfo
 from peernix.nix.signing import SecretKey
 from peernix.peers.client import PeerClient
-from peernix.peers.errors import NarUnavailable, NarVerificationFailed
+from peernix.peers.errors import NarClientGone, NarUnavailable, NarVerificationFailed
 from peernix.peers.fanout import Fanout, PeersBusy, PeerSlots
 from peernix.peers.registry import Peer, PeerRegistry
 from peernix.peers.trust import TrustPolicy
@@ -407,6 +408,26 @@ class FanoutRelayTests(FanoutTestMixin, SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(consumer.value(), self.nar)
 
+    def test_relay_every_published_url_form(self) -> None:
+        """A peer's NAR is fetched at whatever URL its narinfo names: this version's, an older peernix's, zw3rk's."""
+        self.make([])
+        nar_hash = self.info.nar_hash.nix32()
+        for url, compression in (
+            (f"{self.h}-{nar_hash}.nar.zst", "zstd"),  # peernix now, to peers asking ?compression=zstd
+            (f"{self.h}-{nar_hash}.nar", "none"),  # peernix now; zw3rk
+            (f"nar/{self.h}-{nar_hash}.nar.zst", "zstd"),  # older peernix
+            (f"nar/{self.h}-{nar_hash}.nar", "none"),  # older peernix
+            (f"{self.h}.nar", "none"),  # older zw3rk
+        ):
+            self.make(["p:9999"])
+            info = make_info(self.info.store_path, self.nar, key=TRUSTED, url=url, compression=compression)
+            self.lan.peer("p:9999").serve(info, self.nar)
+            self.successResultOf(self.lookup())
+            d, consumer = self.relay(info)
+            self.successResultOf(d)
+            self.assertEqual(consumer.value(), self.nar, url)
+            self.assertEqual(self.lan.count("p:9999", "/nix-cache/" + url), 1, url)
+
     def test_relay_falls_back_to_next_peer(self) -> None:
         """A peer whose NAR is bad before anything was written is penalised and the next peer serves it."""
         self.make([HONEST, "bad:9999"])
@@ -511,6 +532,22 @@ class FanoutRelayTests(FanoutTestMixin, SynchronousTestCase):
         self.assertIsNone(consumer.producer)
         self.assertEqual(self.registry.failures, [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_relay_client_gone(self) -> None:
+        """The client leaving mid relay fails it with NarClientGone: no warning, nothing held against the peer."""
+        client = self.scripted(relay_hold_back=0)
+        response = FakeResponse()
+        client.responses = {f"http://{HONEST}": response, "http://b:9999": response}
+        with capturedLogs() as events:
+            d, consumer = self.relay()
+            response.send(self.nar[:50])
+            producer = consumer.producer
+            assert producer is not None
+            producer.stopProducing()
+        self.failureResultOf(d, NarClientGone)
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual(self.registry.failures, [])
+        self.assertEqual([e for e in events if e["log_level"] >= LogLevel.warn], [])
 
     def test_relay_backpressure(self) -> None:
         """The client's pause reaches the peer transport during a relay."""

@@ -239,6 +239,9 @@ class LookupTests(SynchronousTestCase):
                 (ours.store_path, ours.nar_hash, ours.nar_size, ours.references, ours.deriver, ours.sigs, ours.ca),
                 (theirs.store_path, theirs.nar_hash, theirs.nar_size, theirs.references, theirs.deriver, theirs.sigs, theirs.ca),
             )
+            # compression=none: FileHash/FileSize as Nix's own writer gives them.
+            self.assertEqual((ours.file_hash, ours.file_size), (theirs.file_hash, theirs.file_size))
+            self.assertIsNotNone(ours.file_hash)
 
     def test_malformed_sigs_dropped(self) -> None:
         """Signatures that are not name:base64(64 bytes) are dropped; good ones keep their order."""

@@ -13,8 +13,10 @@ import zstandard
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, capturedLogs
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import readBody
@@ -29,9 +31,11 @@ from peernix.nix.hashes import Hash
 from peernix.nix.narinfo import NarInfo, parse_narinfo
 from peernix.nix.pathinfo import PathInfo
 from peernix.nix.signing import SecretKey, parse_secret_key
-from peernix.peers.errors import NarUnavailable, NarVerificationFailed
+from peernix.peers.errors import NarClientGone, NarUnavailable, NarVerificationFailed
 from peernix.peers.metrics import PeerMetrics
 from peernix.peers.registry import PeerRegistry
+from peernix.peers.relay import NarRelay
+from peernix.test.peerfakes import FakeResponse, chunks_of, file_nar
 from peernix.test.fakes import FakeUpstream, MemoryStore, fake_hash_part, nar_bytes, run_synchronously
 from peernix.web.app import (
     COMPRESS_MIN_SIZE,
@@ -142,6 +146,30 @@ def nar_url(info: PathInfo, suffix: str = ".nar", prefix: str = "/nix-cache/nar/
     return f"{prefix}{info.hash_part}-{info.nar_hash.nix32()}{suffix}"
 
 
+class RelayingUpstream(FakeUpstream):
+    """
+    A :class:`FakeUpstream` whose :meth:`relay_nar` runs a real
+    :class:`~peernix.peers.relay.NarRelay` (hashing, holding back the last
+    chunk) fed by a :class:`FakeResponse` the test drives, one per relay in
+    ``responses``.
+    """
+
+    def __init__(self, hold_back: int = 0) -> None:
+        super().__init__()
+        self.responses: list[FakeResponse] = []
+        self.hold_back = hold_back
+        self.clock = Clock()
+
+    def relay_nar(self, info: NarInfo, consumer: object) -> Deferred[None]:
+        """See :meth:`peernix.interfaces.IUpstream.relay_nar`."""
+        self.relays.append(info)
+        relay = NarRelay(IConsumer(consumer), info.nar_hash, info.nar_size, "none", self.clock, hold_back=self.hold_back)
+        response = FakeResponse()
+        response.deliverBody(relay)
+        self.responses.append(response)
+        return relay.done
+
+
 def big_contents() -> bytes:
     return (os.urandom(1024) + b"\0" * 3072) * (BIG // 4096)
 
@@ -158,6 +186,10 @@ class FakesTests(SynchronousTestCase):
     def test_fake_upstream(self) -> None:
         """FakeUpstream provides IUpstream."""
         verifyObject(IUpstream, FakeUpstream())
+
+    def test_relaying_upstream(self) -> None:
+        """RelayingUpstream provides IUpstream."""
+        verifyObject(IUpstream, RelayingUpstream())
 
     def test_memory_store_hash_matches_nix(self) -> None:
         """MemoryStore's NAR hash of a 'hello' file is the vector of nix-protocol.md §1.4."""
@@ -207,7 +239,7 @@ class NarInfoTests(SynchronousTestCase):
         self.assertEqual(content_length(response), str(len(body)))
         narinfo = parse_narinfo(body)
         self.assertEqual(narinfo.store_path, self.info.path)
-        self.assertEqual(narinfo.url, f"nar/{self.info.hash_part}-{self.info.nar_hash.nix32()}.nar")
+        self.assertEqual(narinfo.url, f"{self.info.hash_part}-{self.info.nar_hash.nix32()}.nar")
         self.assertEqual(narinfo.compression, "none")
         self.assertEqual(narinfo.nar_hash, self.info.nar_hash)
         self.assertEqual(narinfo.nar_size, self.info.nar_size)
@@ -217,7 +249,30 @@ class NarInfoTests(SynchronousTestCase):
         ours = [s for s in narinfo.sigs if s.startswith("test-1:")]
         self.assertEqual(len(ours), 1)
         self.assertTrue(self.key.public_key.verify(narinfo.fingerprint(), ours[0]))
-        self.assertIsNone(narinfo.file_hash)
+        # The file is the NAR (Compression: none), as nix copy --to file://...?compression=none says.
+        self.assertEqual((narinfo.file_hash, narinfo.file_size), (self.info.nar_hash, self.info.nar_size))
+        self.assertIn(f"FileHash: sha256:{self.info.nar_hash.nix32()}\nFileSize: {self.info.nar_size}\n".encode(), body)
+
+    def test_urls_are_served(self) -> None:
+        """Each narinfo's URL, taken relative to /nix-cache/ (no nar/ prefix, zw3rk's form), serves its NAR."""
+        big = self.h.store.add_file("big", b"z" * COMPRESS_MIN_SIZE)
+        for info, query, headers in (
+            (self.info, "", {}),
+            (big, "", {"accept_encoding": "zstd"}),
+            (big, "?compression=zstd", {"X_Peernix_Peer": "1"}),
+        ):
+            _, body = self.h.get(f"/nix-cache/{info.hash_part}.narinfo{query}", **headers)
+            narinfo = parse_narinfo(body)
+            self.assertNotIn("/", narinfo.url)
+            response, nar = self.h.get(f"/nix-cache/{narinfo.url}", **headers)
+            self.assertEqual(response.code, 200, narinfo.url)
+            self.assertIsNone(header(response, "Content-Encoding"))
+            if narinfo.compression == "zstd":
+                nar = zstandard.ZstdDecompressor().decompressobj().decompress(nar)
+            self.assertEqual(nar, nar_bytes(self.h.store.real_path(info.path)))
+            self.assertEqual(Hash.sha256_of(nar), narinfo.nar_hash)
+            if narinfo.compression == "none":
+                self.assertEqual((narinfo.file_hash, narinfo.file_size), (narinfo.nar_hash, len(nar)))
 
     def test_without_key(self) -> None:
         """Without a key only the database signatures are served."""
@@ -231,8 +286,10 @@ class NarInfoTests(SynchronousTestCase):
         info = self.h.store.add_file("big", b"z" * COMPRESS_MIN_SIZE)
         _, body = self.h.get(f"/nix-cache/{info.hash_part}.narinfo?compression=zstd")
         narinfo = parse_narinfo(body)
-        self.assertEqual(narinfo.url, f"nar/{info.hash_part}-{info.nar_hash.nix32()}.nar.zst")
+        self.assertEqual(narinfo.url, f"{info.hash_part}-{info.nar_hash.nix32()}.nar.zst")
         self.assertEqual(narinfo.compression, "zstd")
+        # The compressed file is made on the fly: its hash is not known.
+        self.assertEqual((narinfo.file_hash, narinfo.file_size), (None, None))
         _, plain = self.h.get(f"/nix-cache/{info.hash_part}.narinfo")
         self.assertEqual(parse_narinfo(plain).compression, "none")
 
@@ -241,8 +298,9 @@ class NarInfoTests(SynchronousTestCase):
         self.assertLess(self.info.nar_size, COMPRESS_MIN_SIZE)
         _, body = self.h.get(f"/nix-cache/{self.info.hash_part}.narinfo?compression=zstd")
         narinfo = parse_narinfo(body)
-        self.assertEqual(narinfo.url, f"nar/{self.info.hash_part}-{self.info.nar_hash.nix32()}.nar")
+        self.assertEqual(narinfo.url, f"{self.info.hash_part}-{self.info.nar_hash.nix32()}.nar")
         self.assertEqual(narinfo.compression, "none")
+        self.assertEqual(narinfo.file_size, self.info.nar_size)
 
     def test_head_matches_get(self) -> None:
         """HEAD gives GET's status and Content-Length, without a body, for hits, misses and bad hashes."""
@@ -326,18 +384,21 @@ class ProxyTests(SynchronousTestCase):
         self.upstream.add(self.peer_info, self.nar)
 
     def test_local_client_gets_peer_narinfo(self) -> None:
-        """A loopback client's miss returns the peer narinfo with our URL, no FileHash, sigs untouched."""
+        """A loopback client's miss returns the peer narinfo with our URL, the raw NAR's FileHash/FileSize, sigs untouched."""
         h = Harness(self, key=parse_secret_key(TEST_KEY), upstream=self.upstream)
         response, body = h.get(f"/nix-cache/{self.peer_hash}.narinfo")
         self.assertEqual(response.code, 200)
         narinfo = parse_narinfo(body)
-        self.assertEqual(narinfo.url, f"nar/{self.peer_hash}-{self.peer_info.nar_hash.nix32()}.nar")
+        self.assertEqual(narinfo.url, f"{self.peer_hash}-{self.peer_info.nar_hash.nix32()}.nar")
         self.assertEqual(narinfo.compression, "none")
-        self.assertIsNone(narinfo.file_hash)
-        self.assertIsNone(narinfo.file_size)
+        # The peer's FileHash (of its zstd file) is replaced: we relay the raw NAR.
+        self.assertEqual(narinfo.file_hash, self.peer_info.nar_hash)
+        self.assertEqual(narinfo.file_size, len(self.nar))
         self.assertEqual(narinfo.sigs, (OTHER_SIG,))
         self.assertEqual(narinfo.fingerprint(), self.peer_info.fingerprint())
         self.assertEqual(self.upstream.lookups, [self.peer_hash])
+        relayed, nar = h.get(f"/nix-cache/{narinfo.url}")
+        self.assertEqual((relayed.code, nar), (200, self.nar))
 
     def test_peer_client_never_fans_out(self) -> None:
         """A client outside proxy_clients gets 404 for a miss and the upstream is never asked."""
@@ -400,6 +461,159 @@ class ProxyTests(SynchronousTestCase):
         head, _ = h.head(url)
         self.assertEqual(head.code, 200)
         self.assertEqual(len(self.upstream.relays), 1)
+        for response in (response, head):
+            self.assertEqual(header(response, "Accept-Ranges"), "bytes")
+            self.assertIsNone(header(response, "Content-Encoding"))
+        self.assertEqual(content_length(head), str(len(self.nar)))
+
+    def test_relay_ignores_accept_encoding(self) -> None:
+        """A relayed NAR is identity even for Nix >= 2.14's Accept-Encoding, so it can be resumed."""
+        h = Harness(self, upstream=self.upstream)
+        url = f"/nix-cache/{self.peer_hash}-{self.peer_info.nar_hash.nix32()}.nar"
+        response, body = h.get(url, accept_encoding="zstd, br, gzip, deflate, bzip2, xz")
+        self.assertEqual((response.code, body), (200, self.nar))
+        self.assertIsNone(header(response, "Content-Encoding"))
+        self.assertEqual(header(response, "Accept-Ranges"), "bytes")
+
+    def test_relay_ranges(self) -> None:
+        """A Range on a relayed NAR is answered here with 206, the exact slice, Content-Range; HEAD agrees."""
+        h = Harness(self, upstream=self.upstream)
+        url = f"/nix-cache/{self.peer_hash}-{self.peer_info.nar_hash.nix32()}.nar"
+        size = len(self.nar)
+        for spec, first, last in (
+            ("bytes=0-0", 0, 0),
+            ("bytes=5-", 5, size - 1),
+            ("bytes=2-9", 2, 9),
+            ("bytes=-3", size - 3, size - 1),
+            ("bytes=7-999999", 7, size - 1),
+            (f"bytes={size - 1}-", size - 1, size - 1),
+        ):
+            relays = len(self.upstream.relays)
+            response, body = h.get(url, range=spec, accept_encoding="zstd")
+            self.assertEqual(response.code, 206, spec)
+            self.assertEqual(body, self.nar[first : last + 1], spec)
+            self.assertEqual(header(response, "Content-Range"), f"bytes {first}-{last}/{size}", spec)
+            self.assertEqual(content_length(response), str(last - first + 1), spec)
+            self.assertEqual(header(response, "Accept-Ranges"), "bytes")
+            self.assertIsNone(header(response, "Content-Encoding"))
+            # The whole NAR came from the peer (it is verified from byte 0).
+            self.assertEqual(len(self.upstream.relays), relays + 1)
+            head, head_body = h.request(b"HEAD", url, {b"Range": [spec.encode()]})
+            self.assertEqual((head.code, head_body), (206, b""), spec)
+            self.assertEqual(header(head, "Content-Range"), f"bytes {first}-{last}/{size}")
+            self.assertEqual(content_length(head), str(last - first + 1))
+            self.assertEqual(len(self.upstream.relays), relays + 1)
+
+    def test_relay_range_unsatisfiable(self) -> None:
+        """A range past the end of a relayed NAR is 416 with Content-Range: bytes */size, and nothing is relayed."""
+        h = Harness(self, upstream=self.upstream)
+        url = f"/nix-cache/{self.peer_hash}-{self.peer_info.nar_hash.nix32()}.nar"
+        size = len(self.nar)
+        for method in (b"GET", b"HEAD"):
+            response, _ = h.request(method, url, {b"Range": [b"bytes=%d-" % size]})
+            self.assertEqual(response.code, 416)
+            self.assertEqual(header(response, "Content-Range"), f"bytes */{size}")
+        self.assertEqual(self.upstream.relays, [])
+
+    def test_relay_multi_range_whole(self) -> None:
+        """Several ranges (or If-Range) on a relayed NAR get the whole NAR with 200."""
+        h = Harness(self, upstream=self.upstream)
+        url = f"/nix-cache/{self.peer_hash}-{self.peer_info.nar_hash.nix32()}.nar"
+        for headers in ({b"Range": [b"bytes=0-1,5-6"]}, {b"Range": [b"bytes=0-1"], b"If-Range": [b'"x"']}):
+            response, body = h.request(b"GET", url, headers)
+            self.assertEqual((response.code, body), (200, self.nar))
+
+    def relay_raw(self, upstream: RelayingUpstream, nar: bytes, headers: bytes = b"") -> tuple[StringTransport, Any, FakeResponse]:
+        """Ask for ``nar`` (served by ``upstream``'s peer) over a real channel; :returns: transport, channel and the peer's response."""
+        info = attrs_evolve_nar(self.peer_info, nar)
+        upstream.add(info)
+        h = Harness(self, upstream=upstream)
+        transport, channel = h.raw(
+            b"GET /nix-cache/%s-%s.nar HTTP/1.1\r\nHost: x\r\n%s\r\n"
+            % (self.peer_hash.encode(), info.nar_hash.nix32().encode(), headers)
+        )
+        [response] = upstream.responses
+        return transport, channel, response
+
+    def test_relay_range_held_until_verified(self) -> None:
+        """A relayed range skips the bytes before it, and its last bytes leave only once the whole NAR verified."""
+        nar = file_nar(os.urandom(20000))
+        for spec, first, last in ((b"bytes=1000-", 1000, len(nar) - 1), (b"bytes=1000-4999", 1000, 4999)):
+            upstream = RelayingUpstream()
+            transport, _, response = self.relay_raw(upstream, nar, b"Range: %s\r\n" % spec)
+            response.send(*chunks_of(nar, 1000))
+            head, _, body = transport.value().partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 206 "), spec)
+            self.assertIn(b"Content-Range: bytes %d-%d/%d" % (first, last, len(nar)), head)
+            self.assertIn(b"Accept-Ranges: bytes", head)
+            # All of the NAR came from the peer, but not all of the range left.
+            self.assertTrue(nar[first : last + 1].startswith(body), spec)
+            self.assertLess(len(body), last + 1 - first, spec)
+            self.assertGreater(len(body), 0, spec)
+            response.finish()
+            self.assertEqual(transport.value().partition(b"\r\n\r\n")[2], nar[first : last + 1], spec)
+            self.assertFalse(transport.disconnected)
+
+    def test_relay_range_bad_nar_aborts(self) -> None:
+        """A relayed range of a NAR that fails verification never sends its last bytes: the connection is aborted."""
+        nar = file_nar(os.urandom(20000))
+        bad = bytearray(nar)
+        bad[-100] ^= 1
+        for spec, first, last in ((b"bytes=1000-", 1000, len(nar) - 1), (b"bytes=1000-4999", 1000, 4999)):
+            upstream = RelayingUpstream()
+            transport, _, response = self.relay_raw(upstream, nar, b"Range: %s\r\n" % spec)
+            response.send(*chunks_of(bytes(bad), 1000))
+            response.finish()
+            body = transport.value().partition(b"\r\n\r\n")[2]
+            self.assertTrue(transport.disconnected, spec)
+            self.assertLess(len(body), last + 1 - first, spec)
+            self.assertTrue(nar[first : last + 1].startswith(body), spec)
+        self.assertEqual(len(self.flushLoggedErrors(NarVerificationFailed)), 2)
+
+    def test_relay_client_left_is_one_info_line(self) -> None:
+        """A client leaving mid relay is logged as one info line: no failure, no traceback, nothing above info."""
+        nar = file_nar(os.urandom(20000))
+        upstream = RelayingUpstream()
+        with capturedLogs() as events:
+            transport, channel, response = self.relay_raw(upstream, nar)
+            response.send(*chunks_of(nar[:5000], 1000))
+            self.assertTrue(transport.value().partition(b"\r\n\r\n")[2])
+            # What a TCP transport does when the client goes away: stop its
+            # producer (the channel, which stops the relay), then tell the protocol.
+            channel_producer = transport.producer
+            assert channel_producer is not None
+            channel_producer.stopProducing()
+            channel.connectionLost(Failure(ConnectionError("client left")))
+        self.assertTrue(response.transport.stopped)
+        ours = [e for e in events if e.get("log_namespace", "").startswith("peernix")]
+        self.assertEqual([e for e in events if "log_failure" in e], [])
+        self.assertEqual([e["log_level"] for e in ours], [LogLevel.info])
+        self.assertEqual(ours[0]["route"], "nar")
+        self.assertEqual(self.flushLoggedErrors(NarClientGone), [])
+
+    def test_relay_client_left_after_cancel_is_quiet(self) -> None:
+        """A client gone before its relay was stopped (the request cancelled first) logs no failure either."""
+        nar = file_nar(os.urandom(20000))
+        upstream = RelayingUpstream()
+        with capturedLogs() as events:
+            transport, channel, response = self.relay_raw(upstream, nar)
+            response.send(nar[:3000])
+            channel.connectionLost(Failure(ConnectionError("client left")))
+        self.assertTrue(response.transport.stopped)
+        self.assertEqual([e for e in events if "log_failure" in e], [])
+        self.assertEqual(
+            [e for e in events if e.get("log_namespace", "").startswith("peernix") and e["log_level"] > LogLevel.info], []
+        )
+
+    def test_hash_only_url_relayed(self) -> None:
+        """zw3rk's older <hash>.nar names a path by hash part; a local client's miss is relayed, ranges too."""
+        h = Harness(self, upstream=self.upstream)
+        for url in (f"/nix-cache/{self.peer_hash}.nar", f"/nix-cache/nar/{self.peer_hash}.nar"):
+            response, body = h.get(url)
+            self.assertEqual((response.code, body), (200, self.nar), url)
+            response, body = h.get(url, range="bytes=3-")
+            self.assertEqual((response.code, body), (206, self.nar[3:]), url)
+        self.assertEqual(h.get(f"/nix-cache/{fake_hash_part('nowhere')}.nar")[0].code, 404)
 
     def test_relay_counts_as_a_stream(self) -> None:
         """A relayed NAR tells the trimmer it runs; freed memory is given back a second after it ended."""
@@ -455,6 +669,19 @@ class ProxyTests(SynchronousTestCase):
         )
         self.assertTrue(transport.disconnected)
         self.flushLoggedErrors(NarUnavailable)
+
+
+def attrs_evolve_nar(info: NarInfo, nar: bytes) -> NarInfo:
+    """:returns: ``info`` describing ``nar`` instead (hash and size)."""
+    return NarInfo(
+        store_path=info.store_path,
+        url=info.url,
+        compression="none",
+        nar_hash=Hash.sha256_of(nar),
+        nar_size=len(nar),
+        references=info.references,
+        sigs=info.sigs,
+    )
 
 
 class NarTests(SynchronousTestCase):
@@ -531,6 +758,8 @@ class NarTests(SynchronousTestCase):
             nar_url(self.small),
             nar_url(self.small, prefix="/nix-cache/"),
             f"/nix-cache/nar/{self.small.nar_hash.nix32()}.nar?hash={self.small.hash_part}",
+            f"/nix-cache/{self.small.hash_part}.nar",
+            f"/nix-cache/nar/{self.small.hash_part}.nar",
         ):
             response, body = self.h.get(url)
             self.assertEqual((response.code, body), (200, b"".join([nar_bytes(self.h.store.real_path(self.small.path))])), url)
@@ -544,9 +773,36 @@ class NarTests(SynchronousTestCase):
             self.assertIsNone(header(response, "Accept-Ranges"))
             self.assertEqual(zstandard.ZstdDecompressor().decompressobj().decompress(body), expected)
 
+    def test_local_client_gets_identity(self) -> None:
+        """A local client gets the identity NAR with Content-Length and Accept-Ranges, even offering zstd as Nix >= 2.14 does."""
+        for info in (self.big, self.small):
+            for accept in ("zstd, br, gzip, deflate, bzip2, xz", "gzip", "*"):
+                for method in (b"GET", b"HEAD"):
+                    response, body = self.h.request(method, nar_url(info), {b"Accept-Encoding": [accept.encode()]})
+                    self.assertEqual(response.code, 200)
+                    self.assertIsNone(header(response, "Content-Encoding"), accept)
+                    self.assertEqual(content_length(response), str(info.nar_size))
+                    self.assertEqual(header(response, "Accept-Ranges"), "bytes")
+                    if method == b"GET":
+                        self.assertEqual(body, nar_bytes(self.h.store.real_path(info.path)))
+
+    def test_lan_peer_gets_transport_compression(self) -> None:
+        """A client on another machine (outside proxy_clients) accepting zstd gets Content-Encoding: zstd."""
+        h = Harness(self, proxy_clients=[ipaddress.ip_network("10.0.0.0/8")])
+        info = h.store.add_tree("big", {"data": big_contents()})
+        response, body = h.get(nar_url(info), accept_encoding="zstd, br, gzip, deflate, bzip2, xz")
+        self.assertEqual(header(response, "Content-Encoding"), "zstd")
+        self.assertEqual(
+            zstandard.ZstdDecompressor().decompressobj().decompress(body), nar_bytes(h.store.real_path(info.path))
+        )
+        # A range is never compressed, for peers either.
+        response, body = h.get(nar_url(info), accept_encoding="zstd", range="bytes=10-")
+        self.assertEqual(response.code, 206)
+        self.assertIsNone(header(response, "Content-Encoding"))
+
     def test_transport_zstd(self) -> None:
-        """A client accepting zstd gets Content-Encoding: zstd that decodes to the exact NAR."""
-        response, body = self.h.get(nar_url(self.big), accept_encoding="zstd, br, gzip, deflate, bzip2, xz")
+        """A peer accepting zstd gets Content-Encoding: zstd that decodes to the exact NAR."""
+        response, body = self.h.get(nar_url(self.big), accept_encoding="zstd, br, gzip, deflate, bzip2, xz", X_Peernix_Peer="1")
         self.assertEqual(header(response, "Content-Encoding"), "zstd")
         self.assertIsNone(content_length(response))
         self.assertIsNone(header(response, "Accept-Ranges"))
@@ -554,26 +810,28 @@ class NarTests(SynchronousTestCase):
         self.assertEqual(zstandard.ZstdDecompressor().decompressobj().decompress(body), self.big_nar)
 
     def test_transport_gzip(self) -> None:
-        """A client accepting only gzip gets gzip that decodes to the exact NAR."""
-        response, body = self.h.get(nar_url(self.big), accept_encoding="gzip;q=0.9, zstd;q=0")
+        """A peer accepting only gzip gets gzip that decodes to the exact NAR."""
+        response, body = self.h.get(nar_url(self.big), accept_encoding="gzip;q=0.9, zstd;q=0", X_Peernix_Peer="1")
         self.assertEqual(header(response, "Content-Encoding"), "gzip")
         self.assertEqual(gzip.decompress(body), self.big_nar)
 
     def test_encoding_matrix(self) -> None:
         """Absent, identity-only, refusing or unsupported Accept-Encoding gives the raw NAR without Content-Encoding."""
         for value in (None, "", "identity", "br, xz", "*;q=0", "identity;q=0", "zstd;q=0, gzip;q=0", "identity, gzip;q=0.5"):
-            headers = {} if value is None else {"accept_encoding": value}
+            headers = {"X_Peernix_Peer": "1"}
+            if value is not None:
+                headers["accept_encoding"] = value
             response, body = self.h.get(nar_url(self.big), **headers)
             self.assertEqual(response.code, 200, value)
             self.assertIsNone(header(response, "Content-Encoding"), value)
             self.assertEqual(body, self.big_nar, value)
         for value, expected in (("*", "zstd"), ("GZIP", "gzip"), ("gzip;q=1, zstd;q=0.5", "gzip")):
-            response, _ = self.h.get(nar_url(self.big), accept_encoding=value)
+            response, _ = self.h.get(nar_url(self.big), accept_encoding=value, X_Peernix_Peer="1")
             self.assertEqual(header(response, "Content-Encoding"), expected, value)
 
     def test_small_nar_never_compressed(self) -> None:
-        """A NAR under 64 KiB is sent raw even to a client accepting zstd."""
-        response, body = self.h.get(nar_url(self.small), accept_encoding="zstd")
+        """A NAR under 64 KiB is sent raw even to a peer accepting zstd."""
+        response, body = self.h.get(nar_url(self.small), accept_encoding="zstd", X_Peernix_Peer="1")
         self.assertIsNone(header(response, "Content-Encoding"))
         self.assertEqual(content_length(response), "120")
 
@@ -647,11 +905,48 @@ class NarTests(SynchronousTestCase):
             f"/nix-cache/nar/{self.small.hash_part}-{good[:-1]}.nar",
             f"/nix-cache/nar/{self.small.hash_part}_{good}.nar",
             f"/nix-cache/nar/{self.small.hash_part}-{'z' * 52}.nar",
-            f"/nix-cache/nar/{good}.nar",
             f"/nix-cache/nar/{good}.nar?hash=abc",
+            f"/nix-cache/nar/{good}.nar?hash={self.small.hash_part}&hash={self.small.hash_part}",
+            f"/nix-cache/nar/{'z' * 52}.nar?hash={self.small.hash_part}",
+            f"/nix-cache/{'0' * 31}.nar",
+            f"/nix-cache/{'0' * 31}e.nar",
+            f"/nix-cache/{'0' * 33}.nar",
+            f"/nix-cache/{self.small.hash_part}-{good}-x.nar",
+            "/nix-cache/x.nar",
         ):
             self.assertEqual(self.h.get(url)[0].code, 400, url)
             self.assertEqual(self.h.head(url)[0].code, 400, url)
+
+    def test_well_formed_absent_404(self) -> None:
+        """Every well-formed NAR URL of a path we do not have is 404, never 400 (Nix treats 400 as a hard error)."""
+        absent = fake_hash_part("absent")
+        good = self.small.nar_hash.nix32()
+        for url in (
+            f"/nix-cache/{absent}.nar",
+            f"/nix-cache/nar/{absent}.nar",
+            f"/nix-cache/{absent}.nar.zst",
+            f"/nix-cache/{absent}-{good}.nar",
+            f"/nix-cache/{absent}-{good}.nar.zst",
+            f"/nix-cache/nar/{absent}-{good}.nar",
+            f"/nix-cache/nar/{absent}-{good}.nar.zst",
+            f"/nix-cache/nar/{good}.nar?hash={absent}",
+            # harmonia's form without ?hash= names no path we can look up.
+            f"/nix-cache/nar/{good}.nar",
+            f"/nix-cache/{good}.nar",
+            # Nix's own file cache form (nar/<filehash>.nar.xz): not ours, not malformed.
+            f"/nix-cache/nar/{good}.nar.xz",
+        ):
+            self.assertEqual(self.h.get(url)[0].code, 404, url)
+            self.assertEqual(self.h.head(url)[0].code, 404, url)
+
+    def test_hash_only_url(self) -> None:
+        """zw3rk's older <hash>.nar serves the path's current NAR (Nix checks its NarHash), ranges included."""
+        for url in (f"/nix-cache/{self.big.hash_part}.nar", f"/nix-cache/nar/{self.big.hash_part}.nar"):
+            response, body = self.h.get(url)
+            self.assertEqual((response.code, body), (200, self.big_nar), url)
+            self.assertEqual(header(response, "Accept-Ranges"), "bytes")
+            response, body = self.h.get(url, range="bytes=100-")
+            self.assertEqual((response.code, body), (206, self.big_nar[100:]), url)
 
     def test_metrics_count_bytes(self) -> None:
         """Streamed NAR bytes and the stream duration are recorded."""

@@ -74,6 +74,8 @@ def routes(info: PathInfo) -> dict[str, str]:
         "nar": f"/nix-cache/nar/{hp}-{nar_hash}.nar",
         "nar-zst": f"/nix-cache/nar/{hp}-{nar_hash}.nar.zst",
         "nar-direct": f"/nix-cache/{hp}-{nar_hash}.nar",
+        "nar-direct-zst": f"/nix-cache/{hp}-{nar_hash}.nar.zst",
+        "nar-hash-only": f"/nix-cache/{hp}.nar",
         "nar-harmonia": f"/nix-cache/nar/{nar_hash}.nar?hash={hp}",
         "ls": f"/nix-cache/{hp}.ls",
     }

@@ -47,10 +47,11 @@ from peernix.nix.pathinfo import PathInfo
 from peernix.nix.signing import SecretKey, sign_narinfo
 from peernix.nix.storepath import STORE_DIR, StorePathError, parse_basename
 from peernix.peers.client import PEER_HEADER
-from peernix.peers.errors import NarUnavailable
+from peernix.peers.errors import NarClientGone, NarUnavailable
 from peernix.store.share import SharedStore
 from peernix.web.encoding import RangeNotSatisfiable, choose_encoding, parse_range
 from peernix.web.metrics import Metrics, MetricsResource
+from peernix.web.ranges import RangeConsumer
 from peernix.web.status import PeerStatus, Status, render_html, render_json
 from peernix.web.streaming import (
     DeferToThread,
@@ -77,7 +78,10 @@ DEFAULT_PROXY_CLIENTS: tuple[IPNetwork, ...] = (
 #: longest legitimate one, a log of a 211-character drv name, is ~270 bytes.
 MAX_URI_LENGTH: Final = 1024
 #: NARs smaller than this are never transport-compressed: compressing a
-#: small body costs more than sending it on a LAN.
+#: small body costs more than sending it on a LAN.  (Local clients, in
+#: ``proxy_clients``, never get transport compression at all: on one
+#: machine it only costs time, and Nix resumes an interrupted download with
+#: ``Range`` only from an identity response.)
 COMPRESS_MIN_SIZE: Final = 64 * 1024
 #: Seconds a rendered (and signed) local narinfo is reused.  Short, so a
 #: garbage-collected path stops being advertised quickly.
@@ -258,6 +262,39 @@ def _error_body(request: Request, code: int, message: bytes, extra: dict[bytes, 
     for name, value in (extra or {}).items():
         request.responseHeaders.setRawHeaders(name, [value])
     return message
+
+
+def _requested_range(request: Request, size: int) -> tuple[int, int] | None:
+    """
+    :returns: the one byte range ``request`` asks of a ``size``-byte NAR,
+        or ``None`` for the whole NAR (no ``Range``, several ranges, another
+        unit, or ``If-Range``: we have no validator to compare, so the Range
+        is ignored, RFC 9110 §13.1.5).
+    :raises RangeNotSatisfiable: for a single range wholly past the end.
+    """
+    headers = request.requestHeaders
+    range_header = headers.getRawHeaders(b"Range")
+    if range_header is None or headers.hasHeader(b"If-Range"):
+        return None
+    return parse_range(b",".join(range_header), size)
+
+
+def _range_not_satisfiable(request: Request, size: int) -> bytes:
+    """Prepare the 416 answer to a range past the end of a ``size``-byte NAR."""
+    return _error_body(
+        request,
+        416,
+        b"range not satisfiable\n",
+        {b"Content-Range": b"bytes */%d" % size, b"Accept-Ranges": b"bytes"},
+    )
+
+
+def _partial_headers(request: Request, first: int, last: int, size: int) -> None:
+    """Set the status and headers of a 206 carrying bytes ``first``-``last`` of ``size``."""
+    _set_headers(request, 206, NAR_TYPE, last - first + 1)
+    headers = request.responseHeaders
+    headers.setRawHeaders(b"Content-Range", [b"bytes %d-%d/%d" % (first, last, size)])
+    headers.setRawHeaders(b"Accept-Ranges", [b"bytes"])
 
 
 class WebApp:
@@ -478,7 +515,8 @@ class WebApp:
         if rest.startswith(b"nar/"):
             return self._render_nar(request, rest[4:])
         if rest.endswith((b".nar", b".nar.zst")) and b"/" not in rest:
-            # zw3rk/peernix's form: <hash>-<narhash>.nar directly under the cache.
+            # <hash>-<narhash>.nar[.zst] directly under the cache (ours and
+            # zw3rk/peernix's), and zw3rk's older <hash>.nar.
             return self._render_nar(request, rest)
         if rest.endswith(b".ls") and b"/" not in rest:
             hash_part = _hash_part(rest[:-3])
@@ -558,12 +596,21 @@ class WebApp:
 
     def _handler_failed(self, failure: Failure, exchange: _Exchange) -> None:
         request = exchange.request
+        # A client that leaves mid-NAR (a local stream's ProducerStopped, a
+        # relay's NarClientGone) is a normal event: one info line, no
+        # traceback.  Which comes first, the transport stopping the producer
+        # or the request's notifyFinish errback, is the transport's business.
+        left = isinstance(failure.value, (ProducerStopped, NarClientGone))
         if exchange.gone:
-            if not isinstance(failure.value, (CancelledError, ProducerStopped)):
+            if left:
+                _log.info("Client of {route} {uri!r} left", route=exchange.route, uri=request.uri)
+            elif not isinstance(failure.value, CancelledError):
                 _log.failure("Answering {route} failed after the client left", failure=failure, route=exchange.route)
             return
         if isinstance(failure.value, ProducerStopped):
             _log.info("Client of {route} {uri!r} stopped reading", route=exchange.route, uri=request.uri)
+        elif left:
+            _log.info("Client of {route} {uri!r} left", route=exchange.route, uri=request.uri)
         else:
             _log.failure(
                 "Answering {route} {uri!r} failed", failure=failure, route=exchange.route, uri=request.uri
@@ -623,10 +670,13 @@ class WebApp:
             # A peer asking for zstd gets it only where it pays: a small NAR
             # goes raw, in one write with its Content-Length, instead of
             # costing a compressor and chunked encoding for a few bytes saved.
+            # URLs are <hash>-<narhash>.nar[.zst] directly under the cache:
+            # stateless, and the one form a zw3rk node (which passes a
+            # peer's narinfo on verbatim) can route.
             if zstd and info.nar_size >= COMPRESS_MIN_SIZE:
-                narinfo = NarInfo.from_path_info(info, f"nar/{hash_part}-{nar_hash}.nar.zst", "zstd")
+                narinfo = NarInfo.from_path_info(info, f"{hash_part}-{nar_hash}.nar.zst", "zstd")
             else:
-                narinfo = NarInfo.from_path_info(info, f"nar/{hash_part}-{nar_hash}.nar", "none")
+                narinfo = NarInfo.from_path_info(info, f"{hash_part}-{nar_hash}.nar", "none")
             if self._secret_key is not None:
                 narinfo = sign_narinfo(narinfo, self._secret_key)
             body = render_narinfo(narinfo).encode("utf-8")
@@ -637,14 +687,15 @@ class WebApp:
         peer = await self._ask_upstream(request, hash_part)
         if peer is None:
             return _error_body(request, 404, b"not found\n")
-        # Our own URL (stateless: it names both hashes), the NAR relayed raw;
-        # signatures exactly as the peer gave them: never re-signed.
+        # Our own URL (stateless: it names both hashes), the NAR relayed raw
+        # (so the file is the NAR); signatures exactly as the peer gave
+        # them: never re-signed.
         narinfo = attrs.evolve(
             peer,
-            url=f"nar/{hash_part}-{peer.nar_hash.nix32()}.nar",
+            url=f"{hash_part}-{peer.nar_hash.nix32()}.nar",
             compression="none",
-            file_hash=None,
-            file_size=None,
+            file_hash=peer.nar_hash,
+            file_size=peer.nar_size,
         )
         body = render_narinfo(narinfo).encode("utf-8")
         self._metrics.count_narinfo("peer")
@@ -724,7 +775,20 @@ class WebApp:
     # -- NAR ----------------------------------------------------------------------
 
     def _render_nar(self, request: Request, name: bytes) -> bytes | int:
-        """``name`` is ``<hash>-<narhash>.nar[.zst]`` or harmonia's ``<narhash>.nar`` with ``?hash=``."""
+        """
+        Answer a NAR URL; ``name`` (under ``/nix-cache/`` or
+        ``/nix-cache/nar/``, ending in ``.nar`` or ``.nar.zst``) is one of
+        every form ever published:
+
+        - ``<hash>-<narhash>``: ours (and nix-serve's, and zw3rk's);
+        - ``<narhash>`` with ``?hash=<hash>``: harmonia's; without the
+          query it names no path we can find (404);
+        - ``<hash>``: zw3rk's older form, naming the path by its hash part
+          alone (Nix checks the NarHash itself).
+
+        A name that fits none of them, or holds a malformed hash, is 400;
+        a well-formed name of something absent is 404.
+        """
         zst = name.endswith(b".nar.zst")
         if zst:
             stem = name[:-8]
@@ -732,18 +796,32 @@ class WebApp:
             stem = name[:-4]
         else:
             return self._reply_error(request, "nar", 404, b"not found\n")
-        if len(stem) == _NARHASH_LEN:
-            hash_arg = request.args.get(b"hash")
-            hash_part = _hash_part(hash_arg[0]) if hash_arg and len(hash_arg) == 1 else None
+        nar_hash: Hash | None = None
+        if len(stem) == 32:
+            hash_part = _hash_part(stem)
+        elif len(stem) == _NARHASH_LEN:
             nar_hash = _nar_hash(stem)
+            hash_arg = request.args.get(b"hash")
+            if nar_hash is None:
+                hash_part = None
+            elif not hash_arg:
+                return self._reply_error(request, "nar", 404, b"not found (no ?hash=)\n")
+            else:
+                hash_part = _hash_part(hash_arg[0]) if len(hash_arg) == 1 else None
         else:
             hash_part = _hash_part(stem[:32])
             nar_hash = _nar_hash(stem[33:]) if stem[32:33] == b"-" else None
-        if hash_part is None or nar_hash is None:
+            if nar_hash is None:
+                hash_part = None
+        if hash_part is None:
             return self._reply_error(request, "nar", 400, b"invalid NAR URL\n")
         return self._run(request, "nar", self._nar(request, hash_part, nar_hash, zst))
 
-    async def _nar(self, request: Request, hash_part: str, nar_hash: Hash, zst: bool) -> bytes | None:
+    async def _nar(self, request: Request, hash_part: str, nar_hash: Hash | None, zst: bool) -> bytes | None:
+        """
+        :param nar_hash: the NarHash the URL names, or ``None`` when it
+            names the path by hash part only (then any version is served).
+        """
         # A path withheld from peers is None here, so it answers as missing.
         info = await self._store_for(request).query_path_info(hash_part)
         self._metrics.count_store_lookup(info is not None)
@@ -751,7 +829,7 @@ class WebApp:
             if zst:
                 return _error_body(request, 404, b"not found\n")
             return await self._relay(request, hash_part, nar_hash)
-        if info.nar_hash != nar_hash:
+        if nar_hash is not None and info.nar_hash != nar_hash:
             # The URL names another version of this path (a stale narinfo):
             # serving the current one would fail Nix's hash check.
             return _error_body(request, 404, b"not found (NAR hash differs)\n")
@@ -799,30 +877,27 @@ class WebApp:
             make_source = lambda: zstd_chunks(raw())  # noqa: E731
         else:
             headers.setRawHeaders(b"Vary", [b"Accept-Encoding"])
-            range_header = request.requestHeaders.getRawHeaders(b"Range")
-            byte_range: tuple[int, int] | None = None
-            # With If-Range we have no validator to compare, so the Range is
-            # ignored (RFC 9110 §13.1.5) and the whole NAR sent.
-            if range_header is not None and not request.requestHeaders.hasHeader(b"If-Range"):
-                try:
-                    byte_range = parse_range(b",".join(range_header), size)
-                except RangeNotSatisfiable:
-                    return _error_body(
-                        request,
-                        416,
-                        b"range not satisfiable\n",
-                        {b"Content-Range": b"bytes */%d" % size, b"Accept-Ranges": b"bytes"},
-                    )
+            try:
+                byte_range = _requested_range(request, size)
+            except RangeNotSatisfiable:
+                return _range_not_satisfiable(request, size)
             encoding = None
-            if range_header is None and size >= COMPRESS_MIN_SIZE:
+            # Transport compression only for peers (clients on other
+            # machines), only without any Range (never a compressed 206,
+            # which no client could resume from) and only where it pays.
+            # A local client always gets the identity NAR with its length
+            # and Accept-Ranges, so Nix >= 2.14 (which offers zstd) can
+            # resume an interrupted download with Range.
+            if (
+                size >= COMPRESS_MIN_SIZE
+                and not request.requestHeaders.hasHeader(b"Range")
+                and self._is_peer(request)
+            ):
                 accept = request.requestHeaders.getRawHeaders(b"Accept-Encoding")
                 encoding = choose_encoding(b",".join(accept) if accept is not None else None)
             if byte_range is not None:
                 first, last = byte_range
-                request.setResponseCode(206)
-                headers.setRawHeaders(b"Content-Range", [b"bytes %d-%d/%d" % (first, last, size)])
-                headers.setRawHeaders(b"Content-Length", [b"%d" % (last - first + 1)])
-                headers.setRawHeaders(b"Accept-Ranges", [b"bytes"])
+                _partial_headers(request, first, last, size)
                 make_source = lambda: slice_chunks(raw(), first, last)  # noqa: E731
             elif encoding == "zstd":
                 headers.setRawHeaders(b"Content-Encoding", [b"zstd"])
@@ -874,22 +949,48 @@ class WebApp:
         finally:
             trimmer.ended()
 
-    async def _relay(self, request: Request, hash_part: str, nar_hash: Hash) -> bytes | None:
+    async def _relay(self, request: Request, hash_part: str, nar_hash: Hash | None) -> bytes | None:
+        """
+        Relay a local client's NAR miss from a peer: the identity NAR with
+        its Content-Length and ``Accept-Ranges: bytes``, or the asked range
+        as a 206.  A range is cut from the whole NAR, fetched and verified
+        from its first byte as always (see :class:`RangeConsumer`), so the
+        last byte of any answer leaves only after NarHash and NarSize
+        checked out.
+
+        :param nar_hash: the NarHash the URL names (the peer's must equal
+            it), or ``None`` for a URL naming the path by hash part only.
+        """
         peer = await self._ask_upstream(request, hash_part)
-        if peer is None or peer.nar_hash != nar_hash:
+        if peer is None or (nar_hash is not None and peer.nar_hash != nar_hash):
             return _error_body(request, 404, b"not found\n")
-        _set_headers(request, 200, NAR_TYPE, peer.nar_size)
+        size = peer.nar_size
+        try:
+            byte_range = _requested_range(request, size)
+        except RangeNotSatisfiable:
+            return _range_not_satisfiable(request, size)
+        consumer: _RequestConsumer | RangeConsumer = _RequestConsumer(request)
+        if byte_range is None:
+            _set_headers(request, 200, NAR_TYPE, size)
+            request.responseHeaders.setRawHeaders(b"Accept-Ranges", [b"bytes"])
+        else:
+            first, last = byte_range
+            _partial_headers(request, first, last, size)
+            consumer = RangeConsumer(consumer, first, last)
         if _is_head(request):
             return b""
         assert self._upstream is not None  # _ask_upstream returned a narinfo
         started = self._reactor.seconds()
         try:
             with self._streaming():
-                await self._upstream.relay_nar(peer, request)
+                await self._upstream.relay_nar(peer, consumer)
         except NarUnavailable:
             if request.startedWriting:
                 raise
             return _error_body(request, 404, b"not found\n")
+        if isinstance(consumer, RangeConsumer):
+            # The whole NAR verified: the range's last piece may go.
+            consumer.finish()
         self._metrics.nar_stream_seconds.observe(self._reactor.seconds() - started)
         return b""
 
@@ -966,6 +1067,8 @@ class _Root(Resource):
                 return app.render_cache(request, b"")
             try:
                 path.decode("utf-8")
+                # Percent-decoded too: werkzeug decodes %ee as UTF-8 as well.
+                unquote_to_bytes(path).decode("utf-8")
             except UnicodeDecodeError:
                 # Klein decodes paths as UTF-8; a stranger's bytes get a
                 # plain 400 rather than a logged traceback.
