@@ -86,6 +86,9 @@ class Announce:
     :ivar reply: whether this is an answer to an announce (never answered).
     :ivar ts: the signing time, unix seconds, for signed announces.
     :ivar sig: ``name:base64`` signature of :attr:`signed_payload`.
+    :ivar fetch_for_lan: the node offers to fetch from upstreams for the
+        LAN (JSON ``"fetch_for_lan": true``; absent, as from the Go
+        predecessor and older peernix: ``False``).
     :ivar signed_payload: what ``sig`` signs: set by :func:`parse_datagram`
         from the received JSON when it has a ``sig``, and by
         :func:`sign_announce`; not part of equality.
@@ -101,6 +104,7 @@ class Announce:
     reply: bool = False
     ts: int | None = None
     sig: str | None = None
+    fetch_for_lan: bool = False
     signed_payload: bytes | None = field(default=None, eq=False, repr=False)
 
 
@@ -273,6 +277,11 @@ def _parse_announce(text: str) -> Announce:
         raise DatagramError("field", "announce field 'reply' must be a boolean")
     ts = _ts(obj)
     sig = _sig(obj)
+    fetch_for_lan = obj.get("fetch_for_lan", False)
+    if fetch_for_lan is None:
+        fetch_for_lan = False
+    if not isinstance(fetch_for_lan, bool):
+        raise DatagramError("field", "announce field 'fetch_for_lan' must be a boolean")
     return Announce(
         peernix_version=_text(obj, "peernix_version", required=True),
         nix_version=_text(obj, "nix_version"),
@@ -284,6 +293,7 @@ def _parse_announce(text: str) -> Announce:
         reply=reply,
         ts=ts,
         sig=sig,
+        fetch_for_lan=fetch_for_lan,
         signed_payload=signing_payload(obj) if sig is not None else None,
     )
 
@@ -355,6 +365,8 @@ def _announce_object(a: Announce) -> dict[str, object]:
         obj["port"] = a.port
     if a.node_id is not None:
         obj["node_id"] = a.node_id
+    if a.fetch_for_lan:
+        obj["fetch_for_lan"] = True
     if a.reply:
         obj["reply"] = True
     if a.ts is not None:

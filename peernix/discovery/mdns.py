@@ -140,6 +140,8 @@ def build_service_info(node: NodeInfo, http_port: int, instance: str, addresses:
     }
     if node.public_key:
         properties["pubkey"] = node.public_key
+    if node.fetch_for_lan:
+        properties["fetch"] = "1"
     return ServiceInfo(
         SERVICE_TYPE,
         f"{instance}.{SERVICE_TYPE}",
@@ -159,11 +161,13 @@ class ResolvedPeer:
         :func:`resolved_peer`), or none when it has no usable address.
     :ivar public_key: ``name:base64`` or ``None`` (absent or malformed).
     :ivar node_id: the TXT ``id``, ``None`` for nodes without one (Go).
+    :ivar fetch_for_lan: TXT ``fetch=1``: the node fetches for the LAN.
     """
 
     urls: tuple[str, ...]
     public_key: str | None
     node_id: str | None
+    fetch_for_lan: bool = False
 
 
 def _txt(properties: dict[bytes, bytes | None], key: bytes) -> str | None:
@@ -211,7 +215,8 @@ def resolved_peer(info: ServiceInfo, skip_loopback: bool = True) -> ResolvedPeer
     public_key = _txt(properties, b"pubkey")
     if public_key is not None and not is_valid_public_key(public_key):
         public_key = None
-    return ResolvedPeer(tuple(dict.fromkeys(urls)), public_key, _txt(properties, b"id"))
+    return ResolvedPeer(tuple(dict.fromkeys(urls)), public_key, _txt(properties, b"id"),
+                        _txt(properties, b"fetch") == "1")
 
 
 class _Listener:
@@ -278,8 +283,11 @@ class MdnsDiscoveryService(Service):
         max_pending: int = 16,
         max_services: int = 256,
         skip_loopback: bool = True,
+        on_fetch_offer: Callable[[str, str | None, bool], None] | None = None,
     ) -> None:
         """
+        :param on_fetch_offer: told ``(peer URL, node id, fetch_for_lan)``
+            of every resolved node with a TXT ``id``, for the fetcher table.
         :param registry: where peers go (source ``"mdns"``).
         :param node: our self-description (TXT records, node id).
         :param http_port: the port we register.
@@ -310,6 +318,7 @@ class MdnsDiscoveryService(Service):
         self._max_pending = max_pending
         self._max_services = max_services
         self._skip_loopback = skip_loopback
+        self._on_fetch_offer = on_fetch_offer
         self.instance = instance_name(hostname if hostname is not None else socket.gethostname(), http_port, node.node_id)
         self.service_name = f"{self.instance}.{SERVICE_TYPE}"
         self._listener = _Listener(call_from_thread, self._on_change, self._on_remove)
@@ -506,6 +515,8 @@ class MdnsDiscoveryService(Service):
                 self._registry.remove(url, SOURCE)
         for url in peer.urls:
             self._registry.add(url, SOURCE, peer.public_key)
+            if self._on_fetch_offer is not None and peer.node_id is not None:
+                self._on_fetch_offer(url, peer.node_id, peer.fetch_for_lan)
         self._known[name] = peer.urls
         if peer.urls and not old:
             self.log.info("mDNS: found {name} at {urls}", name=name, urls=list(peer.urls))

@@ -41,6 +41,9 @@ class NodeInfo:
     :ivar public_key: this node's signing key ``name:base64`` or ``""``.
     :ivar node_id: random per process; recognises our own announcements and
         tells a restarted peer from the old one.
+    :ivar fetch_for_lan: whether this node offers to fetch from upstreams
+        for the LAN (``--fetch-for-lan``), announced as UDP
+        ``"fetch_for_lan": true`` and mDNS TXT ``fetch=1``.
     """
 
     peernix_version: str
@@ -49,6 +52,7 @@ class NodeInfo:
     features: tuple[str, ...] = field(converter=_tuple)
     public_key: str
     node_id: str
+    fetch_for_lan: bool = False
 
 
 def new_node_id() -> str:

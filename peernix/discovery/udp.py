@@ -201,8 +201,12 @@ class DiscoveryProtocol(DatagramProtocol):
         metrics: UdpMetrics,
         limits: UdpLimits = UdpLimits(),
         keys: AnnounceKeys = AnnounceKeys(),
+        on_fetch_offer: Callable[[str, str | None, bool], None] | None = None,
     ) -> None:
         """
+        :param on_fetch_offer: told ``(peer URL, node id, fetch_for_lan)``
+            of every full announce (one with a ``node_id``; compact replies
+            say nothing about fetching), for the fetcher table.
         :param clock: time for rate limits, query timeouts and the ``ts`` of
             signed announces (the reactor: wall-clock seconds).
         :param registry: where discovered peers go (source ``"udp"``).
@@ -226,6 +230,7 @@ class DiscoveryProtocol(DatagramProtocol):
         self._metrics = metrics
         self._limits = limits
         self._secret_key = keys.secret_key
+        self._on_fetch_offer = on_fetch_offer
         self._datagram_limiter = KeyedRateLimiter(
             clock, limits.datagram_rate, limits.datagram_burst, limits.max_sources
         )
@@ -252,6 +257,7 @@ class DiscoveryProtocol(DatagramProtocol):
             public_key=public_key,
             port=http_port,
             node_id=node.node_id,
+            fetch_for_lan=node.fetch_for_lan,
         )
         full_reply = attrs.evolve(full, reply=True)
         # Only what a receiver needs to add us: where (port), that it is a
@@ -410,6 +416,8 @@ class DiscoveryProtocol(DatagramProtocol):
                 "Announce from {source} treated as unsigned: {verdict}", source=addr, verdict=verdict.value
             )
         self._registry.add(url, SOURCE, announce.public_key or None, verified=verdict is Verdict.VERIFIED)
+        if self._on_fetch_offer is not None and announce.node_id is not None:
+            self._on_fetch_offer(url, announce.node_id, announce.fetch_for_lan)
         if announce.reply or not self._should_answer(host, announce.node_id):
             return
         reply = self.reply_for(request_size)
@@ -513,8 +521,10 @@ class UdpDiscoveryService(Service):
         metrics: CollectorRegistry | None = None,
         limits: UdpLimits = UdpLimits(),
         keys: AnnounceKeys = AnnounceKeys(),
+        on_fetch_offer: Callable[[str, str | None, bool], None] | None = None,
     ) -> None:
         """
+        :param on_fetch_offer: see :class:`DiscoveryProtocol`.
         :param udp: the reactor to listen with.
         :param clock: the reactor's time (the same reactor in production).
         :param registry: where peers go.
@@ -548,7 +558,8 @@ class UdpDiscoveryService(Service):
         self._interface = interface
         self._second_announce = second_announce
         self.metrics = UdpMetrics(metrics if metrics is not None else CollectorRegistry())
-        self.protocol = DiscoveryProtocol(clock, registry, store, node, http_port, self.metrics, limits, keys)
+        self.protocol = DiscoveryProtocol(clock, registry, store, node, http_port, self.metrics, limits, keys,
+                                          on_fetch_offer=on_fetch_offer)
         self._port: IListeningPort | None = None
         self._loop: LoopingCall | None = None
         self._second: IDelayedCall | None = None

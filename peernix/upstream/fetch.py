@@ -42,7 +42,7 @@ from peernix.interfaces import IPeerRegistry, IUpstream
 from peernix.nix.hashes import Hash
 from peernix.nix.narinfo import NarInfo
 from peernix.nix.signing import PublicKey, verify_any
-from peernix.peers.errors import NarRelayInterrupted, NarUnavailable, NarVerificationFailed
+from peernix.peers.errors import NarClientGone, NarRelayInterrupted, NarUnavailable, NarVerificationFailed
 from peernix.upstream.client import (
     NarBodyDecoder,
     SourceFailed,
@@ -323,7 +323,7 @@ class LanFetcher:
         except CancelledError:
             raise
         except ConsumerGone:
-            raise NarRelayInterrupted("the client stopped the transfer") from None
+            raise NarClientGone("the client stopped the transfer") from None
         except Exception as e:
             if reader.sent == 0:
                 raise NarUnavailable(str(e)) from None
