@@ -33,6 +33,9 @@ from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 
 import peernix
+import attrs
+
+from peernix.discovery.addresses import host_addresses
 from peernix.discovery.nodeinfo import NodeInfo, detect_node_info
 from peernix.discovery.signed import AnnounceKeys
 from peernix.discovery.static import StaticPeersService
@@ -45,9 +48,12 @@ from peernix.peers.client import PeerClient
 from peernix.peers.fanout import Fanout
 from peernix.peers.health import HealthChecker
 from peernix.peers.registry import PeerRegistry
-from peernix.peers.trust import TrustPolicy, read_nix_trusted_keys
+from peernix.peers.trust import TrustPolicy, read_nix_substituters, read_nix_trusted_keys
 from peernix.store.local import LocalStore
 from peernix.store.share import SharedStore, make_share_policy
+from peernix.upstream.chain import FirstOf
+from peernix.upstream.fetch import LanFetcher
+from peernix.upstream.service import LanFetchService, make_lan_fetcher
 from peernix.web.app import WebApp
 from peernix.web.limits import (
     HEADER_TIMEOUT,
@@ -346,6 +352,10 @@ class PeernixService(MultiService):
         self.node: NodeInfo | None = None
         #: What peers see of :attr:`store` (``--share``).
         self.peer_store: SharedStore | None = None
+        #: The HTTP agent over the peers' connection pool (``None`` without a peer side).
+        self.http_agent: Agent | None = None
+        #: Fetching for the LAN (``None`` when off).
+        self.lan_fetcher: LanFetcher | None = None
 
 
 # --------------------------------------------------------------------------
@@ -441,6 +451,7 @@ def make_peers(config: Config, reactor: Reactor, metrics: Metrics,
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = 120
     agent = Agent(reactor, pool=pool, connectTimeout=config.peer_timeout)
+    parent.http_agent = agent
     client = PeerClient(HTTPClient(agent), reactor, timeout=config.peer_timeout, agent=agent)
     fanout = Fanout(
         registry,
@@ -457,12 +468,15 @@ def make_peers(config: Config, reactor: Reactor, metrics: Metrics,
 
 
 def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, store: IStore,
-                   node: NodeInfo, metrics: Metrics, parent: PeernixService) -> None:
+                   node: NodeInfo, metrics: Metrics, parent: PeernixService,
+                   on_fetch_offer: Callable[[str, str | None, bool], None] | None = None) -> None:
     """
     Add the ways of finding peers: the static list, UDP (always listening,
     to answer announcements and ``has_path`` queries; broadcasting unless
     ``--no-broadcast``) and mDNS (unless ``--no-mdns``).  They start after
     the HTTP listener, so a node announces itself only once it can serve.
+
+    :param on_fetch_offer: told which peers announce fetching for the LAN.
     """
     StaticPeersService(registry, list(config.peers)).setServiceParent(parent)
     UdpDiscoveryService(
@@ -478,6 +492,7 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
         metrics=metrics.registry,
         # Sign our announces; verify others' against the fan-out's trusted keys.
         keys=AnnounceKeys(parent.secret_key, trusted_keys(config)),
+        on_fetch_offer=on_fetch_offer,
     ).setServiceParent(parent)
     if config.mdns:
         # Imported here: zeroconf costs about 3 MB of memory, paid only
@@ -496,6 +511,7 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
             zeroconf_factory=make_zeroconf,
             defer_to_thread=thread_pool_runner(reactor, pool),
             call_from_thread=reactor.callFromThread,
+            on_fetch_offer=on_fetch_offer,
         ).setServiceParent(parent)
 
 
@@ -525,11 +541,14 @@ def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
                  secret_key: SecretKey | None,
                  metrics: Metrics, upstream: IUpstream | None,
                  registry: IPeerRegistry | None = None,
-                 peer_store: IStore | None = None) -> WebApp:
+                 peer_store: IStore | None = None,
+                 lan_fetcher: LanFetcher | None = None) -> WebApp:
     """
     :returns: the HTTP application: the cache protocol, status page and metrics.
     :param registry: the peer table, shown on the status page (``None``: no peer side).
     :param peer_store: what peers see of ``store`` (``None``: all of it).
+    :param lan_fetcher: fetching for the LAN: its ``/peernix/fetch/`` route
+        and status section (``None``: off).
     """
     return WebApp(
         store,
@@ -546,7 +565,36 @@ def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
         version=peernix.__version__,
         registry=registry,
         peer_store=peer_store,
+        lan_fetcher=lan_fetcher,
     )
+
+
+def make_lan_fetch(config: Config, reactor: Reactor, parent: PeernixService, node: NodeInfo) -> LanFetcher | None:
+    """
+    Add fetching for the LAN when upstreams are configured (see
+    :func:`peernix.upstream.service.make_lan_fetcher`), through the peers'
+    connection pool.
+
+    Blocking: may read nix.conf; creates and empties the staging directory.
+    """
+    if parent.http_agent is None:
+        return None
+    keys = trusted_keys(config)
+    own = [parent.secret_key.public_key] if parent.secret_key is not None else []
+    fetcher = make_lan_fetcher(
+        config, reactor,
+        agent=parent.http_agent,
+        registry=parent.registry,
+        node_id=node.node_id,
+        trusted_keys=keys,
+        share_keys=[*keys, *own],
+        metrics_registry=parent.metrics.registry if parent.metrics is not None else CollectorRegistry(),
+        read_substituters=read_nix_substituters,
+        own_addresses=host_addresses,
+    )
+    if fetcher is not None:
+        LanFetchService(fetcher, reactor).setServiceParent(parent)
+    return fetcher
 
 
 def make_site(config: Config, reactor: Reactor, app: WebApp, metrics: Metrics) -> PeernixSite:
@@ -694,20 +742,27 @@ def build_service(
     top.metrics = metrics if metrics is not None else Metrics()
     if upstream is None:
         top.registry, top.upstream = make_peers(config, reactor, top.metrics, top)
+        top.node = node if node is not None else detect_node_info(
+            public_key=top.secret_key.public_key.to_string() if top.secret_key is not None else "")
+        top.lan_fetcher = make_lan_fetch(config, reactor, top, top.node)
+        if top.lan_fetcher is not None:
+            # Peers first; the LAN's fetcher only for what no peer has.
+            top.upstream = FirstOf([top.upstream, top.lan_fetcher], reactor)
+            top.node = attrs.evolve(top.node, fetch_for_lan=config.fetch_for_lan)
     else:
         top.upstream = upstream
     top.peer_store = make_peer_store(config, reactor, top.store, top.secret_key)
     top.app = make_web_app(config, reactor, top.store, defer_to_thread=defer_to_thread,
                            call_from_thread=call_from_thread,
                            secret_key=top.secret_key, metrics=top.metrics, upstream=top.upstream,
-                           registry=top.registry, peer_store=top.peer_store)
+                           registry=top.registry, peer_store=top.peer_store,
+                           lan_fetcher=top.lan_fetcher)
     top.site = make_site(config, reactor, top.app, top.metrics)
     stack = ip_stack if ip_stack is not None else probe_ip_stack()
     top.listeners = make_listeners(config, reactor, top.site, stack, top)
-    if top.registry is not None:
-        top.node = node if node is not None else detect_node_info(
-            public_key=top.secret_key.public_key.to_string() if top.secret_key is not None else "")
+    if top.registry is not None and top.node is not None:
         # has_path answers come from what peers may download, nothing more.
-        make_discovery(config, reactor, top.registry, top.peer_store, top.node, top.metrics, top)
+        make_discovery(config, reactor, top.registry, top.peer_store, top.node, top.metrics, top,
+                       on_fetch_offer=top.lan_fetcher.table.note if top.lan_fetcher is not None else None)
     return top
 

@@ -67,7 +67,7 @@ NODE = NodeInfo("0.1.0", "2.8.0", "x86_64-linux", (), "", "testnode")
 
 #: No mDNS and no trusted keys from this machine's nix.conf: unit tests
 #: neither touch the network nor read /etc.
-QUIET = Config(mdns=False, trusted_public_keys=())
+QUIET = Config(mdns=False, trusted_public_keys=(), upstream=())
 
 
 def quiet(**changes: Any) -> Config:

@@ -51,6 +51,8 @@ from peernix.peers.errors import NarClientGone, NarUnavailable
 from peernix.store.share import SharedStore
 from peernix.web.encoding import RangeNotSatisfiable, choose_encoding, parse_range
 from peernix.web.metrics import Metrics, MetricsResource
+from peernix.upstream.fetch import FETCH_PREFIX, LanFetcher
+from peernix.web.fetch import FetchResource
 from peernix.web.ranges import RangeConsumer
 from peernix.web.status import PeerStatus, Status, render_html, render_json
 from peernix.web.streaming import (
@@ -328,6 +330,7 @@ class WebApp:
         registry: IPeerRegistry | None = None,
         peer_store: IStore | None = None,
         trimmer: IdleTrimmer | None = None,
+        lan_fetcher: LanFetcher | None = None,
     ) -> None:
         """
         :param store: the whole local store, served to local clients
@@ -368,6 +371,9 @@ class WebApp:
             its counts.  ``None``: peers see ``store``.
         :param trimmer: told when NAR streams and relays start and end, to
             give freed memory back once none runs (``None``: nobody told).
+        :param lan_fetcher: fetching for the LAN (``None``: off): serves the
+            ``/peernix/fetch/`` route to peers and the ``upstream`` section
+            of the status page.  Local misses reach it through ``upstream``.
         """
         self._store = store
         self._peer_store = peer_store if peer_store is not None else store
@@ -391,6 +397,8 @@ class WebApp:
         self._store_root = store_root
         self._version = version
         self._registry = registry
+        self._lan_fetcher = lan_fetcher
+        self._fetch_resource: FetchResource | None = FetchResource(lan_fetcher) if lan_fetcher is not None else None
         self._cache_info = b"StoreDir: %s\nWantMassQuery: 1\nPriority: %d\n" % (STORE_DIR.encode(), priority)
         # (hash part, zstd URL?, peer view?) -> (expiry, narinfo bytes, the
         # PathInfo it was rendered from).  Insertion order is expiry order
@@ -439,6 +447,7 @@ class WebApp:
             peer_counters=self._peer_counters(),
             # Never waits: the count runs on the store's worker thread.
             sharing=self._peer_store.share_status() if isinstance(self._peer_store, SharedStore) else None,
+            upstream=self._lan_fetcher.status() if self._lan_fetcher is not None else None,
         )
 
     def _peer_rows(self) -> tuple[PeerStatus, ...] | None:
@@ -530,6 +539,9 @@ class WebApp:
     def render_other(self, request: Request, klein: IResource) -> bytes | int:
         """Answer a request outside ``/nix-cache/`` through Klein, counting it."""
         path = request.path
+        if self._fetch_resource is not None and path.startswith(FETCH_PREFIX.encode()):
+            request.notifyFinish().addBoth(self._count_finished, request, "fetch")
+            return self._fetch_resource.render(request)
         route = "status" if path in (b"/", b"/status.json") else "metrics" if path == b"/metrics" else "other"
         request.notifyFinish().addBoth(self._count_finished, request, route)
         result: bytes | int = klein.render(request)  # type: ignore[no-untyped-call]

@@ -9,6 +9,7 @@ from html import escape
 from attrs import frozen
 
 from peernix.store.share import WITHHELD_REASONS, ShareStatus
+from peernix.web.upstream_status import upstream_section
 
 
 @frozen
@@ -82,6 +83,9 @@ class Status:
     #: and withheld paths; ``None`` when peers see the whole store
     #: unfiltered by any policy.
     sharing: ShareStatus | None = None
+    #: Fetching for the LAN (:meth:`peernix.upstream.fetch.LanFetcher.status`);
+    #: ``None`` when it is off.
+    upstream: Mapping[str, object] | None = None
 
     def document(self) -> dict[str, object]:
         """:returns: the JSON document of ``/status.json``."""
@@ -102,6 +106,7 @@ class Status:
                 name: _number(value) for name, value in sorted(self.peer_counters.items())
             },
             "sharing": None if self.sharing is None else _sharing_document(self.sharing),
+            "upstream": None if self.upstream is None else dict(self.upstream),
         }
 
 
@@ -227,6 +232,7 @@ def render_html(status: Status) -> bytes:
         ' metrics at <a href="metrics">metrics</a>.</p>\n'
         f"<table>{''.join(rows)}</table>\n"
         f"{_sharing_section(status.sharing)}"
+        f"{upstream_section(status.upstream)}"
         f"{_peer_section(status)}"
         "<h2>Requests</h2>\n"
         f"<table><tr><th>Route</th><th>Status</th><th>Count</th></tr>{request_rows}</table>\n"
