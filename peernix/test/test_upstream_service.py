@@ -74,7 +74,7 @@ class WiringTests(SynchronousTestCase):
     def test_status_and_route(self) -> None:
         """status.json has the upstream section with active_fetches; the fetch route is for peers only."""
         service, _, _ = self._build()
-        treq = StubTreq(service.app.resource())
+        treq: Any = StubTreq(service.app.resource())
         response = self.successResultOf(treq.get("http://localhost/status.json"))
         document = json.loads(self.successResultOf(response.content()))
         upstream = document["upstream"]
