@@ -462,6 +462,7 @@ class LanFetcher:
         return {
             "upstreams": list(self.upstreams),
             "fetch_for_lan": self.table.fetch_for_lan,
+            "fetching_peers": sorted(self.table.offering()),
             "active_fetches": [
                 {
                     "store_path": fetch.store_path,

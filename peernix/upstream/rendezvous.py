@@ -86,6 +86,10 @@ class FetcherTable:
         entry = self._entries.get(url)
         return entry is not None and entry[1]
 
+    def offering(self) -> list[str]:
+        """:returns: the base URLs of the peers that announced fetching for the LAN."""
+        return [url for url, (_, offers) in self._entries.items() if offers]
+
     def order(self, hash_part: str, healthy_urls: Iterable[str]) -> list[str]:
         """
         :param healthy_urls: base URLs of the peers healthy right now.
