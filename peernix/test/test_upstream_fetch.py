@@ -253,7 +253,10 @@ class FetchTests(LanTestCase):
             self.successResultOf(d)
             self.assertEqual(consumer.value(), path.nar)
         self.assertEqual(self.cache.count(".nar.xz"), 1)
-        self.assertEqual(a.metrics.registry.get_sample_value("peernix_upstream_requests_per_download_sum"), 3)
+        self.assertEqual(a.metrics.registry.get_sample_value(
+            "peernix_upstream_download_requests_total", {"source": "upstream"}), 3)
+        self.assertEqual(a.metrics.registry.get_sample_value(
+            "peernix_upstream_downloads_total", {"source": "upstream", "result": "ok"}), 1)
         self.assertEqual(a.metrics.registry.get_sample_value(
             "peernix_upstream_served_bytes_total", {"to": "local"}), 3 * len(path.nar))
 

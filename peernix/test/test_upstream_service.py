@@ -88,6 +88,6 @@ class WiringTests(SynchronousTestCase):
         self.assertEqual(response.code, 403)
         metrics = self.successResultOf(self.successResultOf(treq.get("http://localhost/metrics")).content())
         for name in (b"peernix_upstream_fetched_bytes_total", b"peernix_upstream_served_bytes_total",
-                     b"peernix_upstream_requests_per_download", b"peernix_upstream_staging_bytes",
+                     b"peernix_upstream_download_requests_total", b"peernix_upstream_staging_bytes",
                      b"peernix_upstream_fetcher_fallbacks_total", b"peernix_upstream_verification_failures_total"):
             self.assertIn(name, metrics)

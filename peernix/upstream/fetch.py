@@ -419,7 +419,7 @@ class LanFetcher:
             download.fail(UpstreamError("stopped"))
             raise
         self.metrics.downloads.labels(fetched_from, "ok").inc()
-        self.metrics.requests_per_download.observe(download.readers)
+        self.metrics.download_requests.labels(fetched_from).inc(download.readers)
 
     async def _from_peer(self, fetcher: str, download: Download, info: NarInfo) -> None:
         url = peer_fetch_url(fetcher, download.key[0], info.nar_hash)

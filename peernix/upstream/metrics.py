@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 class UpstreamMetrics:
@@ -49,10 +49,11 @@ class UpstreamMetrics:
             ["source", "result"],
             registry=self.registry,
         )
-        self.requests_per_download = Histogram(
-            "peernix_upstream_requests_per_download",
-            "Requests (local clients and peers) each NAR download served while it ran",
-            buckets=(1, 2, 3, 4, 8, 16, 32, 64),
+        # With peernix_upstream_downloads_total: requests served per download.
+        self.download_requests = Counter(
+            "peernix_upstream_download_requests",
+            "Requests (local clients and peers) that NAR downloads served while they ran",
+            ["source"],
             registry=self.registry,
         )
         self.fallbacks = Counter(
