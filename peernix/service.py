@@ -54,6 +54,7 @@ from peernix.store.share import SharedStore, make_share_policy
 from peernix.upstream.chain import FirstOf
 from peernix.upstream.fetch import LanFetcher
 from peernix.upstream.service import LanFetchService, make_lan_fetcher
+from peernix.upstream.tls import UpstreamEndpointFactory
 from peernix.web.app import WebApp
 from peernix.web.limits import (
     HEADER_TIMEOUT,
@@ -354,6 +355,8 @@ class PeernixService(MultiService):
         self.peer_store: SharedStore | None = None
         #: The HTTP agent over the peers' connection pool (``None`` without a peer side).
         self.http_agent: Agent | None = None
+        #: The peers' persistent connection pool (``None`` without a peer side).
+        self.http_pool: HTTPConnectionPool | None = None
         #: Fetching for the LAN (``None`` when off).
         self.lan_fetcher: LanFetcher | None = None
 
@@ -452,6 +455,7 @@ def make_peers(config: Config, reactor: Reactor, metrics: Metrics,
     pool.cachedConnectionTimeout = 120
     agent = Agent(reactor, pool=pool, connectTimeout=config.peer_timeout)
     parent.http_agent = agent
+    parent.http_pool = pool
     client = PeerClient(HTTPClient(agent), reactor, timeout=config.peer_timeout, agent=agent)
     fanout = Fanout(
         registry,
@@ -577,13 +581,16 @@ def make_lan_fetch(config: Config, reactor: Reactor, parent: PeernixService, nod
 
     Blocking: may read nix.conf; creates and empties the staging directory.
     """
-    if parent.http_agent is None:
+    if parent.http_pool is None:
         return None
     keys = trusted_keys(config)
+    # The same pool as the peers', with endpoints that can do https.
+    agent = Agent.usingEndpointFactory(
+        reactor, UpstreamEndpointFactory(reactor, connect_timeout=config.peer_timeout), pool=parent.http_pool)
     own = [parent.secret_key.public_key] if parent.secret_key is not None else []
     fetcher = make_lan_fetcher(
         config, reactor,
-        agent=parent.http_agent,
+        agent=agent,
         registry=parent.registry,
         node_id=node.node_id,
         trusted_keys=keys,
