@@ -43,9 +43,9 @@ PORT = 9999
 UPSTREAM_PORT = 8080
 UPSTREAM_NAME = "upstream-e2e-fetch-1"
 #: The big path: long enough to kill its fetcher mid-download on a shaped link.
-BIG_SIZE = 24 * 1024 * 1024
-#: U's uplink while a fetcher is killed mid-NAR: 24 MiB take about 4 s.
-SHAPED_RATE = "50mbit"
+BIG_SIZE = 16 * 1024 * 1024
+#: U's uplink while a fetcher is killed mid-NAR: 16 MiB take about 7 s, time enough to watch it.
+SHAPED_RATE = "20mbit"
 MODERN_NIX_STORE = "/opt/nix-modern/bin/nix-store"
 WAIT = 30.0
 
