@@ -90,7 +90,9 @@ class IUpstream(Interface):
             before any byte was written when no peer can serve it, and with
             ``peernix.peers.errors.NarVerificationFailed`` (or another error)
             after bytes were written; the caller must then abort the client
-            connection, never finish the response.  The last chunk is held
+            connection, never finish the response.  It fails with
+            ``peernix.peers.errors.NarClientGone`` when the consumer stopped
+            it (the client left), which is nobody's fault.  The last chunk is held
             back until the NAR verified.
         """
 
