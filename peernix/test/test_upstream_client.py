@@ -46,6 +46,14 @@ class SilentAgent:
         return d
 
 
+class FakesTests(SynchronousTestCase):
+    def test_silent_agent(self) -> None:
+        """The silent agent is an IAgent."""
+        from zope.interface.verify import verifyObject
+
+        self.assertTrue(verifyObject(IAgent, SilentAgent()))
+
+
 class DecoderTests(SynchronousTestCase):
     def _decode(self, data: bytes, compression: str, chunk: int = 1000, **kwargs: object) -> tuple[NarBodyDecoder, list[bytes], FakeResponse]:
         out: list[bytes] = []
