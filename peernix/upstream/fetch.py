@@ -455,9 +455,11 @@ class LanFetcher:
 
     def status(self) -> dict[str, object]:
         """:returns: the ``upstream`` section of ``/status.json``."""
-        def value(name: str, labels: dict[str, str] | None = None) -> float:
+        def value(name: str, labels: dict[str, str] | None = None) -> int | float:
             found = self.metrics.registry.get_sample_value(name, labels)
-            return 0.0 if found is None else float(found)
+            number = 0.0 if found is None else float(found)
+            # Counters are floats in Prometheus; whole numbers read better as such.
+            return int(number) if number.is_integer() else number
 
         return {
             "upstreams": list(self.upstreams),
