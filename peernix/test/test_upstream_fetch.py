@@ -395,6 +395,34 @@ class FetchTests(LanTestCase):
         self.failureResultOf(d, NarUnavailable)
         self.assertEqual(consumer.value(), b"")
 
+    def test_disk_failure_is_not_a_lie(self) -> None:
+        """A staging disk failing fails the readers as unavailable: not a verification failure, nor the fetcher's fault."""
+        for name in ("a", "b"):
+            self.node(name)
+        path = self.serve()
+        first, second = self.order(path)
+        node = self.nodes[second]
+        staging = node.fetcher.staging
+        original = staging.begin
+
+        def begin(*args: object) -> object:
+            download = original(*args)  # type: ignore[arg-type]
+
+            def broken(data: bytes) -> None:
+                download.fail(OSError(28, "No space left on device"))
+                raise OSError(28, "No space left on device")
+
+            download.append = broken  # type: ignore[method-assign]
+            return download
+
+        staging.begin = begin  # type: ignore[method-assign, assignment]
+        d, consumer = self.fetch(node, path)
+        self.failureResultOf(d, NarUnavailable)
+        self.assertEqual(node.metrics.registry.get_sample_value("peernix_upstream_verification_failures_total"), 0)
+        self.assertEqual(node.metrics.registry.get_sample_value("peernix_upstream_fetcher_fallbacks_total"), 0)
+        self.assertEqual(node.metrics.registry.get_sample_value(
+            "peernix_upstream_downloads_total", {"source": "peer", "result": "failed"}), 1)
+
     def test_status(self) -> None:
         """The status lists active fetches with their progress, staging usage and counters."""
         a = self.node("a")

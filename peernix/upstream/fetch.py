@@ -375,28 +375,38 @@ class LanFetcher:
         info = record.info
         hash_part = download.key[0]
         order: list[str] = [] if as_fetcher else self.table.order(hash_part, self._healthy_urls())
+        # Where the bytes come from (for the metrics): a fetching peer, or the upstream.
         fetched_from = "upstream"
+        from_peer = False
         try:
             for fetcher in order:
-                if fetcher == SELF:
+                if fetcher == SELF or download.state != "running":
                     break
                 active = self.active.get(download.key)
                 if active is not None:
                     active.source = fetcher
+                fetched_from = "peer"
                 try:
                     await self._from_peer(fetcher, download, info)
                 except SourceFailed as e:
+                    if download.state != "running":
+                        # Our side gave up (the staging disk), not the fetcher.
+                        raise
                     self.metrics.fallbacks.inc()
                     _log.info("Fetcher {fetcher} failed for {store_path} ({error}); trying the next",
                               fetcher=fetcher, store_path=info.store_path, error=str(e))
                     continue
-                fetched_from = "peer"
+                from_peer = True
                 break
             else:
                 if order and order[-1] != SELF:
                     _log.info("No fetcher left for {store_path}; fetching it for ourselves",
                               store_path=info.store_path)
-            if fetched_from == "upstream":
+            if download.state != "running":
+                # Given up under us (the staging disk failed): nothing more to try.
+                raise SourceFailed(str(download.error or "the download was given up"))
+            if not from_peer:
+                fetched_from = "upstream"
                 active = self.active.get(download.key)
                 if active is not None:
                     active.source = record.base
