@@ -38,9 +38,11 @@ class StagingTestCase(SynchronousTestCase):
         self.clock = Clock()
         self.staging = Staging(self.directory, 10_000_000, self.clock, idle=600)
         self.staging.start()
+        self.addCleanup(self.staging.close)
 
     def files(self) -> list[str]:
-        return sorted(os.listdir(self.directory))
+        """:returns: the staged files (not the directory's lock)."""
+        return sorted(name for name in os.listdir(self.directory) if name != ".lock")
 
 
 class DownloadTests(StagingTestCase):
@@ -292,9 +294,22 @@ class StartTests(SynchronousTestCase):
                 f.write(b"x" * 10)
         staging = Staging(directory, 1000, Clock())
         self.assertEqual(staging.start(), 2)
-        self.assertEqual(os.listdir(directory), ["unrelated.txt"])
+        self.assertEqual(sorted(os.listdir(directory)), [".lock", "unrelated.txt"])
         self.assertIsNone(staging.open_reader(HASH_PART, Hash("sha256", b"\x00" * 32), ChunkConsumer()))
         self.assertEqual(staging.usage, 0)
+
+    def test_one_daemon_per_directory(self) -> None:
+        """A second staging on a directory in use is refused (it would delete the first one's files)."""
+        directory = self.mktemp()
+        first = Staging(directory, 1000, Clock())
+        first.start()
+        second = Staging(directory, 1000, Clock())
+        with self.assertRaises(OSError) as caught:
+            second.start()
+        self.assertIn("another peernix", str(caught.exception))
+        first.close()
+        second.start()
+        second.close()
 
     def test_creates_directory(self) -> None:
         """The directory is made (private to the daemon) if missing."""

@@ -58,6 +58,7 @@ class LanFetchService(Service):
             self._loop.stop()
         self._loop = None
         self.fetcher.stop()
+        self.fetcher.staging.close()
         return None
 
 

@@ -28,6 +28,8 @@ File reads and writes run on the reactor thread: they hit the page cache
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import re
 import secrets
@@ -198,20 +200,32 @@ class Staging:
         self._complete: OrderedDict[Key, _Entry] = OrderedDict()
         self._running: dict[Key, Download] = {}
         self.evictions = 0
+        # The lock on the directory, held from start() to close().
+        self._lock_fd: int | None = None
 
     # -- life cycle ---------------------------------------------------------
 
     def start(self) -> int:
         """
-        Create the directory and remove every file a previous run left
-        (partial or complete): nothing of a crashed run is ever served.
+        Create the directory, lock it (one daemon per staging directory: a
+        second one would delete the first one's files), and remove every
+        file a previous run left (partial or complete): nothing of a crashed
+        run is ever served.
 
         Blocking (a directory listing): call it at start-up.
 
         :returns: how many leftover files were removed.
-        :raises OSError: the directory cannot be created or listed.
+        :raises OSError: the directory cannot be created, locked or listed
+            (``EBUSY`` when another process holds it).
         """
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(self.directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise OSError(errno.EBUSY, "another peernix uses this staging directory") from None
+        self._lock_fd = fd
         removed = 0
         with os.scandir(self.directory) as entries:
             for entry in entries:
@@ -225,6 +239,12 @@ class Staging:
             _log.info("Removed {count} leftover files from the staging directory {directory}",
                       count=removed, directory=self.directory)
         return removed
+
+    def close(self) -> None:
+        """Release the directory's lock (the process exiting does too)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- lookups ------------------------------------------------------------
 
