@@ -6,6 +6,7 @@ LAN, a ``Clock`` for every timer.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import cast
 
@@ -463,6 +464,14 @@ class FetchRouteTests(LanTestCase):
         body = self.successResultOf(body_d)
         return response.code, body, dict(response.headers.getAllRawHeaders())
 
+    def test_node(self) -> None:
+        """/peernix/fetch/node says who the node is and whether it fetches for the LAN."""
+        self.node("a")
+        code, body, _ = self._get("http://a:9999/peernix/fetch/node")
+        self.assertEqual((code, json.loads(body)), (200, {"node_id": "a", "fetch_for_lan": True}))
+        code, _, _ = self._get("http://a:9999/peernix/fetch/node", {})
+        self.assertEqual(code, 403)
+
     def test_only_for_peers(self) -> None:
         """Without X-Peernix-Peer the route answers 403."""
         self.node("a")
@@ -510,6 +519,40 @@ class FetchRouteTests(LanTestCase):
         self.assertEqual((code, body), (206, path.nar[1000:]))
         self.assertEqual(headers[b"Content-Range"], [b"bytes 1000-%d/%d" % (len(path.nar) - 1, len(path.nar))])
         self.assertEqual(self.cache.count(".nar.xz"), 1)
+
+
+class SilentPeerTests(LanTestCase):
+    def test_static_peers_asked(self) -> None:
+        """Peers that announce nothing (static ones) are asked who they are, and become fetchers if they say so."""
+        a = self.node("a")
+        b = self.node("b")
+        laptop = self.node("laptop", fetch_for_lan=False)
+        # Forget what "announcements" told a: it knows b and the laptop as static peers only.
+        a.fetcher.table = FetcherTable("a", True)
+        d = a.fetcher.ask_silent_peers()
+        self.settle()
+        self.successResultOf(d)
+        self.assertTrue(a.fetcher.table.offers(b.url))
+        self.assertTrue(a.fetcher.table.known(laptop.url))
+        self.assertFalse(a.fetcher.table.offers(laptop.url))
+        self.assertEqual([r for r in self.lan.requests if r[1].endswith("/node")],
+                         [("b:9999", "/peernix/fetch/node", ""), ("laptop:9999", "/peernix/fetch/node", "")])
+
+    def test_go_peer_asked_once_a_minute(self) -> None:
+        """A peer that does not answer (a Go node: 404) stays out and is asked again only after a minute."""
+        a = self.node("a")
+        a.registry.add("http://go:9999", "static")
+        self.lan.nodes["go:9999"] = Resource()
+        for _ in range(3):
+            d = a.fetcher.ask_silent_peers()
+            self.settle()
+            self.successResultOf(d)
+        self.assertFalse(a.fetcher.table.known("http://go:9999"))
+        self.assertEqual(len([r for r in self.lan.requests if r[0] == "go:9999"]), 1)
+        self.clock.advance(61)
+        self.successResultOf(a.fetcher.ask_silent_peers())
+        self.settle()
+        self.assertEqual(len([r for r in self.lan.requests if r[0] == "go:9999"]), 2)
 
 
 class ShareFilterTests(SynchronousTestCase):

@@ -68,8 +68,10 @@ class WiringTests(SynchronousTestCase):
         self.assertIsInstance(lan, LanFetchService)
         lan.startService()
         self.assertTrue(reactor.getDelayedCalls())
+        before = set(reactor.getDelayedCalls())
         lan.stopService()
-        self.assertFalse([c for c in reactor.getDelayedCalls() if "sweep" in repr(c)])
+        self.assertEqual([c for c in reactor.getDelayedCalls() if c in before and c.active()
+                          and ("sweep" in repr(c) or "ask_silent_peers" in repr(c))], [])
 
     def test_status_and_route(self) -> None:
         """status.json has the upstream section with active_fetches; the fetch route is for peers only."""

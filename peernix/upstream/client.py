@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bz2
 import hashlib
+import json
 import lzma
 from typing import Any, Callable, Coroutine, Protocol as TypingProtocol, TypeVar, cast
 from urllib.parse import urljoin, urlsplit
@@ -406,6 +407,38 @@ class UpstreamClient:
                       url=url, compression=info.compression)
             return None
         return info
+
+    def fetch_node(self, peer_url: str) -> Deferred[tuple[str, bool] | None]:
+        """
+        Ask a peer who it is: ``GET <peer>/peernix/fetch/node`` (JSON
+        ``{"node_id": "...", "fetch_for_lan": true}``), for peers that never
+        announce themselves (static ones, beyond the broadcast domain).
+
+        :returns: a Deferred firing with ``(node id, offers fetching)``, or
+            ``None`` when the peer does not say (a Go node, older peernix,
+            any error or a malformed answer).  Never fails; bounded in time
+            and size.
+        """
+        d = self._bounded(self._fetch_node(peer_url))
+        d.addErrback(lambda failure: None if not isinstance(failure.value, CancelledError) else failure)
+        return d
+
+    async def _fetch_node(self, peer_url: str) -> tuple[str, bool] | None:
+        headers = Headers({b"X-Peernix-Peer": [b"1"]})
+        response = await self._agent.request(b"GET", f"{peer_url}/peernix/fetch/node".encode("ascii"), headers)
+        if response.code != 200:
+            discard_body(response)
+            return None
+        try:
+            body = await read_limited(response, 1024, self._clock, self.timeout)
+            document = json.loads(body)
+        except (PeerError, ValueError):
+            return None
+        node_id = document.get("node_id") if isinstance(document, dict) else None
+        offers = document.get("fetch_for_lan") if isinstance(document, dict) else None
+        if not isinstance(node_id, str) or not 1 <= len(node_id) <= 64 or not node_id.isprintable():
+            return None
+        return node_id, offers is True
 
     def open(self, url: str, *, offset: int = 0, peer: bool = False,
              timeout: float | None = None) -> Deferred[IResponse]:

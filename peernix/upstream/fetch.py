@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -63,6 +63,10 @@ FETCH_PREFIX = "/peernix/fetch/"
 
 #: Narinfo lookups remembered (hits and misses), most recent kept.
 MAX_CACHED_NARINFOS = 4096
+
+#: Seconds between two questions to a peer that announces nothing (see
+#: :meth:`LanFetcher.ask_silent_peers`): a Go node is asked this often.
+NODE_QUERY_INTERVAL = 60.0
 
 
 def peer_fetch_url(peer_url: str, hash_part: str, nar_hash: Hash) -> str:
@@ -207,6 +211,8 @@ class LanFetcher:
         self.active: dict[Key, ActiveFetch] = {}
         # The coroutines filling downloads; cancelled by stop().
         self._fills: dict[Key, Deferred[None]] = {}
+        # peer URL -> when it was last asked who it is (ask_silent_peers).
+        self._node_queries: dict[str, float] = {}
 
     # -- narinfos -------------------------------------------------------------
 
@@ -460,6 +466,36 @@ class LanFetcher:
         )
         response.deliverBody(decoder)  # type: ignore[no-untyped-call]
         await decoder.done
+
+    # -- peers that do not announce themselves --------------------------------
+
+    def ask_silent_peers(self) -> Deferred[None]:
+        """
+        Ask the healthy peers the fetcher table knows nothing about (static
+        peers beyond the broadcast domain never announce) who they are and
+        whether they fetch for the LAN, at most once per
+        :data:`NODE_QUERY_INTERVAL` each.  Go nodes answer 404 and stay out.
+
+        :returns: a Deferred firing when every answer is in (never fails).
+        """
+        now = self._clock.seconds()
+        asked = []
+        for url in self._healthy_urls():
+            if self.table.known(url):
+                continue
+            if now - self._node_queries.get(url, -NODE_QUERY_INTERVAL) < NODE_QUERY_INTERVAL:
+                continue
+            self._node_queries[url] = now
+            d = self._client.fetch_node(url)
+            d.addCallback(self._node_answered, url)
+            asked.append(d)
+        while len(self._node_queries) > MAX_CACHED_NARINFOS:
+            del self._node_queries[next(iter(self._node_queries))]
+        return DeferredList(asked, consumeErrors=True).addCallback(lambda _: None)
+
+    def _node_answered(self, answer: tuple[str, bool] | None, url: str) -> None:
+        if answer is not None:
+            self.table.note(url, answer[0], answer[1])
 
     # -- status and life cycle ------------------------------------------------
 

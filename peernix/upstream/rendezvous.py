@@ -81,6 +81,10 @@ class FetcherTable:
         while len(self._entries) > self._max:
             del self._entries[next(iter(self._entries))]
 
+    def known(self, url: str) -> bool:
+        """:returns: whether the peer at ``url`` told us anything (offering fetching or not)."""
+        return url in self._entries
+
     def offers(self, url: str) -> bool:
         """:returns: whether the peer at ``url`` announced that it fetches for the LAN."""
         entry = self._entries.get(url)

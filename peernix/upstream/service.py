@@ -30,6 +30,9 @@ _log = Logger()
 #: Seconds between sweeps of idle staged NARs.
 SWEEP_INTERVAL = 60.0
 
+#: Seconds between looks for peers that announce nothing (static peers).
+ASK_INTERVAL = 5.0
+
 
 class LanFetchService(Service):
     """
@@ -44,6 +47,7 @@ class LanFetchService(Service):
         self._clock = clock
         self._interval = sweep_interval
         self._loop: LoopingCall | None = None
+        self._ask: LoopingCall | None = None
 
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
@@ -51,12 +55,19 @@ class LanFetchService(Service):
         self._loop.clock = self._clock
         # Stopped by stopService.
         self._loop.start(self._interval, now=False)
+        # Static peers announce nothing: ask them who they are (each at
+        # most once a minute; the loop itself is cheap).  Stopped by
+        # stopService.
+        self._ask = LoopingCall(self.fetcher.ask_silent_peers)
+        self._ask.clock = self._clock
+        self._ask.start(ASK_INTERVAL, now=False)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        for loop in (self._loop, self._ask):
+            if loop is not None and loop.running:
+                loop.stop()
+        self._loop = self._ask = None
         self.fetcher.stop()
         self.fetcher.staging.close()
         return None

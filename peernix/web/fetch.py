@@ -14,6 +14,7 @@ goes only after the NAR verified; a NAR failing verification is cut off.
 
 from __future__ import annotations
 
+import json
 import re
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -82,6 +83,12 @@ class FetchResource(Resource):
             request.setResponseCode(403)
             return b"only for peernix peers\n"
         name = request.path[len(FETCH_PREFIX):] if request.path.startswith(FETCH_PREFIX.encode()) else b""
+        if name == b"node":
+            # Who this node is, for peers that learn it by asking (static
+            # peers hear no announcements).
+            table = self._fetcher.table
+            request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
+            return json.dumps({"node_id": table.node_id, "fetch_for_lan": table.fetch_for_lan}).encode()
         match = _NAME.fullmatch(name)
         if match is None:
             request.setResponseCode(400)
