@@ -62,13 +62,16 @@ class WiringTests(SynchronousTestCase):
         self.assertIsNone(service.lan_fetcher)
 
     def test_sweep_and_stop(self) -> None:
-        """The sweep runs on the reactor's clock and stops with the service; no timer is left."""
+        """The sweep and the questions to silent peers run on the reactor's clock and stop with the service."""
         service, reactor, _ = self._build()
         lan = next(c for c in service if c.name == "lan-fetch")
         self.assertIsInstance(lan, LanFetchService)
         lan.startService()
         self.assertTrue(reactor.getDelayedCalls())
         before = set(reactor.getDelayedCalls())
+        names = " ".join(repr(c) for c in before)
+        self.assertIn("sweep", names)
+        self.assertIn("ask_silent_peers", names)
         lan.stopService()
         self.assertEqual([c for c in reactor.getDelayedCalls() if c in before and c.active()
                           and ("sweep" in repr(c) or "ask_silent_peers" in repr(c))], [])
