@@ -10,7 +10,8 @@ Hosts on one bridge, all made (and removed) by the test:
   2.8, and Nix 2.24 where installed) using only its local peernix.
 
 What is checked: all clients substituting the same closure at the same
-moment cost one upstream download per NAR (U's access log); the fetcher
+moment cost one upstream download per NAR (U's access log), with peers
+found by broadcast or given statically; the fetcher
 killed mid-NAR leaves every other client successful; an unreachable
 upstream is a fast 404 and the clients complete from their next
 substituter; a lying upstream (a signed narinfo whose NAR is another) never
@@ -292,6 +293,22 @@ class FetchForLanEndToEndTests(SynchronousTestCase):
         fetched = sum((self._status(h)["upstream"]["bytes_fetched"]) for h in self.node_hosts)
         unique = sum(os.path.getsize(os.path.join(self.fx.cache, url[1:])) for url in self.fx.nar_files().values())
         self.assertEqual(fetched, unique)
+
+    def test_static_peers_one_download(self) -> None:
+        """Static peers without broadcast learn who fetches by asking; the closure leaves the upstream once."""
+        nginx = self._nginx(self.fx.cache)
+        hosts = self.node_hosts[:2]
+        for name, host, other in (("a", hosts[0], hosts[1]), ("b", hosts[1], hosts[0])):
+            self._node(name, host, nginx.url, "--no-broadcast", "--peer", f"http://{other.ipv4}:{PORT}").wait_ready()
+        self._wait_for_lan(hosts)
+        clients = self._clients(2)
+        results = self._run_together(list(zip(clients, hosts)), [self.fx.closure.top])
+        for client, result in zip(clients, results):
+            self.assertEqual(result.returncode, 0, result.stderr.decode(errors="replace") + self._logs())
+            self.assertTrue(client.store.is_valid(self.fx.closure.top))
+        gets = nginx.gets()
+        for path in self.fx.closure.outputs:
+            self.assertEqual(gets[self.fx.nar_files()[path]], 1, f"{path}\n{gets}")
 
     def test_fetcher_killed_mid_nar(self) -> None:
         """The big path's fetcher killed mid-download: the other nodes' clients still succeed."""
