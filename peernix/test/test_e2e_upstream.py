@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -50,7 +51,7 @@ SHAPED_RATE = "20mbit"
 MODERN_NIX_STORE = "/opt/nix-modern/bin/nix-store"
 WAIT = 30.0
 
-_SKIP = netns_unavailable() or SKIP_NO_BUILD or (None if shutil.which("nginx") else "nginx not installed")
+_SKIP = netns_unavailable() or SKIP_NO_BUILD
 
 
 def hash_part(store_path: str) -> str:
@@ -116,10 +117,24 @@ class _Fixture:
 
 
 class Nginx:
-    """nginx in ``host``'s namespace serving ``root`` on port 8080, logging every request."""
+    """
+    nginx in ``host``'s namespace serving ``root`` on port 8080, logging every
+    request; where nginx is not installed, Python's ``http.server`` instead
+    (the same files, its log lines carry the same request and status).
+    """
 
     def __init__(self, host: Host, root: str, work: str) -> None:
         self.access_log = os.path.join(work, "nginx-access.log")
+        self.url = f"http://{host.ipv4}:{UPSTREAM_PORT}"
+        self._log_file = None
+        if shutil.which("nginx") is None:
+            self._log_file = open(self.access_log, "wb")
+            self.process = subprocess.Popen(
+                host.command([sys.executable, "-m", "http.server", "--bind", host.ipv4, "--directory", root,
+                              str(UPSTREAM_PORT)]),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log_file)
+            self._wait(host)
+            return
         conf = os.path.join(work, "nginx.conf")
         with open(conf, "w") as f:
             f.write(
@@ -140,7 +155,9 @@ class Nginx:
         self.process = subprocess.Popen(host.command(["nginx", "-c", conf, "-e", f"{work}/nginx-error.log"]),
                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
-        self.url = f"http://{host.ipv4}:{UPSTREAM_PORT}"
+        self._wait(host)
+
+    def _wait(self, host: Host) -> None:
         deadline = time.monotonic() + WAIT
         while http_get(self.url + "/nix-cache-info", host=host)[0] != 200:
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -165,6 +182,8 @@ class Nginx:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
+        if self._log_file is not None:
+            self._log_file.close()
 
 
 class _Client:
