@@ -379,6 +379,27 @@ class FetchTests(LanTestCase):
             self.failureResultOf(d)
             self.assertLess(len(consumer.value()), len(path.nar))
 
+    def test_lying_fetcher_penalised(self) -> None:
+        """A fetcher whose NAR fails verification is recorded as misbehaving (skipped for a while)."""
+        for name in ("a", "b"):
+            self.node(name)
+        path = self.serve()
+        first, second = self.order(path)
+        liar = self.nodes[first]
+
+        def lie(hash_part: str, nar_hash: object, consumer: object, offset: int = 0) -> Deferred[None]:
+            consumer.write(b"\0" * len(path.nar))  # type: ignore[attr-defined]
+            return Deferred.fromCoroutine(_done())
+
+        async def _done() -> None:
+            return None
+
+        liar.fetcher.serve_peer = lie  # type: ignore[method-assign, assignment]
+        d, consumer = self.fetch(self.nodes[second], path)
+        self.failureResultOf(d)
+        self.assertNotEqual(consumer.value(), path.nar)
+        self.assertEqual(self.nodes[second].registry.failure_kinds(liar.url), ["verification"])
+
     def test_bad_file_hash(self) -> None:
         """A compressed file that does not match FileHash is never finished."""
         a = self.node("a")

@@ -384,6 +384,7 @@ class LanFetcher:
         # Where the bytes come from (for the metrics): a fetching peer, or the upstream.
         fetched_from = "upstream"
         from_peer = False
+        current_fetcher: str | None = None
         try:
             for fetcher in order:
                 if fetcher == SELF or download.state != "running":
@@ -392,6 +393,7 @@ class LanFetcher:
                 if active is not None:
                     active.source = fetcher
                 fetched_from = "peer"
+                current_fetcher = fetcher
                 try:
                     await self._from_peer(fetcher, download, info)
                 except SourceFailed as e:
@@ -419,6 +421,11 @@ class LanFetcher:
                 await self._from_upstream(record, download)
             download.finish()
         except VerificationFailed as e:
+            if current_fetcher is not None:
+                # A fetcher's bytes failed (it lied, or its upstream did):
+                # it is skipped for a while, so the next download of this
+                # path goes through another one.
+                self._penalise(current_fetcher)
             self.metrics.verification_failures.inc()
             self.metrics.downloads.labels(fetched_from, "verification").inc()
             _log.warn("NAR of {store_path} failed verification ({error}); dropped, never served",
@@ -436,6 +443,13 @@ class LanFetcher:
             raise
         self.metrics.downloads.labels(fetched_from, "ok").inc()
         self.metrics.download_requests.labels(fetched_from).inc(download.readers)
+
+    def _penalise(self, url: str) -> None:
+        if self._registry is None:
+            return
+        for peer in self._registry.peers():
+            if peer.url == url:
+                self._registry.record_failure(peer, "verification")
 
     async def _from_peer(self, fetcher: str, download: Download, info: NarInfo) -> None:
         url = peer_fetch_url(fetcher, download.key[0], info.nar_hash)
