@@ -10,7 +10,8 @@
 # The same settings as the NixOS module (see ./nixos-module.nix and
 # docs/install.rst).  launchd has no credentials mechanism, so the daemon
 # (root, like nix-daemon) reads the key file itself; activation warns when
-# anyone but root can read it.  macOS has no declarative firewall: allow
+# anyone but root can read it.  With nix.enable = false (Determinate Nix),
+# nix-darwin writes no nix.conf: the module warns with the lines to add.  macOS has no declarative firewall: allow
 # incoming connections for peernix in the application firewall, if it is on.
 { config, lib, pkgs, ... }:
 
@@ -117,17 +118,17 @@ in
       StandardErrorPath = cfg.logFile;
     };
 
-    system.activationScripts.postActivation.text = lib.mkIf (cfg.secretKeyFile != null) (lib.mkAfter ''
-      peernix_key=${lib.escapeShellArg cfg.secretKeyFile}
-      if [ ! -e "$peernix_key" ]; then
-        echo "warning: services.peernix.secretKeyFile $peernix_key does not exist; peernix will not start" >&2
-      elif [ "$(stat -f %Su "$peernix_key")" != root ] || [ "$(( 0$(stat -f %Lp "$peernix_key") & 077 ))" != 0 ]; then
-        echo "warning: peernix's secret key $peernix_key must be owned by root and readable by root only: sudo chown root $peernix_key && sudo chmod 600 $peernix_key" >&2
-      fi
-    '');
+    # No `stat`: its flags differ between macOS's and GNU coreutils', which
+    # nix-darwin's activation PATH puts first (see lib.nix).
+    system.activationScripts.postActivation.text = lib.mkIf (cfg.secretKeyFile != null)
+      (lib.mkAfter (peernixLib.secretKeyCheckScript cfg.secretKeyFile));
 
-    # Same as on NixOS: no ?trusted=1, no trusted-substituters.
+    # Same as on NixOS: no ?trusted=1, no trusted-substituters, no empty
+    # extra-trusted-public-keys line; and a warning when nix.conf is not
+    # managed by nix-darwin (nix.enable = false, e.g. Determinate Nix).
     nix.settings.extra-substituters = [ (peernixLib.substituterUrl cfg.settings) ];
-    nix.settings.extra-trusted-public-keys = cfg.trustedPublicKeys;
+    nix.settings.extra-trusted-public-keys = lib.mkIf (cfg.trustedPublicKeys != [ ]) cfg.trustedPublicKeys;
+    warnings = lib.optional (!(config.nix.enable or true))
+      (peernixLib.manualNixConfWarning { inherit (cfg) settings trustedPublicKeys; });
   };
 }

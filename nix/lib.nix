@@ -89,6 +89,41 @@ in rec {
     else if builtins.substring 0 (builtins.stringLength builtins.storeDir + 1) path == builtins.storeDir + "/" then "services.peernix.secretKeyFile ${path} is in the Nix store, which every user can read; keep the key in a root-only file such as /var/lib/peernix/secret-key"
     else null;
 
+  # A shell word for `text` (single quotes; builtins only, no nixpkgs lib).
+  shellQuote = text: "'" + builtins.replaceStrings [ "'" ] [ "'\\''" ] text + "'";
+
+  # The activation check of the secret key file (nix-darwin): it must exist,
+  # be owned by root and readable by nobody else.  Only POSIX `find`
+  # (-H -prune -user -perm -print), which GNU and BSD find implement alike:
+  # no `stat`, whose flags differ between BSD stat (macOS's /usr/bin/stat)
+  # and GNU coreutils, which nix-darwin's activation PATH puts first.  -H
+  # follows a symlink given as the path (sops-nix, agenix) to the key.
+  # Prints warnings only; never fails the activation.
+  secretKeyCheckScript = path: ''
+    peernix_key=${shellQuote path}
+    if [ ! -e "$peernix_key" ]; then
+      echo "warning: services.peernix.secretKeyFile $peernix_key does not exist; peernix will not start" >&2
+    elif [ -z "$(find -H "$peernix_key" -prune -user root ! -perm -040 ! -perm -020 ! -perm -010 ! -perm -004 ! -perm -002 ! -perm -001 -print 2>/dev/null)" ]; then
+      echo "warning: peernix's secret key $peernix_key must be owned by root and readable by root only: sudo chown root $peernix_key && sudo chmod 600 $peernix_key" >&2
+    fi
+  '';
+
+  # The nix.conf lines that make the local Nix use peernix, as the modules
+  # set them through nix.settings: the substituter, and the LAN's keys when
+  # there are any (no empty `extra-trusted-public-keys =` line).
+  nixConfLines = { settings, trustedPublicKeys ? [ ] }:
+    [ "extra-substituters = ${substituterUrl settings}" ]
+    ++ (if trustedPublicKeys == [ ] then [ ]
+        else [ "extra-trusted-public-keys = ${builtins.concatStringsSep " " trustedPublicKeys}" ]);
+
+  # The warning of both modules when nix.enable is false (Determinate Nix,
+  # some nix-darwin set-ups): nothing writes nix.conf, so the substituter
+  # would silently never be configured.
+  manualNixConfWarning = args:
+    "services.peernix: nix.enable is false, so nix.conf is not managed here and the local Nix does not use peernix. "
+    + "Add these lines to nix.conf by hand (with Determinate Nix: /etc/nix/nix.custom.conf) and restart the Nix daemon:\n"
+    + builtins.concatStringsSep "\n" (map (line: "  " + line) (nixConfLines args));
+
   # Where systemd's LoadCredential= puts the secret key for the service.
   credentialName = "secret-key";
   credentialPath = "\${CREDENTIALS_DIRECTORY}/secret-key";

@@ -175,7 +175,12 @@ in
     # The local Nix asks peernix first (it announces priority 30, ahead of
     # cache.nixos.org's 40).  No ?trusted=1 and no trusted-substituters: Nix
     # checks every narinfo's signature against trusted-public-keys.
+    # No keys, no extra-trusted-public-keys line (NixOS would write an
+    # empty one).  With nix.enable = false NixOS writes no nix.conf at all:
+    # warn with the lines to add by hand.
     nix.settings.extra-substituters = [ (peernixLib.substituterUrl cfg.settings) ];
-    nix.settings.extra-trusted-public-keys = cfg.trustedPublicKeys;
+    nix.settings.extra-trusted-public-keys = lib.mkIf (cfg.trustedPublicKeys != [ ]) cfg.trustedPublicKeys;
+    warnings = lib.optional (!(config.nix.enable or true))
+      (peernixLib.manualNixConfWarning { inherit (cfg) settings trustedPublicKeys; });
   };
 }

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from peernix.nix.hashes import Hash
     from peernix.nix.narinfo import NarInfo
     from peernix.nix.pathinfo import PathInfo
-    from peernix.peers.registry import Peer
+    from peernix.peers.peer import Peer
+    from peernix.sources import Found
 
 
 class IStore(Interface):
@@ -81,11 +82,26 @@ class IUpstream(Interface):
             this caller's wait.
         """
 
-    def relay_nar(info: NarInfo, consumer: object) -> Deferred[None]:
+    def find(hash_part: str) -> Deferred[Found | None]:
+        """
+        :meth:`lookup`, also saying where the answer came from.
+
+        :returns: a Deferred firing with the narinfo and its source (the
+            peer whose answer won), or ``None``; same contract as
+            :meth:`lookup` otherwise.
+        """
+
+    def relay_nar(info: NarInfo, consumer: object, on_peer: object = None) -> Deferred[None]:
         """
         Stream the uncompressed NAR of ``info`` from a peer that holds exactly
         ``info.nar_hash`` into ``consumer`` (an ``IConsumer`` such as a
         ``twisted.web`` request), with backpressure, verifying hash and size.
+
+        ``on_peer``, when given, is called with the base URL of the peer
+        whose NAR is about to be written, before its first byte reaches
+        ``consumer`` (again with another URL when that peer failed before
+        any byte and the next one takes over): the caller names the source
+        in the response headers.
 
         :returns: a Deferred firing when every byte has been written and
             verified.  It fails with ``peernix.peers.errors.NarUnavailable``
@@ -128,7 +144,10 @@ class IPeerRegistry(Interface):
         """:returns: every known peer."""
 
     def healthy_peers() -> list[Peer]:
-        """:returns: peers to ask now: healthy ones, and unhealthy ones whose backoff has passed."""
+        """
+        :returns: peers to ask now: healthy ones, and unhealthy ones whose
+            backoff has passed; never peers that said they do not serve.
+        """
 
     def record_success(peer: Peer, latency: float) -> None:
         """A request to ``peer`` succeeded after ``latency`` seconds."""
@@ -141,6 +160,13 @@ class IPeerRegistry(Interface):
 
     def subscribe(callback: object) -> None:
         """Call ``callback(peer)`` whenever a new peer is added."""
+
+    def record_serving(peer: Peer, serving: bool) -> None:
+        """
+        ``peer`` said (in an announcement or a health probe answer) whether
+        it serves peers; one that does not (``--serve-peers no``) is left out
+        of :meth:`healthy_peers` until it says it does again.
+        """
 
 
 class IDiscovery(Interface):

@@ -35,7 +35,7 @@ import attrs
 from twisted.python import usage
 
 from peernix.nix.signing import KeyFormatError, parse_public_key
-from peernix.units import format_size, parse_size
+from peernix.store.share import SHARE_MODES
 
 #: An IP network as :func:`ipaddress.ip_network` returns it.
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -256,10 +256,9 @@ def _check_log_format(value: str) -> str:
 LOG_FORMAT = ValueType("log format: text or json", "FORMAT", (str,), _identity, _check_log_format,
                        example='"json"')
 
-#: The values of ``--share``: ``trusted`` (only paths whose database
-#: signature verifies against a trusted key or this node's own) or ``all``;
-#: see :mod:`peernix.store.share`.
-SHARE_MODES = ("trusted", "all")
+#: The values of ``--share`` (``trusted`` or ``all``) are defined by the
+#: store, which implements them: :data:`peernix.store.share.SHARE_MODES`
+#: (imported above).
 
 
 def _check_share_mode(value: str) -> str:
@@ -295,6 +294,120 @@ def _check_upstream_url(value: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
 
 
+def _check_size(value: int | str) -> int:
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"expected a size of 0 or more bytes, got {value}")
+        return value
+    return parse_size(value)
+
+
+
+
+def _check_domain(value: str) -> str:
+    """Check a DNS domain for ``--dns-sd``: lower-cased, without the trailing dot."""
+    name = value.strip().lower().rstrip(".")
+    if (not name or len(name) > 253
+            or not all(re.fullmatch(r"(?!-)[a-z0-9_-]{1,63}(?<!-)", label) for label in name.split("."))):
+        raise ValueError(f"expected a DNS domain such as example.com or lan.example.com, got {value!r}")
+    return name
+
+
+DOMAIN = ValueType("DNS domain", "DOMAIN", (str,), _identity, _check_domain,
+                   example='"example.com"')
+
+
+def _check_tailscale_tag(value: str) -> str:
+    """Check a Tailscale ACL tag; ``peernix`` and ``tag:peernix`` both give ``tag:peernix``."""
+    tag = value.strip()
+    name = tag[len("tag:"):] if tag.startswith("tag:") else tag
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", name):
+        raise ValueError(f"expected a Tailscale tag such as tag:peernix, got {value!r}")
+    return f"tag:{name}"
+
+
+TAILSCALE_TAG = ValueType("Tailscale tag", "TAG", (str,), _identity, _check_tailscale_tag,
+                          example='"tag:peernix"')
+# Sizes and rates (``--max-upload-rate``; also meant for other byte-count
+# settings such as a staging size): a number with an optional unit, ``K``,
+# ``M``, ``G``, ``T`` for powers of 1000 and ``Ki``, ``Mi``, ``Gi``, ``Ti`` for
+# powers of 1024, optionally followed by ``B`` (and ``/s`` for a rate).
+
+_SIZE_UNITS: Mapping[str, int] = {
+    "": 1,
+    "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+    "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4,
+}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kmgt]i?)?\s*b?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """
+    Read a byte count: ``1500``, ``20M`` (20,000,000), ``1.5Gi``
+    (1,610,612,736), ``512KiB``.  ``K``, ``M``, ``G``, ``T`` are powers of
+    1000, ``Ki``, ``Mi``, ``Gi``, ``Ti`` powers of 1024 (case-insensitive);
+    a trailing ``B`` is allowed.  Fractions are rounded down to whole bytes.
+
+    :raises ValueError: with a message for the user.
+    """
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(
+            f"expected a number of bytes with an optional unit such as 500K, 20M, 1Gi, got {text!r}"
+        )
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[(unit or "").lower()])
+
+
+def parse_rate(text: str) -> int:
+    """
+    Read a rate in bytes per second: :func:`parse_size`'s syntax, with an
+    optional ``/s`` (``20M``, ``20MB/s``, ``2.5Mi/s``).
+
+    :raises ValueError: with a message for the user.
+    """
+    stripped = text.strip() if isinstance(text, str) else text
+    if isinstance(stripped, str) and stripped.lower().endswith("/s"):
+        stripped = stripped[:-2]
+    try:
+        return parse_size(stripped)
+    except ValueError:
+        raise ValueError(
+            f"expected bytes per second with an optional unit such as 500K, 20M, 1Gi, got {text!r}"
+        ) from None
+
+
+def format_size(value: int) -> str:
+    """:returns: ``value`` bytes in :func:`parse_size`'s syntax, exactly (``20M``, ``512Ki``, ``1500``)."""
+    for unit in ("Ti", "T", "Gi", "G", "Mi", "M", "Ki", "K"):
+        factor = _SIZE_UNITS[unit.lower()]
+        if value >= factor and value % factor == 0:
+            return f"{value // factor}{unit}"
+    return str(value)
+
+
+def _text_to_rate(text: str) -> int | None:
+    if text.strip().lower() in ("unlimited", "none"):
+        return None
+    return parse_rate(text)
+
+
+def _check_rate(value: int | str | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = _text_to_rate(value)
+        if value is None:
+            return None
+    if value < 1:
+        raise ValueError(f"expected a rate of at least 1 byte per second, got {value}")
+    return value
+
+
+def _show_rate(value: Any) -> str:
+    return "unlimited" if value is None else f"{format_size(value)} bytes/s"
+
+
 def _text_to_yes_no(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("yes", "true", "on", "1"):
@@ -305,27 +418,21 @@ def _text_to_yes_no(text: str) -> bool:
 
 
 def _check_yes_no(value: bool | str) -> bool:
-    return value if isinstance(value, bool) else _text_to_yes_no(value)
+    if isinstance(value, str):
+        return _text_to_yes_no(value)
+    return bool(value)
 
 
-def _check_size(value: int | str) -> int:
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"expected a size of 0 or more bytes, got {value}")
-        return value
-    return parse_size(value)
-
-
-UPSTREAM_URL = ValueType("binary cache URL or none", "URL", (str,), _identity, _check_upstream_url,
-                         example='"https://cache.nixos.org"')
-#: A yes/no value given as ``--flag yes`` (not ``--flag``/``--no-flag``); in
-#: a file ``true``/``false`` or ``"yes"``/``"no"``.
 def _show_yes_no(value: Any) -> str:
     return "yes" if value else "no"
 
 
-YES_NO = ValueType("yes or no", "yes|no", (bool, str), _text_to_yes_no, _check_yes_no,
-                   _show_yes_no, example="true")
+RATE = ValueType("rate in bytes per second (K, M, G: powers of 1000; Ki, Mi, Gi: of 1024)", "RATE",
+                 (int, str), _text_to_rate, _check_rate, _show_rate, example='"20M"')
+YES_NO = ValueType("yes or no", "yes|no", (bool, str), _text_to_yes_no, _check_yes_no, _show_yes_no,
+                   example="false")
+UPSTREAM_URL = ValueType("binary cache URL or none", "URL", (str,), _identity, _check_upstream_url,
+                         example='"https://cache.nixos.org"')
 SIZE = ValueType("size (K, M, G: powers of 1000; Ki, Mi, Gi: powers of 1024)", "SIZE", (int, str),
                  _identity, _check_size, format_size, example='"4Gi"')
 
@@ -456,6 +563,25 @@ SETTINGS: tuple[Setting, ...] = (
             "Announce this node this often.", group="discovery"),
     Setting("peer_ttl", "peer-ttl", SECONDS, 120.0,
             "Forget a discovered peer not heard from for this long.", group="discovery"),
+    # Beyond the broadcast domain (issue 14); see peernix.discovery.dnssd
+    # and peernix.discovery.tailscale.
+    Setting("dns_sd", "dns-sd", DOMAIN, (),
+            "Find peers by unicast DNS-SD in this domain: the PTR records of "
+            "_peernix._tcp.DOMAIN, their SRV, TXT and A/AAAA records, asked of the "
+            "system resolver (/etc/resolv.conf).", repeatable=True, group="discovery"),
+    Setting("dns_sd_interval", "dns-sd-interval", SECONDS, 60.0,
+            "Resolve the --dns-sd domains again this often; peers gone from the "
+            "zone are dropped then.", group="discovery"),
+    Setting("tailscale", "tailscale", BOOL, False,
+            "Find peers on this machine's tailnet (Tailscale or Headscale): the online "
+            "peers that tailscale status --json lists, at their Tailscale address and --port.",
+            group="discovery"),
+    Setting("tailscale_tags", "tailscale-tag", TAILSCALE_TAG, (),
+            "With --tailscale, only peers carrying one of these ACL tags "
+            "(tag:peernix; the tag: prefix may be left out).",
+            repeatable=True, group="discovery", default_text="none: every online peer"),
+    Setting("tailscale_interval", "tailscale-interval", SECONDS, 60.0,
+            "With --tailscale, read the tailnet's peers again this often.", group="discovery"),
     # Logging (issue 7).
     Setting("log_format", "log-format", LOG_FORMAT, "text",
             "Write the log as text lines, or as one JSON object per line "
@@ -474,6 +600,23 @@ SETTINGS: tuple[Setting, ...] = (
             "Open HTTP connections from one peer address at most; past it that "
             "peer gets 503 with Retry-After.  Local clients are not capped.",
             group="limits"),
+    # What this machine gives and what it keeps (issue 15).
+    Setting("max_upload_rate", "max-upload-rate", RATE, None,
+            "Serve peers at most RATE bytes per second in all (NARs, narinfos, "
+            "listings, logs), shared evenly among concurrent peer downloads; "
+            "K, M, G are powers of 1000 and Ki, Mi, Gi powers of 1024, so 20M is "
+            "20,000,000.  Local clients are never limited.",
+            group="giving", default_text="unlimited"),
+    Setting("serve_peers", "serve-peers", YES_NO, True,
+            "no: consume only.  Peers get 404 for everything (nix-cache-info "
+            "still answers, saying so), and this node's announcements and health "
+            "answers tell peers not to ask it; it still asks them.",
+            group="giving", example="false"),
+    Setting("state_dir", "state-dir", DIRECTORY, "/var/lib/peernix",
+            "Keep state that survives restarts here (the savings figures of the "
+            "status page, savings.json); a directory that cannot be written is "
+            "a warning, not an error.",
+            group="giving", example='"/var/lib/peernix"'),
     # Fetching from upstream caches for the LAN (issue 13); see peernix.upstream.
     Setting("upstream", "upstream", UPSTREAM_URL, None,
             "A binary cache this node may fetch from on the LAN's behalf when no "
@@ -506,6 +649,7 @@ GROUPS: Mapping[str, str] = {
     "discovery": "Finding peers",
     "logging": "Logging",
     "limits": "Limits",
+    "giving": "What this machine gives and keeps",
     "upstream": "Fetching for the LAN",
 }
 
@@ -547,11 +691,21 @@ class Config:
     mdns: bool = _default("mdns")
     announce_interval: float = _default("announce_interval")
     peer_ttl: float = _default("peer_ttl")
+    dns_sd: tuple[str, ...] = _default("dns_sd")
+    dns_sd_interval: float = _default("dns_sd_interval")
+    tailscale: bool = _default("tailscale")
+    tailscale_tags: tuple[str, ...] = _default("tailscale_tags")
+    tailscale_interval: float = _default("tailscale_interval")
     #: ``"text"`` or ``"json"``; see :mod:`peernix.logging`.
     log_format: str = _default("log_format")
     header_timeout: float = _default("header_timeout")
     max_connections: int = _default("max_connections")
     max_connections_per_client: int = _default("max_connections_per_client")
+    #: Bytes per second served to peers at most; ``None``: unlimited.
+    max_upload_rate: int | None = _default("max_upload_rate")
+    #: ``False``: consume only (``--serve-peers no``).
+    serve_peers: bool = _default("serve_peers")
+    state_dir: str = _default("state_dir")
     #: ``None``: the local Nix's substituters (see
     #: :func:`peernix.upstream.config.default_upstreams`); ``()``: none.
     #: ``none`` items (``--upstream none``) are dropped here.
@@ -586,7 +740,7 @@ def parse_text(setting: Setting, text: str) -> Any:
 
 
 def _native_ok(setting: Setting, value: object) -> bool:
-    # TOML booleans are ints to Python; only a type taking bools takes them.
+    # TOML booleans are ints to Python; only a setting taking booleans takes them.
     if isinstance(value, bool) and bool not in setting.type.native:
         return False
     return isinstance(value, setting.type.native)

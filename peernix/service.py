@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import Any, Literal
 
+import attrs
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
@@ -26,7 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import IResource
-from twisted.web.http import Request
+from twisted.web.http import Request, combinedLogFormatter
 from twisted.web.server import Site
 
 from treq.client import HTTPClient
@@ -65,6 +66,9 @@ from peernix.web.limits import (
     ensure_file_limit,
 )
 from peernix.web.metrics import Metrics
+from peernix.web.ratelimit import UploadLimiter
+from peernix.web.savings import Savings, SavingsService, SavingsStateFile
+from peernix.sources import SOURCE_HEADER
 from peernix.web.streaming import DeferToThread, call_directly, thread_pool_runner
 
 __all__ = [
@@ -294,7 +298,7 @@ class PeernixSite(Site):
         :param metrics_registry: where the connection metrics go (a private
             registry when ``None``).
         """
-        super().__init__(resource, timeout=timeout, reactor=reactor)
+        super().__init__(resource, timeout=timeout, reactor=reactor, logFormatter=access_log_line)
         self.access_log = access_log
         self.header_timeout = header_timeout
         self.limiter = ConnectionLimiter(limits, metrics_registry=metrics_registry)
@@ -333,6 +337,18 @@ class PeernixSite(Site):
             super().log(request)
 
 
+def access_log_line(timestamp: str, request: Request) -> str:
+    """
+    The access log's line format: the combined log format, then where the
+    answer came from (``X-Peernix-Source``: ``local``, ``peer URL``, ...;
+    ``-`` for answers without a source, such as misses).
+    """
+    line = combinedLogFormatter(timestamp, request)
+    source = request.responseHeaders.getRawHeaders(SOURCE_HEADER)
+    shown = source[0].decode("ascii", "replace").replace('"', "'") if source else "-"
+    return f'{line} source="{shown}"'
+
+
 class PeernixService(MultiService):
     """
     The daemon: the ``MultiService`` :func:`build_service` returns, with
@@ -353,6 +369,10 @@ class PeernixService(MultiService):
         self.node: NodeInfo | None = None
         #: What peers see of :attr:`store` (``--share``).
         self.peer_store: SharedStore | None = None
+        #: What the LAN saves this node (kept under ``--state-dir``).
+        self.savings: Savings | None = None
+        #: ``--max-upload-rate``'s bucket; ``None``: unlimited.
+        self.upload_limiter: UploadLimiter | None = None
         #: The HTTP agent over the peers' connection pool (``None`` without a peer side).
         self.http_agent: Agent | None = None
         #: The peers' persistent connection pool (``None`` without a peer side).
@@ -477,7 +497,8 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
     """
     Add the ways of finding peers: the static list, UDP (always listening,
     to answer announcements and ``has_path`` queries; broadcasting unless
-    ``--no-broadcast``) and mDNS (unless ``--no-mdns``).  They start after
+    ``--no-broadcast``), mDNS (unless ``--no-mdns``), DNS-SD and the
+    tailnet (see :func:`make_wide_area_discovery`).  They start after
     the HTTP listener, so a node announces itself only once it can serve.
 
     :param on_fetch_offer: told which peers announce fetching for the LAN.
@@ -517,6 +538,41 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
             call_from_thread=reactor.callFromThread,
             on_fetch_offer=on_fetch_offer,
         ).setServiceParent(parent)
+    make_wide_area_discovery(config, reactor, registry, node, parent)
+
+
+def make_wide_area_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry,
+                             node: NodeInfo, parent: PeernixService) -> None:
+    """
+    Add the ways of finding peers beyond the broadcast domain: unicast
+    DNS-SD in the ``--dns-sd`` domains (:mod:`peernix.discovery.dnssd`,
+    asking the nameservers of ``/etc/resolv.conf``) and the peers of this
+    machine's tailnet with ``--tailscale``
+    (:mod:`peernix.discovery.tailscale`).
+    """
+    if config.dns_sd:
+        from peernix.discovery.dnssd import DnsSdDiscoveryService, system_resolver
+
+        DnsSdDiscoveryService(
+            registry,
+            config.dns_sd,
+            config.port,
+            reactor,
+            functools.partial(system_resolver, reactor),
+            node_id=node.node_id,
+            interval=config.dns_sd_interval,
+        ).setServiceParent(parent)
+    if config.tailscale:
+        from peernix.discovery.tailscale import TailscaleDiscoveryService, run_command
+
+        TailscaleDiscoveryService(
+            registry,
+            config.port,
+            reactor,
+            functools.partial(run_command, reactor),
+            tags=config.tailscale_tags,
+            interval=config.tailscale_interval,
+        ).setServiceParent(parent)
 
 
 def make_peer_store(config: Config, reactor: Reactor, store: IStore,
@@ -540,17 +596,38 @@ def make_peer_store(config: Config, reactor: Reactor, store: IStore,
     return SharedStore(store, policy, clock=reactor, tally=tally)
 
 
+def make_savings(config: Config, reactor: Reactor, parent: MultiService) -> Savings:
+    """
+    :returns: the savings counters, loaded from ``--state-dir`` when the
+        service starts and written there every minute and at stop.
+    """
+    savings = Savings(reactor)
+    SavingsService(savings, SavingsStateFile(config.state_dir), reactor).setServiceParent(parent)
+    return savings
+
+
+def make_upload_limiter(config: Config, reactor: Reactor) -> UploadLimiter | None:
+    """:returns: the bucket of ``--max-upload-rate``, or ``None`` when unlimited."""
+    if config.max_upload_rate is None:
+        return None
+    return UploadLimiter(config.max_upload_rate, reactor)
+
+
 def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
                  defer_to_thread: DeferToThread, call_from_thread: Callable[..., object],
                  secret_key: SecretKey | None,
                  metrics: Metrics, upstream: IUpstream | None,
                  registry: IPeerRegistry | None = None,
                  peer_store: IStore | None = None,
+                 savings: Savings | None = None,
+                 upload_limiter: UploadLimiter | None = None,
                  lan_fetcher: LanFetcher | None = None) -> WebApp:
     """
     :returns: the HTTP application: the cache protocol, status page and metrics.
     :param registry: the peer table, shown on the status page (``None``: no peer side).
     :param peer_store: what peers see of ``store`` (``None``: all of it).
+    :param savings: what the LAN saves this node (``None``: not counted).
+    :param upload_limiter: ``--max-upload-rate`` (``None``: unlimited).
     :param lan_fetcher: fetching for the LAN: its ``/peernix/fetch/`` route
         and status section (``None``: off).
     """
@@ -569,6 +646,9 @@ def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
         version=peernix.__version__,
         registry=registry,
         peer_store=peer_store,
+        savings=savings,
+        upload_limiter=upload_limiter,
+        serve_peers=config.serve_peers,
         lan_fetcher=lan_fetcher,
     )
 
@@ -588,8 +668,9 @@ def make_lan_fetch(config: Config, reactor: Reactor, parent: PeernixService, nod
     agent = Agent.usingEndpointFactory(
         reactor, UpstreamEndpointFactory(reactor, connect_timeout=config.peer_timeout), pool=parent.http_pool)
     own = [parent.secret_key.public_key] if parent.secret_key is not None else []
+    # A consume-only node (--serve-peers no) fetches for itself only.
     fetcher = make_lan_fetcher(
-        config, reactor,
+        attrs.evolve(config, fetch_for_lan=config.fetch_for_lan and config.serve_peers), reactor,
         agent=agent,
         registry=parent.registry,
         node_id=node.node_id,
@@ -730,7 +811,9 @@ def build_service(
         fan-out, with its registry fed by the discovery services.  Passing
         one leaves out the peer side and discovery (tests).
     :param node: this node's self-description for announcements; by
-        default detected now (runs ``nix-store --version``).
+        default detected now (runs ``nix-store --version``).  Its
+        ``serve_peers`` and ``max_upload_rate`` are taken from ``config``
+        either way.
     :param ip_stack: how the kernel does IPv6; by default probed now
         (:func:`probe_ip_stack`).
     :returns: the ``MultiService`` to start.
@@ -749,20 +832,28 @@ def build_service(
     top.metrics = metrics if metrics is not None else Metrics()
     if upstream is None:
         top.registry, top.upstream = make_peers(config, reactor, top.metrics, top)
-        top.node = node if node is not None else detect_node_info(
-            public_key=top.secret_key.public_key.to_string() if top.secret_key is not None else "")
+        if node is not None:
+            # What the announcements say of serving follows the settings.
+            top.node = attrs.evolve(node, serve_peers=config.serve_peers, max_upload_rate=config.max_upload_rate)
+        else:
+            top.node = detect_node_info(
+                public_key=top.secret_key.public_key.to_string() if top.secret_key is not None else "",
+                serve_peers=config.serve_peers, max_upload_rate=config.max_upload_rate)
         top.lan_fetcher = make_lan_fetch(config, reactor, top, top.node)
         if top.lan_fetcher is not None:
             # Peers first; the LAN's fetcher only for what no peer has.
             top.upstream = FirstOf([top.upstream, top.lan_fetcher], reactor)
-            top.node = attrs.evolve(top.node, fetch_for_lan=config.fetch_for_lan)
+            top.node = attrs.evolve(top.node, fetch_for_lan=top.lan_fetcher.table.fetch_for_lan)
     else:
         top.upstream = upstream
     top.peer_store = make_peer_store(config, reactor, top.store, top.secret_key)
+    top.savings = make_savings(config, reactor, top)
+    top.upload_limiter = make_upload_limiter(config, reactor)
     top.app = make_web_app(config, reactor, top.store, defer_to_thread=defer_to_thread,
                            call_from_thread=call_from_thread,
                            secret_key=top.secret_key, metrics=top.metrics, upstream=top.upstream,
                            registry=top.registry, peer_store=top.peer_store,
+                           savings=top.savings, upload_limiter=top.upload_limiter,
                            lan_fetcher=top.lan_fetcher)
     top.site = make_site(config, reactor, top.app, top.metrics)
     stack = ip_stack if ip_stack is not None else probe_ip_stack()

@@ -79,33 +79,66 @@ def ipv4_broadcast_addresses(adapters: Iterable[_Adapter] | None = None) -> list
     return _dedupe(found)
 
 
-def host_addresses(adapters: Iterable[_Adapter] | None = None, ipv6: bool = True) -> list[str]:
+def publishable_addresses(addresses: Iterable[str], ipv6: bool = True) -> list[str]:
     """
-    Every non-loopback address of this host, IPv4 first, for mDNS registration.
+    The addresses to put in our mDNS A/AAAA records: those *every* mDNS
+    client can connect to as they are.
 
-    IPv6 addresses come without a scope: mDNS answers carry the interface
-    they arrived on, and the resolver adds the scope of link-local addresses.
+    * IPv4 addresses (loopback, unspecified and multicast ones excepted),
+      when there are any: then nothing else.  The Go predecessor
+      zw3rk/peernix (``main.go`` at e74df7c, with hashicorp/mdns) keeps
+      whichever A or AAAA record of an answer it reads last, and joins it
+      with its port as ``addr + ":" + port`` without brackets, so *any* IPv6
+      address it records is unusable to it (``too many colons in
+      address``).  Records are read in an order we do not control, so
+      publishing an AAAA record next to the A record made such a node pick
+      the IPv6 one about half of the time.
+    * Otherwise (an IPv6-only host, and ``ipv6``) routable IPv6 addresses:
+      global and unique local (``fd00::/8``) ones.
+    * Never link-local IPv6 (``fe80::/10``): a record carries no zone, and
+      an unscoped link-local address cannot be connected to.  An interface
+      that has only a link-local IPv6 address contributes its IPv4
+      addresses, or nothing.
 
-    :param adapters: as for :func:`ipv4_broadcast_addresses`.
-    :param ipv6: include IPv6 addresses.
-    :returns: addresses without duplicates.
+    Zones (``%eth0``) are stripped, entries that are not IP addresses are
+    skipped.
+
+    :param addresses: candidate addresses (IPv6 with or without a zone).
+    :param ipv6: allow IPv6 addresses at all (on an IPv6-only host).
+    :returns: addresses without duplicates, in the given order; possibly
+        empty (then only UDP broadcast and static peers find us).
     """
     v4: list[str] = []
     v6: list[str] = []
+    for text in addresses:
+        try:
+            parsed = ipaddress.ip_address(text.split("%", 1)[0])
+        except ValueError:
+            continue
+        if parsed.is_loopback or parsed.is_unspecified or parsed.is_multicast:
+            continue
+        if parsed.version == 4:
+            v4.append(str(parsed))
+        elif ipv6 and not parsed.is_link_local:
+            v6.append(str(parsed))
+    return _dedupe(v4 if v4 else v6)
+
+
+def host_addresses(adapters: Iterable[_Adapter] | None = None, ipv6: bool = True) -> list[str]:
+    """
+    This host's addresses for mDNS registration, chosen by
+    :func:`publishable_addresses` (IPv4 when there is any, else routable
+    IPv6; never loopback or link-local IPv6).
+
+    :param adapters: as for :func:`ipv4_broadcast_addresses`.
+    :param ipv6: allow IPv6 addresses (on a host without IPv4).
+    :returns: addresses without duplicates, in interface order.
+    """
+    found: list[str] = []
     for adapter in _adapters(adapters):
         for ip in adapter.ips:
-            text = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
-            try:
-                parsed = ipaddress.ip_address(text.split("%", 1)[0])
-            except ValueError:
-                continue
-            if parsed.is_loopback or parsed.is_unspecified:
-                continue
-            if parsed.version == 4:
-                v4.append(str(parsed))
-            elif ipv6:
-                v6.append(str(parsed))
-    return _dedupe(v4 + v6)
+            found.append(ip.ip if isinstance(ip.ip, str) else ip.ip[0])
+    return publishable_addresses(found, ipv6)
 
 
 def peer_url(host: str, port: int) -> str:

@@ -10,8 +10,11 @@ Wire-compatible with the Go predecessor zw3rk/peernix (``main.go``):
   ``encoding/json`` into a struct, which ignores unknown fields and matches
   field names case-insensitively.  We add two fields of our own that Go
   ignores: ``node_id`` (random per process; recognises our own broadcasts and
-  a restarted peer) and ``reply`` (``true`` on an answer, which is never
-  answered again).  Optionally signed (see :mod:`.signed`): ``ts`` (unix
+  a restarted peer), ``reply`` (``true`` on an answer, which is never
+  answered again) and ``serve_peers`` (``false`` from a node that serves no
+  peers, ``--serve-peers no``: do not ask it; absent means it serves) and
+  ``max_upload_rate`` (bytes per second it serves peers at most, when
+  limited; informative).  Optionally signed (see :mod:`.signed`): ``ts`` (unix
   seconds, an integer) and ``sig`` (``name:base64`` ed25519 signature of
   :func:`signing_payload`, the canonical JSON of the announce without
   ``sig``).
@@ -84,6 +87,10 @@ class Announce:
     :ivar public_key: ``name:base64`` or ``""`` when the node has no key.
     :ivar node_id: ``None`` for nodes that do not send one (the Go predecessor).
     :ivar reply: whether this is an answer to an announce (never answered).
+    :ivar serve_peers: ``False`` when the node serves no peers (sent only
+        then, as ``"serve_peers": false``).
+    :ivar max_upload_rate: the node's ``--max-upload-rate`` in bytes per
+        second; ``None`` (not sent) when unlimited.
     :ivar ts: the signing time, unix seconds, for signed announces.
     :ivar sig: ``name:base64`` signature of :attr:`signed_payload`.
     :ivar fetch_for_lan: the node offers to fetch from upstreams for the
@@ -102,6 +109,8 @@ class Announce:
     port: int | None = None
     node_id: str | None = None
     reply: bool = False
+    serve_peers: bool = True
+    max_upload_rate: int | None = None
     ts: int | None = None
     sig: str | None = None
     fetch_for_lan: bool = False
@@ -275,6 +284,16 @@ def _parse_announce(text: str) -> Announce:
         reply = False
     if not isinstance(reply, bool):
         raise DatagramError("field", "announce field 'reply' must be a boolean")
+    serve_peers = obj.get("serve_peers", True)
+    if serve_peers is None:
+        serve_peers = True
+    if not isinstance(serve_peers, bool):
+        raise DatagramError("field", "announce field 'serve_peers' must be a boolean")
+    max_upload_rate = obj.get("max_upload_rate")
+    if max_upload_rate is not None and (
+        not isinstance(max_upload_rate, int) or isinstance(max_upload_rate, bool) or not 0 < max_upload_rate < 2**63
+    ):
+        raise DatagramError("field", "announce field 'max_upload_rate' must be a positive integer")
     ts = _ts(obj)
     sig = _sig(obj)
     fetch_for_lan = obj.get("fetch_for_lan", False)
@@ -291,6 +310,8 @@ def _parse_announce(text: str) -> Announce:
         port=_port(obj),
         node_id=node_id,
         reply=reply,
+        serve_peers=serve_peers,
+        max_upload_rate=max_upload_rate,
         ts=ts,
         sig=sig,
         fetch_for_lan=fetch_for_lan,
@@ -369,6 +390,10 @@ def _announce_object(a: Announce) -> dict[str, object]:
         obj["fetch_for_lan"] = True
     if a.reply:
         obj["reply"] = True
+    if not a.serve_peers:
+        obj["serve_peers"] = False
+    if a.max_upload_rate is not None:
+        obj["max_upload_rate"] = a.max_upload_rate
     if a.ts is not None:
         obj["ts"] = a.ts
     if a.sig is not None:

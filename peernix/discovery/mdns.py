@@ -10,7 +10,14 @@ zeroconf's browse callbacks (made on zeroconf's thread) through the injected
 
 TXT records, as the Go predecessor: ``version=``, ``platform=``,
 ``features=`` (comma-separated), ``pubkey=`` (only with a key); plus
-``id=<node id>`` to recognise ourselves.
+``id=<node id>`` to recognise ourselves, ``serve=0`` from a node that
+serves no peers (``--serve-peers no``), which is then never asked, and
+``upload_rate=<bytes per second>`` from a node with ``--max-upload-rate``.
+
+Addresses: IPv4 only when the host has any, else routable IPv6; never
+link-local IPv6 (see :func:`~peernix.discovery.addresses.publishable_addresses`:
+a Go node keeps whichever address record it reads last and can use only an
+IPv4 one).
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from twisted.python.failure import Failure
 from zeroconf import InterfaceChoice, ServiceInfo, Zeroconf
 from zope.interface import Interface, implementer
 
-from peernix.discovery.addresses import host_addresses, peer_url
+from peernix.discovery.addresses import host_addresses, peer_url, publishable_addresses
 from peernix.discovery.datagrams import is_valid_public_key
 from peernix.discovery.nodeinfo import NodeInfo
 from peernix.interfaces import IDiscovery, IPeerRegistry
@@ -129,7 +136,11 @@ def instance_name(hostname: str, http_port: int, node_id: str) -> str:
 def build_service_info(node: NodeInfo, http_port: int, instance: str, addresses: Sequence[str]) -> ServiceInfo:
     """
     :param instance: from :func:`instance_name`.
-    :param addresses: this host's addresses (IPv6 without zone).
+    :param addresses: this host's addresses; only those
+        :func:`~peernix.discovery.addresses.publishable_addresses` keeps
+        are published (IPv4 when there is any, else routable IPv6; never an
+        unscoped link-local ``fe80::``, which no client can use, nor
+        loopback unless that is all there is, as in tests on one host).
     :returns: the ``ServiceInfo`` we register.
     """
     properties = {
@@ -142,14 +153,30 @@ def build_service_info(node: NodeInfo, http_port: int, instance: str, addresses:
         properties["pubkey"] = node.public_key
     if node.fetch_for_lan:
         properties["fetch"] = "1"
+    if not node.serve_peers:
+        # Consume only: do not ask this node (absent means it serves).
+        properties["serve"] = "0"
+    if node.max_upload_rate is not None:
+        properties["upload_rate"] = str(node.max_upload_rate)
+    published = publishable_addresses(addresses)
+    if not published:
+        # Tests on one host register loopback only; keep it rather than nothing.
+        published = [a for a in addresses if _is_loopback(a)]
     return ServiceInfo(
         SERVICE_TYPE,
         f"{instance}.{SERVICE_TYPE}",
         port=http_port,
         properties=properties,
         server=f"{instance}.local.",
-        parsed_addresses=list(addresses),
+        parsed_addresses=published,
     )
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 @frozen
@@ -161,12 +188,15 @@ class ResolvedPeer:
         :func:`resolved_peer`), or none when it has no usable address.
     :ivar public_key: ``name:base64`` or ``None`` (absent or malformed).
     :ivar node_id: the TXT ``id``, ``None`` for nodes without one (Go).
+    :ivar serving: ``False`` when the TXT says ``serve=0`` (the node serves
+        no peers).
     :ivar fetch_for_lan: TXT ``fetch=1``: the node fetches for the LAN.
     """
 
     urls: tuple[str, ...]
     public_key: str | None
     node_id: str | None
+    serving: bool = True
     fetch_for_lan: bool = False
 
 
@@ -188,7 +218,10 @@ def resolved_peer(info: ServiceInfo, skip_loopback: bool = True) -> ResolvedPeer
     A host announces every address it has; one URL per host keeps the
     fan-out from asking the same machine several times.  The preferred
     address is IPv4, then a global (or ULA) IPv6 one, then link-local ones,
-    which need a zone and break when interfaces change.
+    which need a zone and break when interfaces change.  (peernix publishes
+    no link-local IPv6 address, but other and older nodes may.)  zeroconf
+    gives a link-local address the zone of the interface the answer came in
+    on; one without a zone cannot be connected to and is skipped.
 
     :param info: as ``get_service_info`` returns it.
     :param skip_loopback: drop loopback addresses (a misconfigured host name
@@ -204,6 +237,9 @@ def resolved_peer(info: ServiceInfo, skip_loopback: bool = True) -> ResolvedPeer
                 continue
             if parsed.is_unspecified or parsed.is_multicast or (skip_loopback and parsed.is_loopback):
                 continue
+            if parsed.version == 6 and parsed.is_link_local and "%" not in address:
+                # No zone (the answer's interface is unknown): unusable.
+                continue
             try:
                 url = peer_url(address, port)
             except ValueError:
@@ -215,8 +251,10 @@ def resolved_peer(info: ServiceInfo, skip_loopback: bool = True) -> ResolvedPeer
     public_key = _txt(properties, b"pubkey")
     if public_key is not None and not is_valid_public_key(public_key):
         public_key = None
-    return ResolvedPeer(tuple(dict.fromkeys(urls)), public_key, _txt(properties, b"id"),
-                        _txt(properties, b"fetch") == "1")
+    return ResolvedPeer(
+        tuple(dict.fromkeys(urls)), public_key, _txt(properties, b"id"), serving=_txt(properties, b"serve") != "0",
+        fetch_for_lan=_txt(properties, b"fetch") == "1",
+    )
 
 
 class _Listener:
@@ -365,6 +403,11 @@ class MdnsDiscoveryService(Service):
         info = build_service_info(self._node, self._http_port, self.instance, await self._defer_to_thread(self._addresses))
         if not self.running:
             return
+        if not info.parsed_addresses():
+            self.log.warn(
+                "mDNS: this host has no IPv4 or routable IPv6 address to publish; "
+                "peers find it by UDP broadcast or --peer only"
+            )
 
         def register() -> None:
             with made.lock:
@@ -514,7 +557,9 @@ class MdnsDiscoveryService(Service):
             if url not in peer.urls:
                 self._registry.remove(url, SOURCE)
         for url in peer.urls:
-            self._registry.add(url, SOURCE, peer.public_key)
+            added = self._registry.add(url, SOURCE, peer.public_key)
+            if added is not None:
+                self._registry.record_serving(added, peer.serving)
             if self._on_fetch_offer is not None and peer.node_id is not None:
                 self._on_fetch_offer(url, peer.node_id, peer.fetch_for_lan)
         self._known[name] = peer.urls

@@ -44,6 +44,12 @@ class NodeInfo:
     :ivar fetch_for_lan: whether this node offers to fetch from upstreams
         for the LAN (``--fetch-for-lan``), announced as UDP
         ``"fetch_for_lan": true`` and mDNS TXT ``fetch=1``.
+    :ivar serve_peers: ``False`` under ``--serve-peers no``: announcements
+        tell peers not to ask this node (UDP ``"serve_peers": false``, mDNS
+        TXT ``serve=0``).
+    :ivar max_upload_rate: ``--max-upload-rate`` in bytes per second,
+        announced (UDP ``"max_upload_rate"``, mDNS TXT ``upload_rate=``) for
+        people and tools; ``None``: unlimited (not announced).
     """
 
     peernix_version: str
@@ -52,6 +58,8 @@ class NodeInfo:
     features: tuple[str, ...] = field(converter=_tuple)
     public_key: str
     node_id: str
+    serve_peers: bool = True
+    max_upload_rate: int | None = None
     fetch_for_lan: bool = False
 
 
@@ -116,6 +124,8 @@ def detect_node_info(
     node_id: str | None = None,
     features: Sequence[str] | None = None,
     run: Runner = subprocess.run,
+    serve_peers: bool = True,
+    max_upload_rate: int | None = None,
 ) -> NodeInfo:
     """
     Build this node's :class:`NodeInfo`.  Blocking when ``nix_version`` is
@@ -127,6 +137,8 @@ def detect_node_info(
     :param node_id: a fresh random one when ``None``.
     :param features: :func:`default_features` when ``None``.
     :param run: passed to :func:`detect_nix_version`.
+    :param serve_peers: ``--serve-peers``.
+    :param max_upload_rate: ``--max-upload-rate``.
     """
     return NodeInfo(
         peernix_version=peernix.__version__,
@@ -135,4 +147,6 @@ def detect_node_info(
         features=features if features is not None else default_features(bool(public_key)),
         public_key=public_key,
         node_id=node_id if node_id is not None else new_node_id(),
+        serve_peers=serve_peers,
+        max_upload_rate=max_upload_rate,
     )

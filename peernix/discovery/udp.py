@@ -6,10 +6,25 @@ registry updates and store lookups; :class:`UdpDiscoveryService` listens,
 broadcasts our announce on a schedule, and stops everything cleanly.
 
 Loops: an announce we send as an answer carries ``"reply": true`` and is
-never answered.  The Go predecessor ignores that field and answers every
-announce, so in addition we answer one source (address and node id) at most
-once per ``answer_holdoff`` seconds, which also collapses the copies of one
-broadcast that arrive through the directed and the limited broadcast address.
+never answered.  We answer one source (address and node id) at most once per
+``answer_holdoff`` seconds, which also collapses the copies of one broadcast
+that arrive through the directed and the limited broadcast address.
+
+Announces of the Go predecessor (zw3rk/peernix; recognised by having no
+``node_id``) are never answered.  Read from its ``main.go`` (commit
+e74df7c): it broadcasts its announce from a fresh socket *connected* to
+``255.255.255.255:9999``, so the kernel drops every unicast answer to it; and
+it sends from port 9999 only in answer to a datagram it received there, i.e.
+to our broadcast, whose every field (``public_key``, ``platform``,
+``features``, ...) it has just recorded.  Its server overwrites *every*
+field of a known peer with each announce it receives and answers each one,
+so an answer from us could at best repeat that record and at worst replace
+it with whatever fits under the amplification bound below (its announces
+are 150-250 bytes, often shorter than our full answer), and would start
+another round of the exchange.  A Go
+node therefore learns of us, with all our fields, from our broadcasts (at
+start-up, 2.5 s later and every ``announce_interval``) and from our mDNS
+TXT records; we learn of it from its broadcasts and its answers.
 
 No amplification: no datagram we send in answer is longer than the datagram
 that caused it (the source address of a UDP request may be spoofed, and an
@@ -21,11 +36,10 @@ key; a compact one that keeps only what a receiver needs to add us
 (``peernix_version``, ``port``, ``reply``; and ``public_key``, ``ts``,
 ``sig`` when signed); the same unsigned.  When even the compact form is
 longer than the announce, we do not answer at all.  The trade-off: a node
-whose announce is tiny (shorter than about 70 bytes: only ``cmd`` and
-``peernix_version``) learns of us from our next periodic broadcast instead
-of at once, and a Go node (whose announce, 150-250 bytes, never fits a
-signed reply) gets the compact unsigned reply, which is all it reads anyway
-(it keys peers by source address and shows the rest on its status page).
+whose announce is tiny (shorter than about 70 bytes) learns of us from our
+next periodic broadcast instead of at once.  A peernix node loses nothing
+by a compact answer: the registry never clears a known key for an announce
+without one.  (Go nodes, which would, get no answer at all: see above.)
 
 Everything is rate-limited per source address (every datagram, and
 announces) and in total (announces, replies of every kind, signature
@@ -258,11 +272,14 @@ class DiscoveryProtocol(DatagramProtocol):
             port=http_port,
             node_id=node.node_id,
             fetch_for_lan=node.fetch_for_lan,
+            serve_peers=node.serve_peers,
+            max_upload_rate=node.max_upload_rate,
         )
         full_reply = attrs.evolve(full, reply=True)
         # Only what a receiver needs to add us: where (port), that it is a
         # reply (never answered), and the key a signature is checked with.
-        compact = Announce(peernix_version=node.peernix_version, public_key=public_key, port=http_port, reply=True)
+        compact = Announce(peernix_version=node.peernix_version, public_key=public_key, port=http_port, reply=True,
+                           serve_peers=node.serve_peers)
         compact_unsigned = attrs.evolve(compact, public_key="")
         self._broadcast_form = full
         # Most informative first; reply_for() sends the first that fits.
@@ -415,9 +432,16 @@ class DiscoveryProtocol(DatagramProtocol):
             self.log.debug(
                 "Announce from {source} treated as unsigned: {verdict}", source=addr, verdict=verdict.value
             )
-        self._registry.add(url, SOURCE, announce.public_key or None, verified=verdict is Verdict.VERIFIED)
+        peer = self._registry.add(url, SOURCE, announce.public_key or None, verified=verdict is Verdict.VERIFIED)
+        if peer is not None:
+            # A consume-only node (serve_peers false) is kept but never asked.
+            self._registry.record_serving(peer, announce.serve_peers)
         if self._on_fetch_offer is not None and announce.node_id is not None:
             self._on_fetch_offer(url, announce.node_id, announce.fetch_for_lan)
+        if announce.node_id is None:
+            # The Go predecessor: never answered (see the module docstring).
+            self.log.debug("Announce from {source} without node_id (zw3rk/peernix): not answered", source=addr)
+            return
         if announce.reply or not self._should_answer(host, announce.node_id):
             return
         reply = self.reply_for(request_size)

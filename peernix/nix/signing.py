@@ -13,15 +13,13 @@ import base64
 import binascii
 import re
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, TypeVar, cast
 
 import attrs
 from attrs import field, frozen
 from nacl.exceptions import CryptoError
 from nacl.signing import SigningKey, VerifyKey
 
-if TYPE_CHECKING:
-    from peernix.nix.narinfo import NarInfo
 
 _KEY_NAME_RE = re.compile(r"[^:\s]+")
 
@@ -256,12 +254,33 @@ def verify_any(fingerprint: bytes, sigs: Iterable[str], keys: Mapping[str, Publi
     return False
 
 
-def sign_narinfo(info: NarInfo, key: SecretKey) -> NarInfo:
+class Signable(Protocol):
     """
+    What :func:`sign_narinfo` needs of a narinfo: its fingerprint and
+    signatures (an attrs class, copied with ``attrs.evolve``).  A protocol,
+    so this module does not import :mod:`peernix.nix.narinfo`, which
+    imports it.
+    """
+
+    @property
+    def sigs(self) -> tuple[str, ...]: ...
+
+    def fingerprint(self) -> bytes: ...
+
+
+_Signable = TypeVar("_Signable", bound=Signable)
+
+
+def sign_narinfo(info: _Signable, key: SecretKey) -> _Signable:
+    """
+    :param info: a :class:`peernix.nix.narinfo.NarInfo`.
     :returns: a copy of ``info`` with ``key``'s signature of its fingerprint
         appended, or ``info`` itself when that signature is already there.
     """
     sig = key.sign(info.fingerprint())
     if sig in info.sigs:
         return info
-    return attrs.evolve(info, sigs=(*info.sigs, sig))
+    # attrs' mypy plugin cannot evolve a protocol-bound type variable; the
+    # protocol's contract is an attrs instance with a ``sigs`` field.
+    record: Any = info
+    return cast(_Signable, attrs.evolve(record, sigs=(*info.sigs, sig)))

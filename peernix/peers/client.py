@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Coroutine, TypeVar, cast
 from urllib.parse import urljoin, urlsplit
 
+from attrs import frozen
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -42,7 +43,27 @@ MAX_MISS_BODY_BYTES = 4096
 PEER_HEADER = "X-Peernix-Peer"
 _PEER_HEADER_BYTES = PEER_HEADER.encode("ascii")
 
+#: The ``nix-cache-info`` response header by which a peernix node says
+#: whether it serves peers (``no``: ``--serve-peers no``, do not ask it).
+SERVE_PEERS_HEADER = "X-Peernix-Serve-Peers"
+_SERVE_PEERS_HEADER_BYTES = SERVE_PEERS_HEADER.encode("ascii")
+
 _T = TypeVar("_T")
+
+
+@frozen
+class Probe:
+    """
+    What a health probe learnt.
+
+    :ivar latency: the round-trip time in seconds.
+    :ivar serving: ``False`` when the peer said it serves no peers
+        (:data:`SERVE_PEERS_HEADER` ``no``); peers that do not say (the Go
+        peernix) serve.
+    """
+
+    latency: float
+    serving: bool = True
 
 
 class _LimitedBody(Protocol):
@@ -279,16 +300,28 @@ class PeerClient:
             failing like :meth:`fetch_narinfo` (a non-200 status is a
             :class:`PeerHTTPError`).
         """
+        return self.check(peer).addCallback(lambda probe: probe.latency)
+
+    def check(self, peer: Peer) -> Deferred[Probe]:
+        """
+        :meth:`probe`, also reading whether the peer serves peers (its
+        ``nix-cache-info``'s :data:`SERVE_PEERS_HEADER`).
+
+        :returns: a Deferred firing with a :class:`Probe`, or failing like
+            :meth:`probe`.
+        """
         return self._bounded(self._probe(f"{peer.nix_cache_url}nix-cache-info"))
 
-    async def _probe(self, url: str) -> float:
+    async def _probe(self, url: str) -> Probe:
         start = self._clock.seconds()
         response = await self._get(url)
         if response.code != 200:
             discard_body(response)
             raise PeerHTTPError(response.code)
+        said = response.headers.getRawHeaders(_SERVE_PEERS_HEADER_BYTES) or []
+        serving = not any(value.strip().lower() == b"no" for value in said)
         await read_limited(response, 4096, self._clock, self.timeout)
-        return self._clock.seconds() - start
+        return Probe(self._clock.seconds() - start, serving)
 
     def nar_url(self, peer: Peer, url: str) -> str:
         """

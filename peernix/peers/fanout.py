@@ -26,7 +26,7 @@ exponentially with every bad answer.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from typing import Any
+from typing import Any, Callable
 
 from attrs import frozen
 from prometheus_client import CollectorRegistry
@@ -46,6 +46,7 @@ from peernix.peers.metrics import PeerMetrics
 from peernix.peers.registry import Peer
 from peernix.peers.relay import HOLD_BACK_BYTES, SUPPORTED_COMPRESSIONS, NarRelay
 from peernix.peers.trust import TrustPolicy
+from peernix.sources import Found, peer_source
 
 log = Logger()
 
@@ -169,26 +170,26 @@ class _Shared:
     """One fan-out in flight and the callers waiting for it, each with its own Deferred."""
 
     def __init__(self) -> None:
-        self.waiters: list[Deferred[NarInfo | None]] = []
+        self.waiters: list[Deferred[Found | None]] = []
         self.done = False
-        self.result: NarInfo | None = None
+        self.result: Found | None = None
         self.op: Deferred[None] | None = None
 
-    def wait(self) -> Deferred[NarInfo | None]:
+    def wait(self) -> Deferred[Found | None]:
         if self.done:
             return succeed(self.result)
 
-        def cancel(d: Deferred[NarInfo | None]) -> None:
+        def cancel(d: Deferred[Found | None]) -> None:
             # Only this caller stops waiting; the shared fan-out runs on
             # (bounded by lookup_timeout) and its result fills the cache.
             if d in self.waiters:
                 self.waiters.remove(d)
 
-        d: Deferred[NarInfo | None] = Deferred(cancel)
+        d: Deferred[Found | None] = Deferred(cancel)
         self.waiters.append(d)
         return d
 
-    def settle(self, result: NarInfo | None) -> None:
+    def settle(self, result: Found | None) -> None:
         self.done = True
         self.result = result
         waiters, self.waiters = self.waiters, []
@@ -257,7 +258,7 @@ class Fanout:
         self._nar_silence_timeout = nar_silence_timeout
         self._relay_hold_back = relay_hold_back
         self.metrics = PeerMetrics(metrics_registry, lambda: len(registry.peers()))
-        self._positive: OrderedDict[str, tuple[NarInfo, float]] = OrderedDict()
+        self._positive: OrderedDict[str, tuple[Found, float]] = OrderedDict()
         self._negative: OrderedDict[str, float] = OrderedDict()
         self._offers: OrderedDict[str, dict[str, PeerOffer]] = OrderedDict()
         self._inflight: dict[str, _Shared] = {}
@@ -272,7 +273,7 @@ class Fanout:
         # A new peer may have what everybody else lacked.
         self._negative.clear()
 
-    def _cached(self, hash_part: str) -> tuple[bool, NarInfo | None]:
+    def _cached(self, hash_part: str) -> tuple[bool, Found | None]:
         """:returns: ``(True, answer)`` when the caches know the answer."""
         now = self._clock.seconds()
         hit = self._positive.get(hash_part)
@@ -288,7 +289,7 @@ class Fanout:
             del self._negative[hash_part]
         return False, None
 
-    def _store(self, hash_part: str, info: NarInfo | None) -> None:
+    def _store(self, hash_part: str, info: Found | None) -> None:
         now = self._clock.seconds()
         if info is None:
             self._negative[hash_part] = now + self._negative_ttl
@@ -315,6 +316,11 @@ class Fanout:
 
     def lookup(self, hash_part: str) -> Deferred[NarInfo | None]:
         """See :meth:`IUpstream.lookup`.  An invalid hash part is a miss."""
+        # Cancelling the returned Deferred cancels find()'s: it is the same one.
+        return self.find(hash_part).addCallback(_info_of)
+
+    def find(self, hash_part: str) -> Deferred[Found | None]:
+        """See :meth:`IUpstream.find`.  An invalid hash part is a miss."""
         if not isinstance(hash_part, str) or not is_hash_part(hash_part):
             return succeed(None)
         known, answer = self._cached(hash_part)
@@ -350,15 +356,15 @@ class Fanout:
             log.failure("fan-out for {hash_part} failed", failure, hash_part=hash_part)
         return None
 
-    def _settle(self, result: NarInfo | None, hash_part: str, shared: _Shared) -> None:
+    def _settle(self, result: Found | None, hash_part: str, shared: _Shared) -> None:
         if self._inflight.get(hash_part) is shared:
             del self._inflight[hash_part]
         self._store(hash_part, result)
         shared.settle(result)
         if result is not None:
-            self._schedule_prefetch(result)
+            self._schedule_prefetch(result.info)
 
-    async def _fan_out(self, hash_part: str) -> NarInfo | None:
+    async def _fan_out(self, hash_part: str) -> Found | None:
         peers = self._registry.healthy_peers()
         if not peers:
             # race() never fires on an empty list.
@@ -380,7 +386,7 @@ class Fanout:
             self.metrics.fanout_seconds.observe(self._clock.seconds() - start)
         self.metrics.peer_hits.inc()
         log.debug("{hash_part} found on {peer}", hash_part=hash_part, peer=peer.url)
-        return info
+        return Found(info, peer_source(peer.url))
 
     # -- slots ---------------------------------------------------------
 
@@ -501,11 +507,16 @@ class Fanout:
 
     # -- NAR relay -------------------------------------------------------
 
-    def relay_nar(self, info: NarInfo, consumer: object) -> Deferred[None]:
-        """See :meth:`IUpstream.relay_nar`.  ``consumer`` must provide ``IConsumer``."""
-        return Deferred.fromCoroutine(self._relay(info, IConsumer(consumer)))
+    def relay_nar(self, info: NarInfo, consumer: object, on_peer: object = None) -> Deferred[None]:
+        """
+        See :meth:`IUpstream.relay_nar`.  ``consumer`` must provide
+        ``IConsumer``; ``on_peer``, when not ``None``, be callable.
+        """
+        if on_peer is not None and not callable(on_peer):
+            raise TypeError("on_peer must be callable")
+        return Deferred.fromCoroutine(self._relay(info, IConsumer(consumer), on_peer))
 
-    async def _relay(self, info: NarInfo, consumer: IConsumer) -> None:
+    async def _relay(self, info: NarInfo, consumer: IConsumer, on_peer: Callable[[str], object] | None) -> None:
         try:
             hash_part = parse_store_path(info.store_path).hash_part
         except StorePathError:
@@ -516,14 +527,14 @@ class Fanout:
             for offer in self._offers.get(hash_part, {}).values()
             if offer.nar_hash == info.nar_hash
             for peer in [self._peer(offer.peer_url)]
-            if peer is not None
+            if peer is not None and peer.serving
         ]
         known.sort(key=lambda po: -po[0].score)
         for peer, offer in known:
-            if await self._try_relay(peer, offer, info, consumer, tried):
+            if await self._try_relay(peer, offer, info, consumer, tried, on_peer):
                 return
         for peer, offer in await self._find_offers(hash_part, info, tried):
-            if await self._try_relay(peer, offer, info, consumer, tried):
+            if await self._try_relay(peer, offer, info, consumer, tried, on_peer):
                 return
         raise NarUnavailable(f"no peer could send the NAR of {info.store_path}")
 
@@ -571,7 +582,13 @@ class Fanout:
         return peer, PeerOffer(peer.url, theirs.nar_hash, theirs.url, theirs.compression)
 
     async def _try_relay(
-        self, peer: Peer, offer: PeerOffer, info: NarInfo, consumer: IConsumer, tried: set[str]
+        self,
+        peer: Peer,
+        offer: PeerOffer,
+        info: NarInfo,
+        consumer: IConsumer,
+        tried: set[str],
+        on_peer: Callable[[str], object] | None = None,
     ) -> bool:
         """
         :returns: ``True`` when the NAR was relayed and verified; ``False``
@@ -609,6 +626,9 @@ class Fanout:
             hold_back=self._relay_hold_back,
             on_bytes=self.metrics.proxied_bytes.inc,
         )
+        if on_peer is not None:
+            # Before deliverBody: no byte of this peer's NAR is written yet.
+            on_peer(peer.url)
         response.deliverBody(relay)  # type: ignore[no-untyped-call]
         hash_part = info.store_path.rsplit("/", 1)[-1][:32]
         try:
@@ -628,6 +648,10 @@ class Fanout:
                 raise
             return False
         return True
+
+
+def _info_of(found: Found | None) -> NarInfo | None:
+    return None if found is None else found.info
 
 
 def _trim(cache: OrderedDict[str, Any], size: int) -> None:

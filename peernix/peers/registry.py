@@ -22,17 +22,17 @@ import re
 from typing import Callable
 from urllib.parse import urlsplit
 
-from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from peernix.interfaces import IPeerRegistry
+# The peer record lives in its own module (the interfaces name it too);
+# re-exported here, where it has always been imported from.
+from peernix.peers.peer import STATIC as STATIC
+from peernix.peers.peer import Peer as Peer
 
 log = Logger()
-
-#: Source name of peers given on the command line or in the config file.
-STATIC = "static"
 
 #: Failure kinds that say the peer is alive but misbehaving, with their weight.
 _MISBEHAVIOUR_WEIGHTS = {"untrusted": 2, "verification": 4}
@@ -114,77 +114,6 @@ def backoff_delay(strikes: int, *, base: float = 1.0, cap: float = 60.0) -> floa
     if strikes <= 0:
         return 0.0
     return min(cap, base * 2.0 ** min(strikes - 1, 30))
-
-
-@define(eq=False)
-class Peer:
-    """
-    One peer and its health.  Mutable, but only :class:`PeerRegistry`
-    changes it; everyone else reads.  Compared and hashed by identity.
-
-    :ivar url: normalised base URL ``http://host:port``.
-    :ivar sources: who knows the peer (``static``, ``udp``, ``mdns``).
-    :ivar public_key: the key the peer announced (``name:base64``), if any;
-        informative only, it confers no trust.
-    :ivar latency: exponentially weighted mean of answer latency, seconds.
-    :ivar consecutive_failures: liveness failures since the last success.
-    :ivar strikes: weighted misbehaviour count (halved by each success).
-    :ivar backoff_until: clock time before which the peer is skipped.
-    :ivar failures: failure counts per kind, for status and metrics.
-    :ivar verified: whether a signed announcement by a trusted key vouched
-        for this peer within the TTL.  It orders peers (verified first) and
-        protects their place in the table; trust in answers still comes only
-        from narinfo signatures.
-    :ivar verified_at: clock time of the last verified announcement.
-    """
-
-    url: str
-    first_seen: float
-    last_seen: float
-    sources: set[str] = field(factory=set)
-    public_key: str | None = None
-    latency: float | None = None
-    consecutive_failures: int = 0
-    strikes: int = 0
-    backoff_until: float = 0.0
-    successes: int = 0
-    failures: dict[str, int] = field(factory=dict)
-    verified: bool = False
-    verified_at: float | None = None
-
-    @property
-    def nix_cache_url(self) -> str:
-        """:returns: the peer's binary cache URL, ending in ``/``."""
-        return f"{self.url}/nix-cache/"
-
-    @property
-    def on_loopback(self) -> bool:
-        """
-        :returns: whether the peer is on this machine (a loopback address or
-            ``localhost``): several daemons on one host, as in tests.
-        """
-        host = urlsplit(self.url).hostname or ""
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
-
-    @property
-    def is_static(self) -> bool:
-        """:returns: whether the peer is configured statically (never expires)."""
-        return STATIC in self.sources
-
-    @property
-    def score(self) -> float:
-        """
-        :returns: higher is better: minus the latency (1 s assumed when
-            unknown), minus half a second per consecutive failure and one
-            second per strike.  Used to order candidates, never for trust.
-        """
-        latency = 1.0 if self.latency is None else self.latency
-        return -latency - 0.5 * self.consecutive_failures - 1.0 * self.strikes
 
 
 @implementer(IPeerRegistry)
@@ -351,9 +280,22 @@ class PeerRegistry:
         return sorted(self._peers.values(), key=lambda p: (not p.verified, -p.score))
 
     def healthy_peers(self) -> list[Peer]:
-        """:returns: peers not in backoff, verified ones first, then best score first."""
+        """
+        :returns: peers not in backoff and serving peers, verified ones
+            first, then best score first.
+        """
         now = self._clock.seconds()
-        return [p for p in self.peers() if p.backoff_until <= now]
+        return [p for p in self.peers() if p.backoff_until <= now and p.serving]
+
+    def record_serving(self, peer: Peer, serving: bool) -> None:
+        """See :meth:`IPeerRegistry.record_serving`."""
+        if peer.serving != serving:
+            log.info(
+                "peer {url} {change} serving peers",
+                url=peer.url,
+                change="started" if serving else "stopped",
+            )
+        peer.serving = serving
 
     def record_success(self, peer: Peer, latency: float) -> None:
         """

@@ -35,10 +35,10 @@ from peernix.nix.hashes import Hash
 from peernix.nix.pathinfo import PathInfo
 from peernix.nix.signing import PublicKey, SecretKey
 from peernix.nix.storepath import STORE_DIR, StorePathError, parse_basename
-from peernix.options import SHARE_MODES
 
 __all__ = [
     "SHARED",
+    "SHARE_MODES",
     "WITHHELD_REASONS",
     "ShareCounts",
     "SharePolicy",
@@ -50,6 +50,12 @@ __all__ = [
 ]
 
 _log = Logger()
+
+#: The share modes (``--share``, ``share`` in the config file):
+#: ``trusted`` (only paths whose database signature verifies against a
+#: trusted key or this node's own) or ``all``.  Defined here, where they are
+#: implemented; :mod:`peernix.options` takes them from here.
+SHARE_MODES: Final = ("trusted", "all")
 
 #: :meth:`SharePolicy.classify`'s answer for a path that is shared.
 SHARED: Final = "shared"

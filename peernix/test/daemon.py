@@ -160,6 +160,9 @@ class Daemon:
             # Test daemons never fetch from the internet: without an
             # --upstream of the test's own, fetching for the LAN is off.
             argv += ["--upstream", "none"]
+        if "--state-dir" not in args:
+            # Never the machine's /var/lib/peernix: state beside the log.
+            argv += ["--state-dir", os.path.abspath(log_path) + ".state"]
         if host is not None:
             argv = host.command(argv)
         self._log = open(log_path, "ab")

@@ -164,13 +164,17 @@ class FakeRegistry:
         return list(self._peers.values())
 
     def healthy_peers(self) -> list[Peer]:
-        return list(self._peers.values())
+        return [p for p in self._peers.values() if p.serving]
 
     def record_success(self, peer: Peer, latency: float) -> None:
         self.calls.append(("success", peer.url, latency))
 
     def record_failure(self, peer: Peer, kind: str) -> None:
         self.calls.append(("failure", peer.url, kind))
+
+    def record_serving(self, peer: Peer, serving: bool) -> None:
+        self.calls.append(("serving", peer.url, serving))
+        peer.serving = serving
 
     def subscribe(self, callback: object) -> None:
         if not callable(callback):

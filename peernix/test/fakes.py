@@ -26,6 +26,7 @@ from twisted.internet.interfaces import IConsumer
 from zope.interface import implementer
 
 from peernix.interfaces import IStore, IUpstream
+from peernix.sources import Found, peer_source
 from peernix.nix import nix32
 from peernix.nix.hashes import Hash
 from peernix.nix.narinfo import NarInfo
@@ -285,7 +286,12 @@ class FakeUpstream:
     :ivar hold_lookups: when true, :meth:`lookup` returns a Deferred that
         never fires by itself; they are kept in ``held`` and a cancellation
         is counted in ``cancelled``.
+    :ivar peer_url: the base URL of "the peer" that answers (the source
+        :meth:`find` names and :meth:`relay_nar` reports).
     """
+
+    #: The default :attr:`peer_url` (a TEST-NET-1 address: never contacted).
+    PEER_URL = "http://192.0.2.99:9999"
 
     def __init__(self) -> None:
         self.narinfos: dict[str, NarInfo] = {}
@@ -296,8 +302,9 @@ class FakeUpstream:
         self.relay_error: Exception | None = None
         self.relay_error_after = 0
         self.hold_lookups = False
-        self.held: list[Deferred[NarInfo | None]] = []
+        self.held: list[Deferred[Found | None]] = []
         self.cancelled = 0
+        self.peer_url = self.PEER_URL
 
     def add(self, info: NarInfo, nar: bytes | None = None) -> None:
         """Make ``info`` (and, when given, its NAR) available from "a peer"."""
@@ -307,25 +314,32 @@ class FakeUpstream:
 
     def lookup(self, hash_part: str) -> Deferred[NarInfo | None]:
         """See :meth:`peernix.interfaces.IUpstream.lookup`."""
+        return self.find(hash_part).addCallback(lambda found: None if found is None else found.info)
+
+    def find(self, hash_part: str) -> Deferred[Found | None]:
+        """See :meth:`peernix.interfaces.IUpstream.find`; the source is :attr:`peer_url`."""
         self.lookups.append(hash_part)
         if self.lookup_error is not None:
             return fail(self.lookup_error)
         if self.hold_lookups:
 
-            def cancel(d: Deferred[NarInfo | None]) -> None:
+            def cancel(d: Deferred[Found | None]) -> None:
                 self.cancelled += 1
 
-            held: Deferred[NarInfo | None] = Deferred(cancel)
+            held: Deferred[Found | None] = Deferred(cancel)
             self.held.append(held)
             return held
-        return succeed(self.narinfos.get(hash_part))
+        info = self.narinfos.get(hash_part)
+        return succeed(None if info is None else Found(info, peer_source(self.peer_url)))
 
-    def relay_nar(self, info: NarInfo, consumer: object) -> Deferred[None]:
+    def relay_nar(self, info: NarInfo, consumer: object, on_peer: object = None) -> Deferred[None]:
         """See :meth:`peernix.interfaces.IUpstream.relay_nar`; writes synchronously."""
         self.relays.append(info)
         nar = self.nars.get(info.nar_hash.to_string())
         if nar is None:
             return fail(NarUnavailable(info.store_path))
+        if callable(on_peer):
+            on_peer(self.peer_url)
         target = cast(IConsumer, consumer)
         if self.relay_error is not None:
             target.write(nar[: self.relay_error_after])

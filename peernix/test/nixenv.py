@@ -1,6 +1,13 @@
 """
-Test fixtures that drive a real Nix (2.8, Debian's ``nix-bin``) through its
-command line, so tests can build chroot stores and run real Nix clients.
+Test fixtures that drive a real Nix through its command line, so tests can
+build chroot stores and run real Nix clients.
+
+Two generations of Nix client are described by :class:`NixInstall`:
+:data:`NIX_2_8` (Debian's ``nix-bin``, tools on ``PATH``; it also builds
+every fixture store) and :data:`NIX_2_24` (``/opt/nix-modern/bin``, put there
+by ``../shared/tools/nix-2.24/install``).  :data:`NIX_CLIENTS` lists both;
+a real-client test is written once as a :class:`RealClientTests` mixin and
+made into one test class per client (see there).
 
 Everything here blocks (``subprocess.run``); use it in test set-up, never in
 code under test.  Nothing touches the machine's real ``/nix``: every command
@@ -34,21 +41,37 @@ Gotchas found with Nix 2.8 (each is handled here):
   makes them writable first) when a non-root user must delete a store.
 - New-style commands (``nix copy``, ``nix store sign``) need
   ``--extra-experimental-features nix-command``.
+
+And with Nix 2.24 (:data:`NIX_2_24`):
+
+- Its default store would be ``/nix/store`` with a database of its own
+  under ``/opt/nix-modern/var``: always give ``--store``.  The same
+  :func:`isolated_env` works for it; it writes nothing under
+  ``/opt/nix-modern``.
+- ``nix path-info --json`` prints an object keyed by store path (2.8: a
+  list of objects with a ``path``), with ``"deriver": null`` where 2.8
+  leaves the key out.
+- It has ``max-substitution-jobs`` (default 16; 2.8 has no such setting)
+  and asks for ``Accept-Encoding: zstd, br, gzip, deflate, bzip2, xz``.
+- A narinfo without ``FileSize`` shows as "0.00 MiB download".
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
+import re
 import shutil
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Union
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar, Union
 
 from attrs import frozen
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 #: Path of ``/bin/busybox`` (a static busybox), the only builder tool derivations use.
 BUSYBOX = "/bin/busybox"
@@ -67,6 +90,94 @@ SKIP_NO_BUILD: str | None = SKIP_NO_NIX or (
 """Like :data:`SKIP_NO_NIX`, but also requires :data:`BUSYBOX` (for :meth:`ChrootStore.build`)."""
 
 _NIX_COMMAND = ("--extra-experimental-features", "nix-command")
+
+#: The tools every :class:`NixInstall` must have.
+_CLIENT_TOOLS = ("nix-store", "nix-build", "nix", "nix-instantiate")
+
+
+@functools.cache
+def _reported_version(nix: str) -> tuple[int, ...] | None:
+    """:returns: the version ``nix --version`` prints, e.g. ``(2, 24, 15)``; ``None`` if it cannot say."""
+    try:
+        out = subprocess.run([nix, "--version"], capture_output=True, text=True, timeout=30,
+                             stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", out)
+    return tuple(int(part) for part in found.groups() if part is not None) if found else None
+
+
+@frozen
+class NixInstall:
+    """
+    One installed Nix client generation: which release, and where its tools are.
+
+    Every command of a :class:`NixClient` (and a :class:`ChrootStore`) runs
+    the tools of its ``NixInstall``.  Only ever give such a Nix a chroot
+    store (``--store DIR``) or an ``http://`` store, never its default store,
+    and an environment from :func:`isolated_env` (absolute ``NIX_CONF_DIR``,
+    own ``XDG_CACHE_HOME``).
+    """
+
+    #: The release it must be, e.g. ``"2.24"`` (major.minor).
+    release: str
+    #: The directory holding ``nix``, ``nix-store``...; ``None``: found on ``PATH``.
+    bin_dir: str | None
+    #: How to install it, for the skip reason when it is missing.
+    install_hint: str
+
+    @property
+    def name(self) -> str:
+        """:returns: e.g. ``"Nix 2.24"``."""
+        return f"Nix {self.release}"
+
+    def tool(self, name: str) -> str:
+        """:returns: the command to run this Nix's ``name`` (``nix-store``, ``nix``...)."""
+        return os.path.join(self.bin_dir, name) if self.bin_dir is not None else name
+
+    def nix_command(self) -> list[str]:
+        """:returns: ``nix --extra-experimental-features nix-command`` of this Nix (2.8 needs the flag)."""
+        return [self.tool("nix"), *_NIX_COMMAND]
+
+    @property
+    def missing(self) -> str | None:
+        """
+        :returns: a trial ``skip`` reason when this Nix is not installed (a
+            tool is missing, or ``nix --version`` names another release),
+            else ``None``.
+        """
+        where = self.bin_dir if self.bin_dir is not None else "PATH"
+        for name in _CLIENT_TOOLS:
+            found = shutil.which(name) if self.bin_dir is None else (
+                self.tool(name) if os.access(self.tool(name), os.X_OK) else None)
+            if found is None:
+                return f"{self.name} not installed ({name} not in {where}; {self.install_hint})"
+        version = self.version
+        if version is None or ".".join(map(str, version[:2])) != self.release:
+            shown = ".".join(map(str, version)) if version else "no version"
+            return f"{self.name} not installed ({self.tool('nix')} is {shown}; {self.install_hint})"
+        return None
+
+    @property
+    def version(self) -> tuple[int, ...] | None:
+        """:returns: the installed version, e.g. ``(2, 24, 15)`` (asked once); ``None`` when not installed."""
+        return _reported_version(self.tool("nix"))
+
+    def at_least(self, *version: int) -> bool:
+        """:returns: whether the installed version is ``version`` or newer (e.g. ``at_least(2, 16)``)."""
+        installed = self.version
+        return installed is not None and installed >= version
+
+
+NIX_2_8 = NixInstall(release="2.8", bin_dir=None, install_hint="Debian: apt-get install nix-bin")
+"""Debian 12's Nix (``nix-bin``), tools on ``PATH``."""
+
+NIX_2_24 = NixInstall(release="2.24", bin_dir="/opt/nix-modern/bin",
+                      install_hint="run ../shared/tools/nix-2.24/install")
+"""Nix 2.24.15 at ``/opt/nix-modern`` (``../shared/tools/nix-2.24/install``): chroot or http stores only."""
+
+NIX_CLIENTS: tuple[NixInstall, ...] = (NIX_2_8, NIX_2_24)
+"""Every client generation the real-client tests run with."""
 
 # Settings every command gets from its private nix.conf; command lines repeat
 # the ones that matter for readability.
@@ -278,7 +389,9 @@ class Closure:
 class _NixRoot:
     """A chroot store root plus a private Nix environment (shared code)."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, nix: NixInstall = NIX_2_8) -> None:
+        #: The Nix whose tools every command on this store runs.
+        self.nix = nix
         self.root = os.path.abspath(root)
         os.makedirs(self.root, exist_ok=True)
         #: Private config/cache/temporary directory, next to (not inside) the
@@ -314,16 +427,19 @@ class _NixRoot:
 
     def is_valid(self, path: str) -> bool:
         """:returns: whether the DB lists ``path`` (``nix-store --check-validity``)."""
-        result = run_nix(["nix-store", *self._store_args(), "--check-validity", path], self.env, check=False)
+        result = run_nix([self.nix.tool("nix-store"), *self._store_args(), "--check-validity", path], self.env,
+                         check=False)
         return result.returncode == 0
 
-    def verify(self, path: str) -> subprocess.CompletedProcess[bytes]:
+    def verify(self, *paths: str) -> subprocess.CompletedProcess[bytes]:
         """
-        Check ``path``'s files against its NarHash (``nix-store --verify-path``).
+        Check each path's files against its NarHash (``nix-store --verify-path``).
 
-        :returns: the finished process; ``returncode == 0`` means valid and intact.
+        :returns: the finished process; ``returncode == 0`` means every path
+            is valid and intact.
         """
-        return run_nix(["nix-store", *self._store_args(), "--verify-path", path], self.env, check=False)
+        return run_nix([self.nix.tool("nix-store"), *self._store_args(), "--verify-path", *paths], self.env,
+                       check=False)
 
     def query(self, path: str, what: str) -> list[str]:
         """
@@ -333,11 +449,13 @@ class _NixRoot:
             ``size``, ``requisites``...
         :returns: the output lines (a deriver of ``unknown-deriver`` comes back as is).
         """
-        return _lines(run_nix(["nix-store", *self._store_args(), "-q", f"--{what}", path], self.env).stdout)
+        return _lines(run_nix([self.nix.tool("nix-store"), *self._store_args(), "-q", f"--{what}", path],
+                              self.env).stdout)
 
     def path_info_json(self, paths: Sequence[str]) -> list[dict[str, object]]:
         """:returns: ``nix path-info --json --sigs`` for ``paths`` (narHash, narSize, references, deriver, signatures, ca)."""
-        out = run_nix(["nix", *_NIX_COMMAND, "path-info", *self._store_args(), "--json", "--sigs", *paths], self.env).stdout
+        out = run_nix([*self.nix.nix_command(), "path-info", *self._store_args(), "--json", "--sigs", *paths],
+                      self.env).stdout
         data: list[dict[str, object]] = json.loads(out)
         return data
 
@@ -347,7 +465,7 @@ class _NixRoot:
             by ``nix store dump-path --store ROOT`` (not ``nix-store --dump``,
             which would read the host's ``/nix/store``).
         """
-        return run_nix(["nix", *_NIX_COMMAND, "store", "dump-path", *self._store_args(), path], self.env).stdout
+        return run_nix([*self.nix.nix_command(), "store", "dump-path", *self._store_args(), path], self.env).stdout
 
     def remove(self) -> None:
         """Delete the whole store root and the private environment, read-only files included."""
@@ -370,7 +488,7 @@ class ChrootStore(_NixRoot):
         """:param root: the store root directory; created if missing."""
         super().__init__(root)
         # Create the DB at once so a store with nothing in it is still a store.
-        run_nix(["nix-store", *self._store_args(), "--init"], self.env)
+        run_nix([self.nix.tool("nix-store"), *self._store_args(), "--init"], self.env)
 
     def add_file(self, path: str) -> str:
         """
@@ -378,7 +496,8 @@ class ChrootStore(_NixRoot):
 
         :returns: the new store path; its name is ``path``'s basename.
         """
-        return _lines(run_nix(["nix-store", *self._store_args(), "--add", os.path.abspath(path)], self.env).stdout)[-1]
+        return _lines(run_nix([self.nix.tool("nix-store"), *self._store_args(), "--add", os.path.abspath(path)],
+                              self.env).stdout)[-1]
 
     def add_text(self, name: str, text: str | bytes) -> str:
         """
@@ -399,7 +518,7 @@ class ChrootStore(_NixRoot):
         """
         expr = f"builtins.toFile {_nix_string(name)} {_nix_string(text)}"
         out = run_nix(
-            ["nix-instantiate", *self._store_args(), "--read-write-mode", "--eval", "--json", "-E", expr], self.env
+            [self.nix.tool("nix-instantiate"), *self._store_args(), "--read-write-mode", "--eval", "--json", "-E", expr], self.env
         ).stdout
         path: str = json.loads(out)
         return path
@@ -480,7 +599,7 @@ class ChrootStore(_NixRoot):
             with open(full, "wb") as f:
                 f.write(contents.encode("utf-8") if isinstance(contents, str) else contents)
         args = [
-            "nix-build",
+            self.nix.tool("nix-build"),
             *self._store_args(),
             "--option", "sandbox", "false",
             "--option", "build-users-group", "",
@@ -522,7 +641,7 @@ in [ leaf mid top ]
         """Add a signature by ``secret_key_file`` to ``paths`` in the DB (``nix store sign``)."""
         run_nix(
             [
-                "nix", *_NIX_COMMAND, "store", "sign", *self._store_args(),
+                *self.nix.nix_command(), "store", "sign", *self._store_args(),
                 "--key-file", os.path.abspath(secret_key_file), *paths,
             ],
             self.env,
@@ -533,7 +652,7 @@ in [ leaf mid top ]
         Garbage-collect one path (``nix-store --delete``); it must not be
         referenced by another valid path.
         """
-        run_nix(["nix-store", *self._store_args(), "--delete", path], self.env)
+        run_nix([self.nix.tool("nix-store"), *self._store_args(), "--delete", path], self.env)
 
     def copy_to_file_cache(self, paths: Sequence[str], dest: str) -> None:
         """See :func:`copy_to_file_cache`; uses this store's environment."""
@@ -566,7 +685,8 @@ class NixClient(_NixRoot):
     """
     A real Nix client: an empty chroot store at ``root`` that substitutes
     from a binary cache, with its own config and narinfo disk cache (in
-    ``root + ".nixenv"``).
+    ``root + ".nixenv"``), run with the tools of ``nix`` (a
+    :class:`NixInstall`, Debian's :data:`NIX_2_8` unless given).
     """
 
     def substitute(
@@ -575,6 +695,7 @@ class NixClient(_NixRoot):
         substituter_url: str,
         trusted_public_keys: Sequence[str],
         extra_options: Mapping[str, str] | None = None,
+        wrap: Callable[[Sequence[str]], list[str]] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         """
         Fetch ``paths`` (and their closure) from one substituter: ``nix-store
@@ -587,11 +708,14 @@ class NixClient(_NixRoot):
         ``extra_options`` to test Nix's miss cache).
 
         :param extra_options: more ``--option NAME VALUE`` pairs.
+        :param wrap: turns the command line into the one to run, e.g.
+            :meth:`peernix.test.netns.Host.command` to run it inside a
+            network namespace (same environment).
         :returns: the finished process (not checked); ``stdout`` lists the
             realised paths, ``stderr`` says why it failed.
         """
         args = [
-            "nix-store",
+            self.nix.tool("nix-store"),
             *self._store_args(),
             "-r",
             *paths,
@@ -603,4 +727,76 @@ class NixClient(_NixRoot):
         ]
         for name, value in (extra_options or {}).items():
             args += ["--option", name, value]
-        return run_nix(args, self.env, check=False)
+        return run_nix(wrap(args) if wrap is not None else args, self.env, check=False)
+
+    def nix_command(self, args: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
+        """
+        Run ``nix --extra-experimental-features nix-command ARGS`` of this
+        client's Nix in its environment (its own config and narinfo disk
+        cache), e.g. ``["path-info", "--store", "http://...", PATH]``.
+        ``ARGS`` say which store; this client's chroot store is not implied.
+
+        :returns: the finished process (not checked).
+        """
+        return run_nix([*self.nix.nix_command(), *args], self.env, check=False)
+
+
+if TYPE_CHECKING:
+    TestCaseMixin = SynchronousTestCase
+else:
+    TestCaseMixin = object
+"""
+The base of a test mixin: ``SynchronousTestCase`` to the type checker (so
+its methods may call ``self.assertEqual``...), ``object`` at run time (so
+trial does not collect the mixin's tests on their own).
+"""
+
+
+class RealClientTests(TestCaseMixin):
+    """
+    A mixin for tests that run a real Nix client, written once and run with
+    every client generation: a subclass per :class:`NixInstall` in
+    :data:`NIX_CLIENTS`, each naming its ``nix`` and its ``skip``::
+
+        class _ServeTests(RealClientTests):
+            def test_substitutes(self) -> None:
+                client = self.nix_client()
+                ...
+
+        class ServeNix28Tests(_ServeTests, SynchronousTestCase):
+            nix = NIX_2_8
+            skip = SKIP_NO_BUILD or NIX_2_8.missing
+
+        class ServeNix224Tests(_ServeTests, SynchronousTestCase):
+            nix = NIX_2_24
+            skip = SKIP_NO_BUILD or NIX_2_24.missing
+
+    The mixin itself is no test case (trial does not collect it), so a
+    test runs only with a client.  Expensive fixtures (stores, daemons)
+    belong in :func:`peernix.test.daemon.shared_fixture`, shared by the
+    classes of both clients.
+    """
+
+    #: The Nix this class's tests run.
+    nix: ClassVar[NixInstall]
+
+    def nix_client(self, prefix: str = "peernix-client-", root: str | None = None) -> NixClient:
+        """
+        :returns: a fresh :class:`NixClient` of :attr:`nix` (in a new
+            temporary directory unless ``root`` is given), removed after
+            the test.
+        """
+        client = NixClient(root if root is not None else tempfile.mkdtemp(prefix=prefix), nix=self.nix)
+        self.addCleanup(client.remove)
+        return client
+
+    def require_nix(self, why: str, *version: int) -> None:
+        """
+        Skip the running test unless :attr:`nix` is ``version`` or newer.
+
+        :param why: what needs it, e.g. ``"max-substitution-jobs"``.
+        :raises SkipTest: with a reason naming the client and ``why``.
+        """
+        if not self.nix.at_least(*version):
+            wanted = ".".join(map(str, version))
+            raise SkipTest(f"{self.nix.name} lacks {why} (needs Nix {wanted} or newer)")

@@ -75,13 +75,16 @@ class FakeRegistry:
         return list(self._peers.values())
 
     def healthy_peers(self) -> list[Peer]:
-        return [p for p in self._peers.values() if p.url not in self.unhealthy]
+        return [p for p in self._peers.values() if p.url not in self.unhealthy and p.serving]
 
     def record_success(self, peer: Peer, latency: float) -> None:
         self.successes.append((peer.url, latency))
 
     def record_failure(self, peer: Peer, kind: str) -> None:
         self.failures.append((peer.url, kind))
+
+    def record_serving(self, peer: Peer, serving: bool) -> None:
+        peer.serving = serving
 
     def subscribe(self, callback: object) -> None:
         assert callable(callback)
@@ -172,6 +175,8 @@ class FakePeer:
     :ivar hold: substrings of paths that are held open like a slow peer's
         (e.g. some hash parts), whatever the mode.
     :ivar pending: requests held open (slow mode or ``hold``).
+    :ivar serving: what its ``nix-cache-info`` says in
+        ``X-Peernix-Serve-Peers`` (``None``: no header, as the Go peernix).
     """
 
     narinfos: dict[str, bytes] = attrs.field(factory=dict)
@@ -179,6 +184,7 @@ class FakePeer:
     mode: str = "normal"
     hold: set[str] = attrs.field(factory=set)
     pending: list[Request] = attrs.field(factory=list)
+    serving: bool | None = None
 
     def serve(self, info: NarInfo, nar: bytes | None = None) -> None:
         """Serve ``info`` (and ``nar`` at its URL, compressed as it says)."""
@@ -228,6 +234,8 @@ class FakeLan(Resource):
             return b""
         rest = path[len("/nix-cache/"):]
         if rest == "nix-cache-info":
+            if peer.serving is not None:
+                request.setHeader("X-Peernix-Serve-Peers", "yes" if peer.serving else "no")
             return b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 30\n"
         if rest.endswith(".narinfo") and rest[:-8] in peer.narinfos:
             request.setHeader("content-type", "text/x-nix-narinfo")

@@ -96,6 +96,28 @@ def go_accepts_announce(data: bytes) -> bool:
     return values.get("cmd") == "announce"
 
 
+def go_record_after(record: dict[str, Any], data: bytes) -> dict[str, Any]:
+    """
+    A model of main.go's udpServer (commit e74df7c) receiving ``data`` from
+    a known peer: when it accepts the announce, every field of its peer
+    record is overwritten with the announce's (``Version``, ``NixVersion``,
+    ``Platform``, ``Features``, ``PublicKey``), absent ones with zero
+    values; anything else leaves the record as it was.
+
+    :returns: the new record, keyed by our JSON field names.
+    """
+    if not go_accepts_announce(data):
+        return dict(record)
+    obj = {k.lower(): v for k, v in json.loads(data.decode("utf-8")).items() if v is not None}
+    return {
+        "peernix_version": obj.get("peernix_version", ""),
+        "nix_version": obj.get("nix_version", ""),
+        "platform": obj.get("platform", ""),
+        "features": list(obj.get("features", [])),
+        "public_key": obj.get("public_key", ""),
+    }
+
+
 class ParseTests(SynchronousTestCase):
     """Parsing every datagram kind."""
 

@@ -56,12 +56,31 @@ class NamingTests(SynchronousTestCase):
         info = build_service_info(NODE, 9999, "host-9999-ourid", ["192.0.2.1", "fd00::1"])
         self.assertEqual(info.name, f"host-9999-ourid.{SERVICE_TYPE}")
         self.assertEqual(info.port, 9999)
-        self.assertEqual(info.parsed_addresses(), ["192.0.2.1", "fd00::1"])
+        self.assertEqual(info.parsed_addresses(), ["192.0.2.1"])
         self.assertEqual(
             info.properties,
             {b"version": b"0.1.0", b"platform": b"x86_64-linux", b"features": b"compression,signing",
              b"id": b"ourid", b"pubkey": PUBKEY.encode()},
         )
+
+    def test_service_info_addresses(self) -> None:
+        """
+        The A/AAAA records we publish: IPv4 only when there is any (a Go
+        node keeps the last address record it reads and cannot use IPv6);
+        otherwise routable IPv6; never link-local IPv6.
+        """
+        cases = [
+            (["192.0.2.1", "fe80::1", "fd00::1", "2001:db8::1"], ["192.0.2.1"]),
+            (["fe80::1%eth0", "10.0.0.2"], ["10.0.0.2"]),
+            (["fe80::1", "fd00::1", "2001:db8::1"], ["fd00::1", "2001:db8::1"]),
+            (["fe80::1"], []),
+            (["127.0.0.1"], ["127.0.0.1"]),
+        ]
+        for given, published in cases:
+            info = build_service_info(NODE, 9999, "host-9999-ourid", given)
+            self.assertEqual(info.parsed_addresses(), published, given)
+            for record in info.dns_addresses():
+                self.assertFalse(record.address.startswith(b"\xfe\x80"), given)
 
     def test_no_pubkey_without_key(self) -> None:
         """Without a key there is no pubkey TXT record."""
@@ -79,6 +98,11 @@ class NamingTests(SynchronousTestCase):
         info = peer_info(["127.0.1.1"])
         self.assertEqual(resolved_peer(info).urls, ())
         self.assertEqual(resolved_peer(info, skip_loopback=False).urls, ("http://127.0.1.1:9999",))
+        # A link-local address whose interface is unknown has no zone: unusable.
+        info = peer_info(["fe80::1"])
+        self.assertEqual(resolved_peer(info).urls, ())
+        info = peer_info(["fe80::1", "fd00::7"])
+        self.assertEqual(resolved_peer(info).urls, ("http://[fd00::7]:9999",))
 
     def test_bad_pubkey_dropped(self) -> None:
         """A malformed pubkey TXT record is treated as absent."""
@@ -139,6 +163,21 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(f.factory_calls, 1)
         self.assertEqual(f.zc.calls, [("register_service", f"myhost-9999-ourid.{SERVICE_TYPE}"), ("add_service_listener", SERVICE_TYPE)])
         self.assertEqual(f.zc.registered[0].parsed_addresses(), ["192.0.2.1"])
+        self.successResultOf(f.service.stopService())
+
+    def test_registers_no_link_local(self) -> None:
+        """A host whose interface has IPv4 and a link-local IPv6 address registers the IPv4 one only; with no usable address it warns."""
+        f = _Fixture()
+        f.service._addresses = lambda: ["10.0.0.2", "fe80::fc:ff:fe00:2%veth0"]
+        f.service.startService()
+        self.assertEqual(f.zc.registered[0].parsed_addresses(), ["10.0.0.2"])
+        self.successResultOf(f.service.stopService())
+        f = _Fixture()
+        f.service._addresses = lambda: ["fe80::fc:ff:fe00:2%veth0"]
+        with capturedLogs() as events:
+            f.service.startService()
+        self.assertEqual(f.zc.registered[0].parsed_addresses(), [])
+        self.assertTrue(any("no IPv4 or routable IPv6" in str(e.get("log_format")) for e in events))
         self.successResultOf(f.service.stopService())
 
     def test_add_resolves(self) -> None:

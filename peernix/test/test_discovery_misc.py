@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from peernix.discovery.addresses import host_addresses, ipv4_broadcast_addresses, peer_url
+from peernix.discovery.addresses import host_addresses, ipv4_broadcast_addresses, peer_url, publishable_addresses
 from peernix.discovery.nodeinfo import (
     detect_nix_version,
     detect_node_info,
@@ -54,12 +54,36 @@ class AddressesTests(SynchronousTestCase):
         self.assertEqual(ipv4_broadcast_addresses()[-1], "255.255.255.255")
 
     def test_host_addresses(self) -> None:
-        """Non-loopback addresses, IPv4 first, IPv6 without zone."""
-        self.assertEqual(
-            host_addresses(ADAPTERS),
-            ["192.0.2.2", "10.1.2.3", "10.9.9.9", "192.0.2.3", "fd00::2", "fe80::fc:ff:fe00:1"],
-        )
+        """With IPv4 addresses, only those (every mDNS client, the Go one included, can use them); never loopback."""
+        self.assertEqual(host_addresses(ADAPTERS), ["192.0.2.2", "10.1.2.3", "10.9.9.9", "192.0.2.3"])
         self.assertEqual(host_addresses(ADAPTERS, ipv6=False), ["192.0.2.2", "10.1.2.3", "10.9.9.9", "192.0.2.3"])
+
+    def test_host_addresses_link_local_only_ipv6(self) -> None:
+        """An interface with IPv4 and only a link-local IPv6 address publishes its IPv4 address only."""
+        adapters = [
+            _Adapter([_IP("127.0.0.1", 8), _IP(("::1", 0, 0), 128)]),
+            _Adapter([_IP("10.0.0.2", 24), _IP(("fe80::fc:ff:fe00:2", 0, 7), 64)]),
+        ]
+        self.assertEqual(host_addresses(adapters), ["10.0.0.2"])
+
+    def test_host_addresses_ipv6_only(self) -> None:
+        """A host without IPv4 publishes its global and ULA IPv6 addresses, never link-local ones."""
+        adapters = [
+            _Adapter([_IP("127.0.0.1", 8)]),
+            _Adapter([_IP(("fe80::1", 0, 2), 64), _IP(("fd00::2", 0, 0), 64), _IP(("2001:db8::2", 0, 0), 64)]),
+            _Adapter([_IP(("fe80::3", 0, 3), 64)]),
+        ]
+        self.assertEqual(host_addresses(adapters), ["fd00::2", "2001:db8::2"])
+        self.assertEqual(host_addresses(adapters, ipv6=False), [])
+        self.assertEqual(host_addresses([_Adapter([_IP(("fe80::3", 0, 3), 64), _IP("127.0.0.1", 8)])]), [])
+
+    def test_publishable_addresses(self) -> None:
+        """Zones are stripped, junk, loopback, multicast and unspecified addresses skipped; IPv4 link-local (no zone needed) kept."""
+        self.assertEqual(
+            publishable_addresses(["fe80::1%eth0", "169.254.3.4", "::1", "224.0.0.251", "0.0.0.0", "x", "169.254.3.4"]),
+            ["169.254.3.4"],
+        )
+        self.assertEqual(publishable_addresses(["fe80::1%eth0", "fd12::1%eth0", "ff02::fb"]), ["fd12::1"])
 
     def test_peer_url(self) -> None:
         """IPv4 and names stay bare, IPv6 is bracketed with its zone kept."""

@@ -35,6 +35,7 @@ from peernix.test.test_discovery_datagrams import (
     MALFORMED,
     PUBKEY,
     go_accepts_announce,
+    go_record_after,
 )
 
 HASH = "0c0ys3hg8kn9jbm6dl9g2rkq1l8ywyna"
@@ -287,19 +288,18 @@ class AnnounceTests(SynchronousTestCase):
         f.receive(announce())
         self.assertEqual(len(port.take()), 1)
 
-    def test_go_ping_pong_loop_ends(self) -> None:
-        """Against a Go node that answers every announce, the exchange stops after one answer."""
+    def test_go_answer_to_our_broadcast_not_answered(self) -> None:
+        """Go's server answering our broadcast (from port 9999, no node id) adds it and is not answered, now or later."""
         f = _Fixture()
         port = f.start()
-        # Go's server answering our broadcast: no node id, no reply flag.
-        f.receive(GO_ANNOUNCE_SIGNED, ("192.0.2.8", 9999))
-        self.assertEqual(len(port.take()), 1)
-        # Go answers our reply again, at once.
-        f.receive(GO_ANNOUNCE_SIGNED, ("192.0.2.8", 9999))
-        self.assertEqual(port.take(), [])
+        for _ in range(2):
+            f.receive(GO_ANNOUNCE_SIGNED, ("192.0.2.8", 9999))
+            self.assertEqual([to for _, to in port.take() if to[0] not in BROADCASTS], [])
+            f.reactor.advance(5.0)
+        self.assertEqual(f.registry.adds(), [("add", "http://192.0.2.8:9999", "udp", PUBKEY)] * 2)
 
-    def test_go_announce(self) -> None:
-        """A Go announce adds the peer with its key; its broadcast's ephemeral source port gets the answer."""
+    def test_go_broadcast_not_answered(self) -> None:
+        """A Go broadcast (ephemeral source port of a socket connected to 255.255.255.255) adds the peer; no answer, Go's kernel would drop it."""
         f = _Fixture()
         port = f.start()
         f.receive(GO_ANNOUNCE_SIGNED, ("192.0.2.8", 53211))
@@ -308,7 +308,7 @@ class AnnounceTests(SynchronousTestCase):
             f.registry.adds(),
             [("add", "http://192.0.2.8:9999", "udp", PUBKEY), ("add", "http://192.0.2.9:9999", "udp", None)],
         )
-        self.assertEqual([addr for _, addr in port.take()], [("192.0.2.8", 53211), ("192.0.2.9", 53212)])
+        self.assertEqual(port.take(), [])
 
     def test_announce_without_port(self) -> None:
         """An announce without a port means our own HTTP port, as Go assumes."""
@@ -549,6 +549,7 @@ class AmplificationTests(SynchronousTestCase):
                 GO_ANNOUNCE_SIGNED,
                 GO_ANNOUNCE_UNSIGNED,
                 b'{"cmd":"announce","peernix_version":"1"}',
+                b'{"cmd":"announce","peernix_version":"1","node_id":"x"}',
                 announce(),
                 announce(reply=True),
                 signed_peer_announce(ts=f.reactor.seconds()),
@@ -560,36 +561,64 @@ class AmplificationTests(SynchronousTestCase):
                 answered += len(answers)
                 for answer in answers:
                     self.assertLessEqual(len(answer), len(request), (request, answer))
-            self.assertEqual(answered, 10)
+            # Not answered: pong, query answers, Go announces (no node id),
+            # tiny ones, replies, malformed ones.
+            self.assertEqual(answered, 8)
 
-    def test_go_signed_announce_gets_compact_answer(self) -> None:
-        """Go's signed announce (241 bytes) is too short for our signed reply: it gets the compact unsigned one, which Go accepts."""
-        f = signed_fixture()
-        port = f.start()
-        f.receive(GO_ANNOUNCE_SIGNED, ("192.0.2.8", 53211))
-        [(data, addr)] = port.take()
-        self.assertEqual(addr, ("192.0.2.8", 53211))
-        self.assertLessEqual(len(data), len(GO_ANNOUNCE_SIGNED))
-        self.assertTrue(go_accepts_announce(data))
-        parsed = parse_datagram(data)
-        assert isinstance(parsed, Announce)
-        self.assertEqual((parsed.port, parsed.reply, parsed.sig), (9999, True, None))
-
-    def test_go_unsigned_announce_answered(self) -> None:
-        """Go's unsigned announce (153 bytes) is answered too, in a form Go accepts."""
+    def test_go_node_keeps_our_fields(self) -> None:
+        """
+        The exchange with a Go node, datagram by datagram, through a model of
+        its peer table: our broadcast gives it every field; its answer (and
+        its own broadcasts) get nothing back, so nothing overwrites them.
+        """
         for keys in (AnnounceKeys(), AnnounceKeys(OUR_KEY, [PEER_KEY.public_key])):
-            f = _Fixture(keys=keys)
-            port = f.start()
-            f.receive(GO_ANNOUNCE_UNSIGNED, ("192.0.2.9", 53212))
-            [(data, _)] = port.take()
-            self.assertLessEqual(len(data), len(GO_ANNOUNCE_UNSIGNED))
-            self.assertTrue(go_accepts_announce(data))
+            f = _Fixture(keys=keys, start_at=NOW)
+            f.service.startService()
+            port = f.reactor.udp_ports[-1]
+            broadcasts = port.take()
+            self.assertEqual([to for _, to in broadcasts], [(b, 9999) for b in BROADCASTS])
+            record: dict[str, Any] = {}
+            for data, _ in broadcasts:
+                record = go_record_after(record, data)
+            expected_key = OUR_KEY.public_key.to_string() if keys.secret_key is not None else PUBKEY
+            self.assertEqual(
+                record,
+                {
+                    "peernix_version": "0.1.0",
+                    "nix_version": "2.8.0",
+                    "platform": "x86_64-linux",
+                    "features": ["compression"],
+                    "public_key": expected_key,
+                },
+            )
+            # Go's server answers the broadcast from port 9999; Go's own
+            # periodic broadcasts come from ephemeral ports.
+            for source in (("192.0.2.8", 9999), ("192.0.2.8", 40000)):
+                for request in (GO_ANNOUNCE_SIGNED, GO_ANNOUNCE_UNSIGNED):
+                    f.receive(request, source)
+                    f.reactor.advance(3.0)
+            for data, _ in port.take():
+                # Only our own periodic broadcasts, if any.
+                record = go_record_after(record, data)
+            self.assertEqual(record["public_key"], expected_key)
+            self.assertEqual(record["platform"], "x86_64-linux")
+            self.assertEqual(record["features"], ["compression"])
+
+    def test_compact_reply_would_empty_go_record(self) -> None:
+        """Why Go announces get no answer: the answer that fits their size would clear Go's record of us."""
+        for f, request in ((signed_fixture(), GO_ANNOUNCE_UNSIGNED), (_Fixture(), GO_ANNOUNCE_UNSIGNED)):
+            record = go_record_after({}, f.service.protocol.announce_datagram)
+            self.assertTrue(record["public_key"] and record["platform"] and record["features"])
+            reply = f.service.protocol.reply_for(len(request))
+            assert reply is not None
+            after = go_record_after(record, reply)
+            self.assertEqual((after["platform"], after["features"], after["nix_version"]), ("", [], ""))
 
     def test_tiny_announce_not_answered(self) -> None:
         """An announce shorter than our compact reply adds the peer but is not answered; the drop is counted."""
         f = _Fixture()
         port = f.start()
-        f.receive(b'{"cmd":"announce","peernix_version":"1"}')
+        f.receive(b'{"cmd":"announce","peernix_version":"1","node_id":"x"}')
         self.assertEqual(port.take(), [])
         self.assertEqual(f.registry.urls(), {"http://192.0.2.7:9999"})
         self.assertEqual(f.sample("peernix_udp_datagrams_dropped_total", reason="amplification"), 1.0)

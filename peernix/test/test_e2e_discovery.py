@@ -1,8 +1,8 @@
 """
 End to end: real peernix daemons in network namespaces find each other with
 no ``--peer`` (UDP broadcast alone, mDNS alone), forget one that stops, answer
-UDP queries, and fan out to an IPv6 peer; real Nix 2.8 clients substitute
-through them.
+UDP queries, and fan out to an IPv6 peer; real Nix clients (Debian's 2.8
+and 2.24, each test with both) substitute through them.
 
 Every daemon runs inside a namespace made by :class:`TestNetwork`, on port
 9999 (UDP and TCP), so nothing leaves those namespaces.  Timings are taken
@@ -30,7 +30,16 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from peernix.test.daemon import Daemon, http_get
 from peernix.test.netns import Host, TestNetwork, netns_unavailable
-from peernix.test.nixenv import SKIP_NO_BUILD, ChrootStore, NixClient, generate_key, run_nix
+from peernix.test.nixenv import (
+    NIX_2_8,
+    NIX_2_24,
+    SKIP_NO_BUILD,
+    ChrootStore,
+    NixClient,
+    RealClientTests,
+    TestCaseMixin,
+    generate_key,
+)
 
 #: Every daemon's HTTP and UDP port (each namespace has its own).
 PORT = 9999
@@ -188,10 +197,9 @@ def _base(host: Host, local: Host | None = None) -> str:
     return f"http://127.0.0.1:{PORT}" if host == local else f"http://{host.ipv4}:{PORT}"
 
 
-class _Base(SynchronousTestCase):
-    """Namespaces, daemons and Nix clients, all removed in clean-ups."""
+class _Base(TestCaseMixin):
+    """Namespaces and daemons, all removed in clean-ups."""
 
-    skip = _SKIP
     letter = "x"
 
     def setUp(self) -> None:
@@ -223,6 +231,17 @@ class _Base(SynchronousTestCase):
         """:returns: the end of every daemon's log, for failure messages."""
         return "".join(f"\n--- {d.log_path}:\n{d.log()[-3000:]}" for d in self.daemons)
 
+    def poller(self, host: Host, targets: Sequence[Host], interval: float) -> _Poller:
+        """Start a :class:`_Poller` in ``host`` watching ``targets``' daemons; stopped after the test."""
+        poller = _Poller(host, [_base(t, host) for t in targets],
+                         os.path.join(self.tmp, f"poll-{host.netns}.txt"), interval)
+        self.addCleanup(poller.stop)
+        return poller
+
+
+class _SubstitutingBase(_Base, RealClientTests):
+    """Tests ending with a real Nix client substituting through a daemon; run with each client."""
+
     def substitute(self, host: Host, paths: Sequence[str]) -> NixClient:
         """
         Run a real ``nix-store -r`` inside ``host``'s namespace with its
@@ -230,28 +249,13 @@ class _Base(SynchronousTestCase):
 
         :returns: the client, whose store then holds ``paths`` (checked).
         """
-        client = NixClient(os.path.join(self.tmp, f"client-{host.netns}"))
-        self.addCleanup(client.remove)
-        argv = host.command([
-            "nix-store", "--store", client.root, "-r", *paths,
-            "--option", "substituters", f"http://127.0.0.1:{PORT}/nix-cache",
-            "--option", "trusted-public-keys", self.fixture.upstream_pk,
-            "--option", "require-sigs", "true",
-            "--option", "fallback", "false",
-            "--option", "builders", "",
-        ])
-        done = run_nix(argv, client.env, check=False)
+        client = self.nix_client(root=os.path.join(self.tmp, f"client-{host.netns}"))
+        done = client.substitute(paths, f"http://127.0.0.1:{PORT}/nix-cache", [self.fixture.upstream_pk],
+                                 wrap=host.command)
         self.assertEqual(done.returncode, 0, done.stderr.decode(errors="replace") + self.logs())
-        for path in paths:
-            self.assertEqual(client.verify(path).returncode, 0, path)
+        verified = client.verify(*paths)
+        self.assertEqual(verified.returncode, 0, verified.stderr)
         return client
-
-    def poller(self, host: Host, targets: Sequence[Host], interval: float) -> _Poller:
-        """Start a :class:`_Poller` in ``host`` watching ``targets``' daemons; stopped after the test."""
-        poller = _Poller(host, [_base(t, host) for t in targets],
-                         os.path.join(self.tmp, f"poll-{host.netns}.txt"), interval)
-        self.addCleanup(poller.stop)
-        return poller
 
     def discover(self, extra: Sequence[str], how: str) -> tuple[list[Daemon], list[Host]]:
         """
@@ -297,7 +301,7 @@ class _Base(SynchronousTestCase):
         return [*first, last], hosts
 
 
-class BroadcastDiscoveryTests(_Base):
+class _BroadcastDiscoveryTests(_SubstitutingBase):
     """Three daemons with no ``--peer`` and no mDNS find each other by UDP broadcast."""
 
     letter = "b"
@@ -309,7 +313,7 @@ class BroadcastDiscoveryTests(_Base):
             self.assertNotIn("(from mdns)", d.log())
 
 
-class MdnsDiscoveryTests(_Base):
+class _MdnsDiscoveryTests(_SubstitutingBase):
     """Three daemons with no ``--peer`` and no broadcast find each other by mDNS."""
 
     letter = "m"
@@ -333,9 +337,10 @@ class MdnsDiscoveryTests(_Base):
                 self.assertTrue(address.startswith(subnet) and address != host.ipv4, address)
 
 
-class ExpiryTests(_Base):
+class ExpiryTests(_Base, SynchronousTestCase):
     """A daemon that stops is dropped by the others after the TTL."""
 
+    skip = _SKIP
     letter = "t"
 
     def test_stopped_daemons_are_dropped(self) -> None:
@@ -386,9 +391,10 @@ for q in sys.argv[2:]:
 """ % PORT
 
 
-class UdpQueryTests(_Base):
+class UdpQueryTests(_Base, SynchronousTestCase):
     """UDP queries from another host get answers from the daemon's store."""
 
+    skip = _SKIP
     letter = "q"
 
     def test_has_path_and_ping(self) -> None:
@@ -419,7 +425,7 @@ class UdpQueryTests(_Base):
         )
 
 
-class Ipv6PeerTests(_Base):
+class _Ipv6PeerTests(_SubstitutingBase):
     """A static IPv6 peer works end to end."""
 
     letter = "6"
@@ -441,3 +447,33 @@ class Ipv6PeerTests(_Base):
         self.assertIn(hosts[1].ipv6, log)
         self.assertIn(_hash_part(self.fixture.top), log)
         self.assertNotIn(f"new peer http://{hosts[0].ipv4}:", asker.log())
+
+
+class BroadcastDiscoveryNix28Tests(_BroadcastDiscoveryTests, SynchronousTestCase):
+    nix = NIX_2_8
+    skip = _SKIP or NIX_2_8.missing
+
+
+class BroadcastDiscoveryNix224Tests(_BroadcastDiscoveryTests, SynchronousTestCase):
+    nix = NIX_2_24
+    skip = _SKIP or NIX_2_24.missing
+
+
+class MdnsDiscoveryNix28Tests(_MdnsDiscoveryTests, SynchronousTestCase):
+    nix = NIX_2_8
+    skip = _SKIP or NIX_2_8.missing
+
+
+class MdnsDiscoveryNix224Tests(_MdnsDiscoveryTests, SynchronousTestCase):
+    nix = NIX_2_24
+    skip = _SKIP or NIX_2_24.missing
+
+
+class Ipv6PeerNix28Tests(_Ipv6PeerTests, SynchronousTestCase):
+    nix = NIX_2_8
+    skip = _SKIP or NIX_2_8.missing
+
+
+class Ipv6PeerNix224Tests(_Ipv6PeerTests, SynchronousTestCase):
+    nix = NIX_2_24
+    skip = _SKIP or NIX_2_24.missing

@@ -26,7 +26,7 @@ from peernix.discovery.datagrams import HasPathQuery, HasPathWithNarHashQuery, r
 from peernix.nix.hashes import Hash
 from peernix.nix.narinfo import NarInfo, parse_narinfo
 from peernix.test.daemon import Daemon, free_port, http_get, shared_fixture, start_fixture
-from peernix.test.nixenv import SKIP_NO_BUILD, ChrootStore, NixClient, generate_key
+from peernix.test.nixenv import NIX_2_8, NIX_2_24, SKIP_NO_BUILD, ChrootStore, RealClientTests, generate_key
 from peernix.test.test_e2e_peers import PEER_HEADER, get_from, hash_part, wait_for
 
 #: The stranger's source address (outside ``--proxy-client 127.0.0.1/32``).
@@ -214,11 +214,33 @@ class ShareEndToEndTests(SynchronousTestCase):
         self.assertIn("Shared with peers", page)
         self.assertIn("no signature", page)
 
+
+class _ShareClientTests(RealClientTests):
+    """A real Nix client of the node itself substitutes what the node withholds from strangers."""
+
     def test_local_nix_substitutes_private_build(self) -> None:
         """A real Nix trusting the node's key substitutes an unsigned private build as the local client."""
-        fx = self.fx
-        client = NixClient(tempfile.mkdtemp(prefix="peernix-e2e-share-client-"))
-        self.addCleanup(client.remove)
+        fx = shared_fixture(__name__, lambda: start_fixture(_Fixture()))
+        client = self.nix_client("peernix-e2e-share-client-")
         done = client.substitute([fx.private.top], fx.trusted.url, [fx.own_pk])
         self.assertEqual(done.returncode, 0, done.stderr)
-        self.assertTrue(client.is_valid(fx.private.top))
+        for path in fx.private.outputs:
+            self.assertTrue(client.is_valid(path), path)
+        verified = client.verify(*fx.private.outputs)
+        self.assertEqual(verified.returncode, 0, verified.stderr)
+        # The node signed them for its own client: a client trusting only
+        # the upstream key refuses them.
+        other = self.nix_client("peernix-e2e-share-client-")
+        refused = other.substitute([fx.private.top], fx.trusted.url, [fx.upstream_pk])
+        self.assertNotEqual(refused.returncode, 0)
+        self.assertFalse(other.is_valid(fx.private.top))
+
+
+class ShareNix28Tests(_ShareClientTests, SynchronousTestCase):
+    nix = NIX_2_8
+    skip = SKIP_NO_BUILD or NIX_2_8.missing
+
+
+class ShareNix224Tests(_ShareClientTests, SynchronousTestCase):
+    nix = NIX_2_24
+    skip = SKIP_NO_BUILD or NIX_2_24.missing

@@ -170,6 +170,65 @@ class LibTests(SynchronousTestCase):
         self.assertIn("absolute", problems[3])
         self.assertIn("Nix path value", problems[4])
 
+    def run_key_check(self, path: str) -> str:
+        """:returns: what ``lib.secretKeyCheckScript path`` prints when run by ``sh`` with this system's tools."""
+        script = evaluate(f"lib.secretKeyCheckScript {json.dumps(path)}")
+        result = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30,
+                                stdin=subprocess.DEVNULL)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout, "")
+        return result.stderr
+
+    def test_secret_key_check_without_stat(self) -> None:
+        """
+        The nix-darwin activation check of the key file uses no ``stat``
+        (GNU coreutils' comes first on nix-darwin's activation PATH, and its
+        flags are not BSD's), only POSIX find: here it runs with GNU find
+        and judges every case right.
+        """
+        script = evaluate('lib.secretKeyCheckScript "/var/lib/peernix/secret-key"')
+        self.assertNotRegex(script, r"\bstat\b")
+        self.assertIn("find -H", script)
+        if os.geteuid() != 0:
+            raise self.skipTest("needs root: the key must be owned by root")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        key = os.path.join(directory, "it's a key")
+        with open(key, "w") as f:
+            f.write("k:x\n")
+        os.chmod(key, 0o600)
+        self.assertEqual(self.run_key_check(key), "")
+        link = os.path.join(directory, "link")
+        os.symlink(key, link)
+        self.assertEqual(self.run_key_check(link), "")
+        for mode in (0o640, 0o604, 0o644, 0o610):
+            os.chmod(key, mode)
+            self.assertIn("must be owned by root and readable by root only", self.run_key_check(key), oct(mode))
+        os.chmod(key, 0o400)
+        self.assertEqual(self.run_key_check(key), "")
+        os.chown(key, 65534, -1)
+        self.assertIn("must be owned by root", self.run_key_check(key))
+        self.assertIn("does not exist", self.run_key_check(os.path.join(directory, "missing")))
+
+    def test_nix_conf_lines(self) -> None:
+        """The nix.conf lines for peernix; no extra-trusted-public-keys line without keys."""
+        self.assertEqual(
+            evaluate("lib.nixConfLines { settings = { }; }"),
+            ["extra-substituters = http://127.0.0.1:9999/nix-cache"],
+        )
+        self.assertEqual(
+            evaluate('lib.nixConfLines { settings = { port = 8080; }; trustedPublicKeys = [ "a-1:AAAA" "b-1:BBBB" ]; }'),
+            ["extra-substituters = http://127.0.0.1:8080/nix-cache", "extra-trusted-public-keys = a-1:AAAA b-1:BBBB"],
+        )
+
+    def test_manual_nix_conf_warning(self) -> None:
+        """With nix.enable = false the warning says exactly which lines to add to nix.conf."""
+        warning = evaluate('lib.manualNixConfWarning { settings = { }; trustedPublicKeys = [ "a-1:AAAA" ]; }')
+        self.assertIn("nix.enable is false", warning)
+        self.assertIn("nix.custom.conf", warning)
+        self.assertIn("\n  extra-substituters = http://127.0.0.1:9999/nix-cache\n  extra-trusted-public-keys = a-1:AAAA", warning)
+        self.assertNotIn("extra-trusted-public-keys", evaluate("lib.manualNixConfWarning { settings = { }; }"))
+
     def test_arguments(self) -> None:
         """The daemon gets --config, and the key through systemd's credentials directory."""
         self.assertEqual(
@@ -213,7 +272,29 @@ class ModuleTextTests(SynchronousTestCase):
         for name in ("nix/nixos-module.nix", "nix/darwin-module.nix"):
             text = read(name)
             self.assertIn("nix.settings.extra-substituters = [ (peernixLib.substituterUrl cfg.settings) ];", text)
-            self.assertIn("nix.settings.extra-trusted-public-keys = cfg.trustedPublicKeys;", text)
+            self.assertIn("nix.settings.extra-trusted-public-keys = lib.mkIf (cfg.trustedPublicKeys != [ ]) cfg.trustedPublicKeys;", text)
+
+    def test_no_empty_trusted_keys_line(self) -> None:
+        """Without trustedPublicKeys neither module sets extra-trusted-public-keys (NixOS would write an empty line)."""
+        for name in ("nix/nixos-module.nix", "nix/darwin-module.nix"):
+            code = "\n".join(line.split("#")[0] for line in read(name).splitlines())
+            self.assertNotIn("extra-trusted-public-keys = cfg.trustedPublicKeys", code, name)
+            self.assertEqual(code.count("nix.settings.extra-trusted-public-keys ="), 1, name)
+
+    def test_warns_when_nix_conf_is_not_managed(self) -> None:
+        """With nix.enable = false (Determinate Nix) both modules emit a warning with the lines to add by hand."""
+        for name in ("nix/nixos-module.nix", "nix/darwin-module.nix"):
+            self.assertIn(
+                "warnings = lib.optional (!(config.nix.enable or true))\n"
+                "      (peernixLib.manualNixConfWarning { inherit (cfg) settings trustedPublicKeys; });",
+                read(name), name)
+
+    def test_darwin_key_check_has_no_stat(self) -> None:
+        """The nix-darwin module checks the key with lib.secretKeyCheckScript, not with stat."""
+        text = read("nix/darwin-module.nix")
+        code = "\n".join(line.split("#")[0] for line in text.splitlines())
+        self.assertNotRegex(code, r"\bstat\b")
+        self.assertIn("(lib.mkAfter (peernixLib.secretKeyCheckScript cfg.secretKeyFile))", text)
 
     def test_nixos_credential(self) -> None:
         """The NixOS module passes the key with LoadCredential and never as a Nix path."""
@@ -284,6 +365,56 @@ class ModuleTextTests(SynchronousTestCase):
             if requirement.strip():
                 name = re.split(r"[\s\[<>=]", requirement.strip())[0].lower().replace(".", "-").replace("_", "-")
                 self.assertIn({"pynacl": "pynacl"}.get(name, name), listed, requirement)
+
+    def evaluate_package(self, python: str) -> subprocess.CompletedProcess[str]:
+        """
+        Evaluate the package's ``dependencies`` against a stub nixpkgs whose
+        ``python3Packages`` is ``python`` (a Nix attribute set expression
+        merged over stub packages), without nixpkgs.
+        """
+        expression = f"""
+          let
+            stub = {{
+              pythonOlder = v: true; python = {{ sitePackages = "lib"; interpreter = "python"; }};
+              twisted = {{ optional-dependencies.tls = [ "tls" ]; }};
+              klein = "klein"; treq = "treq"; attrs = "attrs"; zope-interface = "zope"; pynacl = "nacl";
+              zeroconf = "zeroconf"; ifaddr = "ifaddr"; prometheus-client = "prom"; zstandard = "zstandard";
+              setuptools = "setuptools"; hypothesis = "hypothesis"; buildPythonApplication = a: a;
+            }} // {python};
+            lib = {{
+              optionals = c: l: if c then l else [ ];
+              fileset = {{ toSource = x: null; intersection = a: b: null; unions = x: null; fileFilter = f: p: null; }};
+              licenses.mit = null; platforms = {{ linux = [ ]; darwin = [ ]; }};
+            }};
+            package = import {os.path.join(ROOT, "nix", "package.nix")} {{
+              inherit lib; python3Packages = stub; nix = null; busybox = null;
+            }};
+          in package.dependencies
+        """
+        return subprocess.run(
+            ["nix-instantiate", "--eval", "--strict", "--json", "--readonly-mode", "-E", expression],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, env={**os.environ, "NIX_PATH": ""},
+        )
+
+    def test_package_minimum_nixpkgs(self) -> None:
+        """
+        With a nixpkgs without backports-zstd, evaluating the package stops
+        with a message naming the minimum nixpkgs and the ways out; with it,
+        or with Python 3.14 (compression.zstd), it evaluates.
+        """
+        if SKIP_NO_NIX_INSTANTIATE:
+            raise self.skipTest(SKIP_NO_NIX_INSTANTIATE)
+        old = self.evaluate_package("{ }")
+        self.assertNotEqual(old.returncode, 0)
+        for needle in ("python3Packages.backports-zstd", "NixOS 26.05", "python314Packages", "flake"):
+            self.assertIn(needle, old.stderr)
+        new = self.evaluate_package('{ backports-zstd = "backports-zstd"; }')
+        self.assertEqual(new.returncode, 0, new.stderr)
+        self.assertIn("backports-zstd", json.loads(new.stdout))
+        py314 = self.evaluate_package("{ pythonOlder = v: false; }")
+        self.assertEqual(py314.returncode, 0, py314.stderr)
+        self.assertNotIn("backports-zstd", json.loads(py314.stdout))
+        self.assertIn("zstandard", json.loads(py314.stdout))
 
     def test_version(self) -> None:
         """The package reads its version from peernix/__init__.py, as setup.cfg does."""

@@ -10,10 +10,20 @@ import sqlite3
 import stat
 
 import attrs
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from peernix.test import nixenv
-from peernix.test.nixenv import ChrootStore, Closure, Executable, NixClient, Symlink
+from peernix.test.nixenv import (
+    NIX_2_8,
+    NIX_2_24,
+    NIX_CLIENTS,
+    ChrootStore,
+    Closure,
+    Executable,
+    NixInstall,
+    RealClientTests,
+    Symlink,
+)
 
 
 def _db_row(store: ChrootStore, path: str) -> tuple[str | None, str | None, int | None]:
@@ -135,26 +145,6 @@ class ChrootStoreTests(SynchronousTestCase):
         path = self.store.make_big_path(3 * 1024 * 1024 + 5)
         self.assertEqual(os.path.getsize(self.store.real_path(path)), 3 * 1024 * 1024 + 5)
 
-    def test_copy_and_substitute(self) -> None:
-        """A NixClient substitutes a signed closure from a file cache, and a miss or an untrusted key fails."""
-        cache = os.path.join(self.tmp, "cache")
-        self.store.copy_to_file_cache([self.closure.top], cache)
-        narinfo = os.path.join(cache, self.closure.top.split("/")[3][:32] + ".narinfo")
-        with open(narinfo) as f:
-            self.assertIn("Sig: test-1:", f.read())
-        client = NixClient(os.path.join(self.tmp, "client"))
-        self.addCleanup(client.remove)
-        url = f"file://{cache}"
-        untrusted = client.substitute([self.closure.top], url, ["other-1:" + self.public_key.split(":")[1]])
-        self.assertEqual(untrusted.returncode, 1)
-        self.assertIn(b"not signed by any of the keys", untrusted.stderr)
-        ok = client.substitute([self.closure.top], url, [self.public_key])
-        self.assertEqual(ok.returncode, 0, ok.stderr)
-        self.assertEqual(client.verify(self.closure.top).returncode, 0)
-        self.assertTrue(client.is_valid(self.closure.leaf))
-        miss = client.substitute([self.store.add_text("not-in-cache", "y")], url, [self.public_key])
-        self.assertEqual(miss.returncode, 1)
-
     def test_delete(self) -> None:
         """delete removes an unreferenced path from disk and DB."""
         path = self.store.add_text("doomed", "z")
@@ -165,3 +155,84 @@ class ChrootStoreTests(SynchronousTestCase):
     def test_real_path_rejects_outside(self) -> None:
         """real_path refuses paths outside /nix/store."""
         self.assertRaises(ValueError, self.store.real_path, "/etc/passwd")
+
+
+class _ClientTests(RealClientTests):
+    """A real client of each generation substitutes from a file cache made by Nix 2.8."""
+
+    def test_copy_and_substitute(self) -> None:
+        """A NixClient substitutes a signed closure from a file cache, and a miss or an untrusted key fails."""
+        shared = _get_shared()
+        store, closure, public_key = shared.store, shared.closure, shared.public_key
+        cache = os.path.join(shared.tmp, "cache")
+        if not os.path.exists(cache):
+            store.copy_to_file_cache([closure.top], cache)
+        narinfo = os.path.join(cache, closure.top.split("/")[3][:32] + ".narinfo")
+        with open(narinfo) as f:
+            self.assertIn("Sig: test-1:", f.read())
+        client = self.nix_client(root=os.path.join(shared.tmp, f"client-{self.nix.release}"))
+        self.assertIs(client.nix, self.nix)
+        url = f"file://{cache}"
+        untrusted = client.substitute([closure.top], url, ["other-1:" + public_key.split(":")[1]])
+        self.assertEqual(untrusted.returncode, 1)
+        self.assertIn(b"not signed by any of the keys", untrusted.stderr)
+        ok = client.substitute([closure.top], url, [public_key])
+        self.assertEqual(ok.returncode, 0, ok.stderr)
+        self.assertEqual(client.verify(*closure.outputs).returncode, 0)
+        self.assertTrue(client.is_valid(closure.leaf))
+        miss = client.substitute([store.add_text("not-in-cache", "y")], url, [public_key])
+        self.assertEqual(miss.returncode, 1)
+
+    def test_version(self) -> None:
+        """The client's tools are the release it claims to be, and its nix commands run."""
+        version = self.nix.version
+        assert version is not None
+        self.assertEqual(".".join(map(str, version[:2])), self.nix.release)
+        client = self.nix_client()
+        done = client.nix_command(["--version"])
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn(f"(Nix) {self.nix.release}.".encode(), done.stdout)
+
+
+class ClientNix28Tests(_ClientTests, SynchronousTestCase):
+    nix = NIX_2_8
+    skip = nixenv.SKIP_NO_BUILD or NIX_2_8.missing
+
+
+class ClientNix224Tests(_ClientTests, SynchronousTestCase):
+    nix = NIX_2_24
+    skip = nixenv.SKIP_NO_BUILD or NIX_2_24.missing
+
+
+class NixInstallTests(SynchronousTestCase):
+    """NixInstall describes a client generation and says why it is missing."""
+
+    def test_clients(self) -> None:
+        """Both generations are listed; 2.8 runs from PATH, 2.24 from /opt/nix-modern."""
+        self.assertEqual(NIX_CLIENTS, (NIX_2_8, NIX_2_24))
+        self.assertEqual(NIX_2_8.tool("nix-store"), "nix-store")
+        self.assertEqual(NIX_2_24.tool("nix-store"), "/opt/nix-modern/bin/nix-store")
+        self.assertEqual(NIX_2_24.nix_command(),
+                         ["/opt/nix-modern/bin/nix", "--extra-experimental-features", "nix-command"])
+        self.assertEqual(NIX_2_24.name, "Nix 2.24")
+
+    def test_missing(self) -> None:
+        """A client whose tools are absent is missing, with the install hint as part of the reason."""
+        absent = NixInstall(release="9.9", bin_dir=self.mktemp(), install_hint="run the installer")
+        reason = absent.missing
+        assert reason is not None
+        self.assertIn("Nix 9.9 not installed", reason)
+        self.assertIn("run the installer", reason)
+        self.assertIsNone(absent.version)
+        self.assertFalse(absent.at_least(2, 8))
+
+    def test_wrong_release(self) -> None:
+        """Tools of another release do not count as the client: 2.24's tools described as 2.8."""
+        if NIX_2_24.missing:
+            raise SkipTest(NIX_2_24.missing)
+        wrong = NixInstall(release="2.8", bin_dir=NIX_2_24.bin_dir, install_hint="hint")
+        reason = wrong.missing
+        assert reason is not None
+        self.assertIn("is 2.24.", reason)
+        self.assertTrue(wrong.at_least(2, 16))
+        self.assertFalse(wrong.at_least(2, 99))

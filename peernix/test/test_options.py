@@ -375,3 +375,58 @@ class TableTests(SynchronousTestCase):
         """Config is immutable."""
         config = Config()
         self.assertRaises(attrs.exceptions.FrozenInstanceError, setattr, config, "port", 1)
+
+
+class GivingOptionsTests(SynchronousTestCase):
+    """--max-upload-rate, --serve-peers and --state-dir (issue 15), and the size syntax."""
+
+    def test_parse_size(self) -> None:
+        """K, M, G, T are powers of 1000, Ki, Mi, Gi, Ti of 1024, case-insensitive, an optional B."""
+        from peernix.options import format_size, parse_rate, parse_size
+
+        cases = {"1500": 1500, "20M": 20_000_000, "20m": 20_000_000, "1.5Gi": 1_610_612_736,
+                 "512KiB": 524_288, "2 G": 2_000_000_000, "1T": 10**12, "1Ti": 2**40, "0.5K": 500}
+        for text, value in cases.items():
+            self.assertEqual(parse_size(text), value, text)
+        for bad in ("", "M", "20X", "-1M", "1e3", "20 MiBs", "1.2.3"):
+            self.assertRaises(ValueError, parse_size, bad)
+        self.assertEqual(parse_rate("20MB/s"), 20_000_000)
+        self.assertEqual(parse_rate("2Mi/s"), 2 * 1024**2)
+        for value in (20_000_000, 524_288, 1500, 1):
+            self.assertEqual(parse_size(format_size(value)), value)
+
+    def test_defaults(self) -> None:
+        """Unlimited, serving, state in /var/lib/peernix."""
+        config = parse_args([])
+        self.assertIsNone(config.max_upload_rate)
+        self.assertTrue(config.serve_peers)
+        self.assertEqual(config.state_dir, "/var/lib/peernix")
+
+    def test_command_line(self) -> None:
+        """--max-upload-rate 20M is 20,000,000 bytes/s; --serve-peers takes yes or no; --state-dir is made absolute."""
+        config = parse_args(["--max-upload-rate", "20M", "--serve-peers", "no", "--state-dir", "state"])
+        self.assertEqual(config.max_upload_rate, 20_000_000)
+        self.assertFalse(config.serve_peers)
+        self.assertEqual(config.state_dir, os.path.abspath("state"))
+        self.assertTrue(parse_args(["--serve-peers", "yes"]).serve_peers)
+        self.assertIsNone(parse_args(["--max-upload-rate", "unlimited"]).max_upload_rate)
+        for argv in (["--serve-peers", "maybe"], ["--max-upload-rate", "fast"], ["--max-upload-rate", "0"]):
+            with self.assertRaises(usage.UsageError) as caught:
+                parse_args(argv)
+            self.assertIn(argv[0], str(caught.exception))
+
+    def test_config_file(self) -> None:
+        """TOML: max_upload_rate as a string with a unit or a number, serve_peers as a boolean or yes/no."""
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write('max_upload_rate = "2.5Mi"\nserve_peers = false\nstate_dir = "/srv/peernix"\n')
+        config = parse_args(["--config", path])
+        self.assertEqual((config.max_upload_rate, config.serve_peers, config.state_dir),
+                         (2_621_440, False, "/srv/peernix"))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write('max_upload_rate = 1000\nserve_peers = "yes"\n')
+        config = parse_args(["--config", path])
+        self.assertEqual((config.max_upload_rate, config.serve_peers), (1000, True))
+        with open(path, "w", encoding="utf-8") as f:
+            f.write('serve_peers = 3\n')
+        self.assertRaises(usage.UsageError, parse_args, ["--config", path])

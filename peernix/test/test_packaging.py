@@ -90,6 +90,32 @@ class SetupCfgTests(SynchronousTestCase):
         for name in ("hypothesis", "mypy", "mypy-zope", "sphinx"):
             self.assertIn(name, extras)
 
+    def test_docs_extra(self) -> None:
+        """The docs have their own extra (Sphinx only), and the test extra asks for the same Sphinx."""
+        extras = self.parser["options.extras_require"]
+        docs = [r.strip() for r in extras["docs"].splitlines() if r.strip()]
+        test = [r.strip() for r in extras["test"].splitlines() if r.strip()]
+        self.assertEqual([r.split()[0] for r in docs], ["sphinx"])
+        for requirement in docs:
+            self.assertIn(requirement, test)
+
     def test_python_version(self) -> None:
         """Python 3.11 or newer is required (tomllib, zeroconf)."""
         self.assertEqual(self.parser["options"]["python_requires"].strip(), ">=3.11")
+
+
+class ConsoleScriptTests(SynchronousTestCase):
+    """The ``peernix`` console script (``peernix doctor``)."""
+
+    def test_entry_point(self) -> None:
+        """setup.cfg installs ``peernix`` pointing at peernix.cli:main, which exists."""
+        if not os.path.exists(SETUP_CFG):
+            raise self.skipTest("not running from a source tree")
+        parser = configparser.ConfigParser()
+        parser.read(SETUP_CFG, encoding="utf-8")
+        scripts = [line.split("=", 1) for line in parser["options.entry_points"]["console_scripts"].split("\n")
+                   if line.strip()]
+        self.assertIn(["peernix ", " peernix.cli:main"], scripts)
+        from peernix import cli
+
+        self.assertTrue(callable(cli.main))

@@ -85,3 +85,87 @@ class HealthCheckerTests(SynchronousTestCase):
         self.assertEqual([p.url for p in registry.peers()], ["http://up:1"])
         checker.stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class RecoveryTests(SynchronousTestCase):
+    """Peers known to be down are probed often, so one that comes back is used again within about a second."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.lan = FakeLan()
+        http, self.agent = lan_client(self.lan)
+        self.client = PeerClient(http, self.clock, timeout=2.0)
+        self.registry = PeerRegistry(self.clock, ttl=120.0)
+        peer = self.registry.add("http://back:1", "static")
+        assert peer is not None
+        self.peer = peer
+        self.registry.add("http://up:1", "static")
+        self.lan.peer("up:1")
+        self.lan.peer("back:1").mode = "down"
+        self.checker = HealthChecker(self.registry, self.client, self.clock, interval=10.0)
+        self.checker.startService()
+        self.addCleanup(self.checker.stopService)
+        self.agent.flush()
+
+    def step(self, seconds: float) -> None:
+        """Advance the clock in small steps, delivering every fake HTTP exchange."""
+        for _ in range(round(seconds / 0.1)):
+            self.clock.advance(0.1)
+            self.agent.flush()
+
+    def test_static_peer_back_within_a_second(self) -> None:
+        """A static peer down for a while (in long backoff) is healthy again within a second of answering, long before the next round."""
+        self.step(45.0)
+        self.assertGreater(self.peer.consecutive_failures, 0)
+        self.assertNotIn(self.peer, self.registry.healthy_peers())
+        self.assertGreater(self.peer.backoff_until - self.clock.seconds(), 5.0)
+        self.lan.peer("back:1").mode = "normal"
+        self.step(1.0)
+        self.assertIn(self.peer, self.registry.healthy_peers())
+        self.assertEqual(self.peer.consecutive_failures, 0)
+
+    def test_down_peer_probed_often_but_counted_by_rounds(self) -> None:
+        """While down it is probed about twice a second (one GET each), yet its failures are counted once per round only; healthy peers get no extra probes."""
+        before = self.lan.count("back:1", "/nix-cache/nix-cache-info")
+        self.step(10.5)
+        probes = self.lan.count("back:1", "/nix-cache/nix-cache-info") - before
+        self.assertGreaterEqual(probes, 15)
+        self.assertLessEqual(probes, 24)
+        # The first round, plus the one at t=10.
+        self.assertEqual(self.peer.failures, {"connection": 2})
+        self.assertEqual(self.lan.count("up:1"), 2)
+
+    def test_one_probe_in_flight_and_stop(self) -> None:
+        """A peer that hangs gets one recovery probe at a time, cut short after a second; stopping cancels it and leaves no timers."""
+        self.lan.peer("back:1").mode = "slow"
+        self.step(0.55)
+        self.assertEqual(len(self.lan.peer("back:1").pending), 1)
+        self.step(0.4)
+        self.assertEqual(len(self.lan.peer("back:1").pending), 1)
+        # Cut short at 1.5 s; the next tick starts a fresh one.
+        self.step(1.1)
+        self.assertEqual(len(self.lan.peer("back:1").pending), 2)
+        # Recovery probes record nothing; only the first round's failure is counted.
+        self.assertEqual(self.peer.failures, {"connection": 1})
+        self.checker.stopService()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_back_while_a_probe_hangs(self) -> None:
+        """A peer back while a recovery probe still waits on it is found by the next, fresh probe within about a second."""
+        self.lan.peer("back:1").mode = "slow"
+        self.step(0.6)
+        self.lan.peer("back:1").mode = "normal"
+        self.step(1.5)
+        self.assertIn(self.peer, self.registry.healthy_peers())
+
+    def test_slow_but_alive_peer_not_probed_more(self) -> None:
+        """A peer whose fan-out requests failed but whose health probe answers is not "down": no recovery probes between rounds."""
+        self.lan.peer("back:1").mode = "normal"
+        self.step(10.5)
+        up = self.registry.get("http://up:1")
+        assert up is not None
+        self.registry.record_failure(up, "timeout")
+        before = self.lan.count("up:1")
+        self.step(5.0)
+        self.assertEqual(self.lan.count("up:1"), before)
+        self.assertGreater(up.consecutive_failures, 0)

@@ -6,6 +6,7 @@ import io
 
 import attrs
 import os
+import tempfile
 from typing import Any
 
 from twisted.internet.error import CannotListenError
@@ -41,6 +42,7 @@ from peernix.peers.fanout import Fanout
 from peernix.peers.registry import PeerRegistry
 from peernix.test.fakes import FakeUpstream, MemoryStore
 from peernix.test.nixenv import SKIP_NO_NIX, ChrootStore
+from peernix.web.savings import SavingsService
 
 
 @implementer(IReactorFromThreads)
@@ -67,7 +69,10 @@ NODE = NodeInfo("0.1.0", "2.8.0", "x86_64-linux", (), "", "testnode")
 
 #: No mDNS and no trusted keys from this machine's nix.conf: unit tests
 #: neither touch the network nor read /etc.
-QUIET = Config(mdns=False, trusted_public_keys=(), upstream=())
+#: The savings state goes to a directory of this test run, never /var/lib/peernix;
+#: no upstream (fetching for the LAN off: no nix.conf substituters, no staging).
+QUIET = Config(mdns=False, trusted_public_keys=(), upstream=(),
+               state_dir=os.path.join(tempfile.gettempdir(), f"peernix-test-state-{os.getpid()}"))
 
 
 def quiet(**changes: Any) -> Config:
@@ -102,16 +107,29 @@ class BuildServiceTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IReactorFromThreads, ThreadedMemoryReactor()))
 
     def test_children(self) -> None:
-        """With a given store: CPU pool, peer side, HTTP listener, then discovery, in that order."""
+        """With a given store: CPU pool, peer side, savings, HTTP listener, then discovery, in that order."""
         service, _ = self.build()
         children = list(service)
         self.assertEqual([c.name for c in children],
-                         ["cpu-threads", "peer-client", "peer-health", "http [::]:9999", "static", "udp"])
+                         ["cpu-threads", "peer-client", "peer-health", "savings", "http [::]:9999", "static", "udp"])
         self.assertIsInstance(children[0], ThreadPoolService)
-        self.assertIsInstance(children[3], ListenerService)
-        self.assertEqual(service.listeners, [children[3]])
+        self.assertIsInstance(children[3], SavingsService)
+        self.assertIsInstance(children[4], ListenerService)
+        self.assertEqual(service.listeners, [children[4]])
         self.assertIsInstance(service.upstream, Fanout)
         self.assertIsInstance(service.registry, PeerRegistry)
+
+    def test_giving_settings_wired(self) -> None:
+        """--max-upload-rate makes the app's limiter, --serve-peers no reaches the announcements, --state-dir the savings."""
+        service, _ = self.build(quiet(max_upload_rate=20_000_000, serve_peers=False))
+        assert service.upload_limiter is not None and service.node is not None
+        self.assertEqual(service.upload_limiter.rate, 20_000_000)
+        self.assertFalse(service.node.serve_peers)
+        self.assertEqual(service.node.max_upload_rate, 20_000_000)
+        saver = service.getServiceNamed("savings")
+        self.assertEqual(saver.state_file.directory, QUIET.state_dir)
+        unlimited, _ = self.build()
+        self.assertIsNone(unlimited.upload_limiter)
 
     def test_mdns_child(self) -> None:
         """With mDNS on, an mDNS service with a thread pool of its own comes last."""
@@ -130,7 +148,7 @@ class BuildServiceTests(SynchronousTestCase):
         """An injected upstream replaces the peer side and discovery."""
         upstream = FakeUpstream()
         service, _ = self.build(upstream=upstream)
-        self.assertEqual([c.name for c in service], ["cpu-threads", "http [::]:9999"])
+        self.assertEqual([c.name for c in service], ["cpu-threads", "savings", "http [::]:9999"])
         self.assertIs(service.upstream, upstream)
 
     def test_trusted_keys_from_options(self) -> None:

@@ -1,11 +1,18 @@
 """
 The status page in a real headless browser: the web app on a real loopback
 socket, Debian's chromium taking a screenshot of ``/`` and dumping its DOM.
+
+The page shows a day of savings history (restored from a state as the
+daemon would after a restart), so the screenshot looks like a machine in
+use.  With ``PEERNIX_SCREENSHOT_TO=docs/status-page.png`` the screenshot
+test also copies its PNG there: that is how the docs' screenshot is made.
 """
 
 from __future__ import annotations
 
+import html
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -24,6 +31,8 @@ from peernix.peers.registry import PeerRegistry
 from peernix.test.fakes import MemoryStore, run_synchronously
 from peernix.web.app import WebApp
 from peernix.web.metrics import Metrics
+from peernix.web.ratelimit import UploadLimiter
+from peernix.web.savings import Savings, format_bytes
 
 #: The browser: Debian's ``chromium`` (or Ubuntu's name for it).
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,6 +42,57 @@ WIDTH, HEIGHT = 1200, 900
 
 #: A peer shown in the table.
 PEER_URL = "http://192.0.2.7:9999"
+
+#: The most requested path shown.
+HOT_PATH = "0c0ys3hg8kn9jbm6dl9g2rkq1l8ywyna-firefox-120.0.1"
+
+
+def day_of_savings(now: float) -> Savings:
+    """
+    :returns: savings with 24 hours of plausible history ending at ``now``
+        (a working day: little at night, more in the morning), restored from
+        a state as after a restart.
+    """
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(now)
+    savings = Savings(clock)
+    hour_now = int(now // 3600) * 3600
+    hours: dict[str, dict[str, int]] = {}
+    total = dict.fromkeys(("bytes_from_peers", "bytes_to_peers", "local", "peer", "upstream", "miss"), 0)
+    for back in range(24):
+        start = hour_now - back * 3600
+        weight = (5 + (back * 7) % 11) * (3 if 6 <= back <= 14 else 1)
+        counts = {
+            "bytes_from_peers": weight * 23_000_000,
+            "bytes_to_peers": weight * 9_000_000,
+            "local": weight * 40,
+            "peer": weight * 25,
+            "upstream": 0,
+            "miss": weight * 4,
+        }
+        hours[str(start)] = counts
+        for name, value in counts.items():
+            total[name] += value
+    import time
+
+    # The six days before today, each like the last 24 hours.
+    days = {time.strftime("%Y-%m-%d", time.localtime(now - n * 86400)): dict(total) for n in range(1, 7)}
+    savings.restore({
+        "version": 1,
+        "since": now - 20 * 86400,
+        "total": {name: value * 9 for name, value in total.items()},
+        "days": days,
+        "hours": hours,
+        "paths": {HOT_PATH: [42, 42 * 95_000_000], "7rjj86a15146cq1d4hm7fjcf2b9a5b8j-glibc-2.38-27": [30, 30 * 30_000_000]},
+    })
+    # Today's figures come from what happens while the daemon runs.
+    savings.add_from_peers(1_234_567_890)
+    savings.add_to_peers(98_765_432)
+    for outcome in ("local", "local", "peer", "miss"):
+        savings.count_request(outcome)
+    return savings
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -58,6 +118,46 @@ def png_pixel_bytes(data: bytes) -> bytes:
     return zlib.decompress(idat)
 
 
+def png_colour_count(data: bytes, colour: tuple[int, int, int]) -> int:
+    """
+    :returns: how many pixels of an 8-bit RGB or RGBA PNG (not interlaced,
+        as chromium writes them) have exactly ``colour``: the scanlines are
+        unfiltered (None, Sub, Up, Average, Paeth) as the PNG spec says.
+    """
+    width, height = png_size(data)
+    bit_depth, colour_type = data[24], data[25]
+    if bit_depth != 8 or colour_type not in (2, 6):
+        raise ValueError("only 8-bit RGB or RGBA PNGs")
+    bpp = 3 if colour_type == 2 else 4
+    raw = png_pixel_bytes(data)
+    stride = width * bpp
+    previous = bytearray(stride)
+    count = 0
+    target = bytes(colour)
+    for y in range(height):
+        offset = y * (stride + 1)
+        kind = raw[offset]
+        line = bytearray(raw[offset + 1:offset + 1 + stride])
+        for i in range(stride):
+            left = line[i - bpp] if i >= bpp else 0
+            up = previous[i]
+            if kind == 1:
+                line[i] = (line[i] + left) & 0xFF
+            elif kind == 2:
+                line[i] = (line[i] + up) & 0xFF
+            elif kind == 3:
+                line[i] = (line[i] + ((left + up) >> 1)) & 0xFF
+            elif kind == 4:
+                upper_left = previous[i - bpp] if i >= bpp else 0
+                p = left + up - upper_left
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - upper_left)
+                predictor = left if pa <= pb and pa <= pc else up if pb <= pc else upper_left
+                line[i] = (line[i] + predictor) & 0xFF
+        count += sum(1 for x in range(0, stride, bpp) if line[x:x + 3] == target)
+        previous = line
+    return count
+
+
 class StatusPageBrowserTests(TestCase):
     """A person's browser renders the status page: version, node key, peers table."""
 
@@ -76,6 +176,7 @@ class StatusPageBrowserTests(TestCase):
         assert peer is not None
         self.registry.record_success(peer, 0.012)
         self.registry.add("http://[2001:db8::7]:9999", "static")
+        self.savings = day_of_savings(reactor.seconds())
         app = WebApp(
             store,
             reactor=reactor,
@@ -86,6 +187,8 @@ class StatusPageBrowserTests(TestCase):
             store_root=root,
             version=peernix.__version__,
             registry=self.registry,
+            savings=self.savings,
+            upload_limiter=UploadLimiter(20_000_000, reactor),
         )
         self.reactor: Any = reactor
         self.site = Site(app.resource(), reactor=reactor)
@@ -128,6 +231,12 @@ class StatusPageBrowserTests(TestCase):
         self.assertGreaterEqual(len(pixels), HEIGHT * (WIDTH * 3 + 1))
         # A blank page compresses to a handful of distinct byte values.
         self.assertGreater(len(set(pixels)), 32)
+        # The chart's green bars (bytes from peers and peer answers,
+        # #2e7d32) are drawn: thousands of pixels of exactly that colour.
+        self.assertGreater(png_colour_count(data, (0x2E, 0x7D, 0x32)), 2000)
+        target = os.environ.get("PEERNIX_SCREENSHOT_TO")
+        if target:
+            shutil.copyfile(shot, target)
 
     async def test_dom(self) -> None:
         """The rendered DOM shows the version, this node's key, and the peers table with its rows."""
@@ -142,3 +251,24 @@ class StatusPageBrowserTests(TestCase):
         self.assertIn(PEER_URL, dom)
         self.assertIn("http://[2001:db8::7]:9999", dom)
         self.assertNotIn(self.key.to_string().partition(":")[2], dom)
+
+    async def test_dom_savings(self) -> None:
+        """The page leads with the savings figures, draws the 24-hour chart as SVG and lists the top paths."""
+        url = await self.listen()
+        result = await self.chromium("--dump-dom", url)
+        dom = result.stdout.decode("utf-8", errors="replace")
+        snapshot = self.savings.snapshot()
+        self.assertLess(dom.index("What the LAN saves this machine"), dom.index("<h2>This node</h2>"))
+        from_peers = format_bytes(snapshot.total["bytes_from_peers"])
+        self.assertRegex(dom, rf'id="bytes-from-peers">{re.escape(from_peers)}<')
+        self.assertRegex(dom, rf'id="bytes-to-peers">{re.escape(format_bytes(snapshot.total["bytes_to_peers"]))}<')
+        today = re.search(r'data-counter="bytes_from_peers" data-period="today" data-value="(\d+)"', dom)
+        assert today is not None, "no today figure"
+        self.assertEqual(int(today.group(1)), snapshot.today["bytes_from_peers"])
+        # The chart: an inline SVG with a bar per hour and series, laid out by the browser.
+        self.assertIn('<svg id="savings-chart"', dom)
+        self.assertEqual(len(re.findall(r'class="bar bytes_from_peers"', dom)), 24)
+        self.assertEqual(len(re.findall(r'class="bar peer"', dom)), 24)
+        self.assertIn(html.escape(HOT_PATH), dom)
+        self.assertIn("Upload limit to peers", dom)
+        self.assertIn("20000000 bytes/s", dom)

@@ -69,7 +69,9 @@ class Harness:
         registry: PeerRegistry | None = None,
         clock: Clock | None = None,
         trimmer: IdleTrimmer | None = None,
+        **app_options: Any,
     ) -> None:
+        """``app_options``: more keyword arguments of :class:`WebApp`."""
         root = testcase.mktemp()
         os.makedirs(root)
         self.store = MemoryStore(root)
@@ -89,6 +91,7 @@ class Harness:
             version="9.9.9-test",
             registry=registry,
             trimmer=trimmer,
+            **app_options,
         )
         self.resource = self.app.resource()
         self.agent = RequestTraversalAgent(self.resource)
@@ -160,9 +163,11 @@ class RelayingUpstream(FakeUpstream):
         self.hold_back = hold_back
         self.clock = Clock()
 
-    def relay_nar(self, info: NarInfo, consumer: object) -> Deferred[None]:
+    def relay_nar(self, info: NarInfo, consumer: object, on_peer: object = None) -> Deferred[None]:
         """See :meth:`peernix.interfaces.IUpstream.relay_nar`."""
         self.relays.append(info)
+        if callable(on_peer):
+            on_peer(self.peer_url)
         relay = NarRelay(IConsumer(consumer), info.nar_hash, info.nar_size, "none", self.clock, hold_back=self.hold_back)
         response = FakeResponse()
         response.deliverBody(relay)

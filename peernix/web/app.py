@@ -47,13 +47,17 @@ from peernix.nix.pathinfo import PathInfo
 from peernix.nix.signing import SecretKey, sign_narinfo
 from peernix.nix.storepath import STORE_DIR, StorePathError, parse_basename
 from peernix.peers.client import PEER_HEADER
+from peernix.peers.client import SERVE_PEERS_HEADER as _SERVE_PEERS_HEADER_NAME
 from peernix.peers.errors import NarClientGone, NarUnavailable
+from peernix.sources import LOCAL, SOURCE_HEADER, Found, Source, peer_source
 from peernix.store.share import SharedStore
 from peernix.web.encoding import RangeNotSatisfiable, choose_encoding, parse_range
 from peernix.web.metrics import Metrics, MetricsResource
 from peernix.upstream.fetch import FETCH_PREFIX, LanFetcher
 from peernix.web.fetch import FetchResource
 from peernix.web.ranges import RangeConsumer
+from peernix.web.ratelimit import ThrottledConsumer, UploadLimiter
+from peernix.web.savings import Savings, counting
 from peernix.web.status import PeerStatus, Status, render_html, render_json
 from peernix.web.streaming import (
     DeferToThread,
@@ -99,6 +103,8 @@ SMALL_NAR_SIZE: Final = 256 * 1024
 #: event loop) cost less than handing the work to a thread and back, which
 #: is most of the time of a small path's download.
 TINY_NAR_SIZE: Final = 16 * 1024
+#: The NAR chunk size of a stream to a peer under ``--max-upload-rate``.
+LIMITED_CHUNK_SIZE: Final = 64 * 1024
 #: A consumer paused this long (a client that stopped reading) ends the stream.
 STALL_TIMEOUT: Final = 300.0
 #: Client addresses whose "proxy client or peer?" decision is remembered.
@@ -118,7 +124,13 @@ HTML_TYPE: Final = b"text/html; charset=utf-8"
 
 #: Response headers that describe a body and must not survive into an error
 #: answer that replaces it.
-_BODY_HEADERS: Final = (b"Content-Encoding", b"Content-Range", b"Accept-Ranges", b"Content-Length")
+_BODY_HEADERS: Final = (b"Content-Encoding", b"Content-Range", b"Accept-Ranges", b"Content-Length", SOURCE_HEADER)
+#: The ``nix-cache-info`` response header saying whether this node serves
+#: peers (``yes``/``no``): what a peer's health probe reads
+#: (:meth:`peernix.peers.client.PeerClient.probe`).
+SERVE_PEERS_HEADER: Final = _SERVE_PEERS_HEADER_NAME.encode("ascii")
+#: Routes whose answers to peers go through ``--max-upload-rate``.
+_LIMITED_ROUTES: Final = frozenset({"narinfo", "nar", "ls", "log"})
 
 _log = Logger(namespace="peernix.web")
 _T = TypeVar("_T")
@@ -248,6 +260,30 @@ def _is_head(request: Request) -> bool:
     return request.method == b"HEAD"
 
 
+def _set_source(request: Request, source: Source) -> None:
+    """Name where the answer to ``request`` comes from (``X-Peernix-Source``; the access log reads it)."""
+    request.responseHeaders.setRawHeaders(SOURCE_HEADER, [source.header_value()])
+
+
+@implementer(IConsumer)
+class _CountingConsumer:
+    """An ``IConsumer`` passing everything to ``consumer``, telling ``count`` the length of each write."""
+
+    def __init__(self, consumer: IConsumer, count: Callable[[int], object]) -> None:
+        self._consumer = consumer
+        self._count = count
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        self._consumer.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._consumer.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        self._consumer.write(data)
+        self._count(len(data))
+
+
 def _set_headers(request: Request, code: int, content_type: bytes, length: int | None) -> None:
     request.setResponseCode(code)
     headers = request.responseHeaders
@@ -330,6 +366,9 @@ class WebApp:
         registry: IPeerRegistry | None = None,
         peer_store: IStore | None = None,
         trimmer: IdleTrimmer | None = None,
+        savings: Savings | None = None,
+        upload_limiter: UploadLimiter | None = None,
+        serve_peers: bool = True,
         lan_fetcher: LanFetcher | None = None,
     ) -> None:
         """
@@ -371,6 +410,15 @@ class WebApp:
             its counts.  ``None``: peers see ``store``.
         :param trimmer: told when NAR streams and relays start and end, to
             give freed memory back once none runs (``None``: nobody told).
+        :param savings: where the bytes from and to peers, local clients'
+            request outcomes and NAR downloads per path are counted; the
+            status page leads with them (``None``: not counted).
+        :param upload_limiter: ``--max-upload-rate``: every answer body to a
+            peer on the narinfo, NAR, listing and log routes goes through it
+            (``None``: unlimited).  Local clients never do.
+        :param serve_peers: ``False`` (``--serve-peers no``): peers get 404
+            for everything but ``nix-cache-info``, which says so in
+            :data:`SERVE_PEERS_HEADER`.
         :param lan_fetcher: fetching for the LAN (``None``: off): serves the
             ``/peernix/fetch/`` route to peers and the ``upstream`` section
             of the status page.  Local misses reach it through ``upstream``.
@@ -395,10 +443,16 @@ class WebApp:
         self._upstream = upstream
         self._proxy_clients = tuple(proxy_clients)
         self._store_root = store_root
+        self._savings = savings
+        self._upload_limiter = upload_limiter
+        self._serve_peers = serve_peers
         self._version = version
         self._registry = registry
         self._lan_fetcher = lan_fetcher
-        self._fetch_resource: FetchResource | None = FetchResource(lan_fetcher) if lan_fetcher is not None else None
+        # NARs for peers on the fetch route are uploads like any other.
+        self._fetch_resource: FetchResource | None = (
+            FetchResource(lan_fetcher, upload_limiter=upload_limiter) if lan_fetcher is not None else None
+        )
         self._cache_info = b"StoreDir: %s\nWantMassQuery: 1\nPriority: %d\n" % (STORE_DIR.encode(), priority)
         # (hash part, zstd URL?, peer view?) -> (expiry, narinfo bytes, the
         # PathInfo it was rendered from).  Insertion order is expiry order
@@ -447,6 +501,9 @@ class WebApp:
             peer_counters=self._peer_counters(),
             # Never waits: the count runs on the store's worker thread.
             sharing=self._peer_store.share_status() if isinstance(self._peer_store, SharedStore) else None,
+            savings=self._savings.snapshot() if self._savings is not None else None,
+            serve_peers=self._serve_peers,
+            max_upload_rate=self._upload_limiter.rate if self._upload_limiter is not None else None,
             upstream=self._lan_fetcher.status() if self._lan_fetcher is not None else None,
         )
 
@@ -466,6 +523,7 @@ class WebApp:
                 last_seen_ago=max(0.0, now - peer.last_seen),
                 failures=dict(peer.failures),
                 public_key=peer.public_key,
+                serving=peer.serving,
             )
             for peer in self._registry.peers()
         )
@@ -517,10 +575,14 @@ class WebApp:
         """
         if request.method not in (b"GET", b"HEAD"):
             return self._reply_error(request, "other", 405, b"method not allowed\n", {b"Allow": _ALLOW})
+        if rest == b"nix-cache-info":
+            request.responseHeaders.setRawHeaders(SERVE_PEERS_HEADER, [b"yes" if self._serve_peers else b"no"])
+            return self._reply(request, "cache-info", 200, CACHE_INFO_TYPE, self._cache_info)
+        if not self._serve_peers and self._is_peer(request):
+            # Consume only: nothing of this store for peers, whatever they ask.
+            return self._reply_error(request, "other", 404, b"not found (this node does not serve peers)\n")
         if rest.endswith(b".narinfo"):
             return self._render_narinfo(request, rest[:-8])
-        if rest == b"nix-cache-info":
-            return self._reply(request, "cache-info", 200, CACHE_INFO_TYPE, self._cache_info)
         if rest.startswith(b"nar/"):
             return self._render_nar(request, rest[4:])
         if rest.endswith((b".nar", b".nar.zst")) and b"/" not in rest:
@@ -540,6 +602,9 @@ class WebApp:
         """Answer a request outside ``/nix-cache/`` through Klein, counting it."""
         path = request.path
         if self._fetch_resource is not None and path.startswith(FETCH_PREFIX.encode()):
+            if not self._serve_peers:
+                # Consume only: this node fetches nothing for peers either.
+                return self._reply_error(request, "fetch", 404, b"not found (this node does not serve peers)\n")
             request.notifyFinish().addBoth(self._count_finished, request, "fetch")
             return self._fetch_resource.render(request)
         route = "status" if path in (b"/", b"/status.json") else "metrics" if path == b"/metrics" else "other"
@@ -552,17 +617,70 @@ class WebApp:
 
     # -- synchronous answers ----------------------------------------------------
 
-    def _reply(self, request: Request, route: str, code: int, content_type: bytes, body: bytes) -> bytes:
+    def _reply(self, request: Request, route: str, code: int, content_type: bytes, body: bytes) -> bytes | int:
         _set_headers(request, code, content_type, len(body))
         if _is_head(request):
             self._metrics.count_request(route, code, 0)
             return b""
         self._metrics.count_request(route, code, len(body))
+        if code < 300 and self._must_wait(request, route, body):
+            lost: list[object] = []
+            # Consumes the failure (a lost connection is no error here).
+            request.notifyFinish().addErrback(lambda f: lost.append(f))
+            self._write_in_turn(request, body, lambda: bool(lost))
+            return NOT_DONE_YET
         return body
+
+    # -- the upload limit ----------------------------------------------------------
+
+    def _must_wait(self, request: Request, route: str, body: bytes) -> bool:
+        """
+        :returns: whether the answer ``body`` to ``request`` must wait for
+            its turn under ``--max-upload-rate`` (a peer's answer while the
+            bucket is in debt or others wait); when it need not, its bytes
+            are taken from the bucket now.
+        """
+        limiter = self._upload_limiter
+        if limiter is None or not body or route not in _LIMITED_ROUTES or not self._is_peer(request):
+            return False
+        if limiter.may_write():
+            limiter.take(len(body))
+            return False
+        return True
+
+    def _write_in_turn(self, request: Request, body: bytes, gone: Callable[[], bool]) -> None:
+        """Write ``body`` and finish ``request`` when the upload limiter gives it its turn."""
+        limiter = self._upload_limiter
+        assert limiter is not None
+
+        def go() -> None:
+            if gone() or request.finished:
+                return
+            limiter.take(len(body))
+            request.write(body)  # type: ignore[no-untyped-call]
+            request.finish()  # type: ignore[no-untyped-call]
+
+        waiter = limiter.wait(go)
+        # A client that leaves while waiting gives its turn away.
+        request.notifyFinish().addErrback(lambda _: waiter.cancel())
+
+    def _peer_consumer(self, request: Request, count: Callable[[int], object] | None = None) -> IConsumer:
+        """
+        :returns: the consumer a stream to ``request`` writes into: the
+            request, behind the upload limiter when it is a peer's (and
+            ``--max-upload-rate`` is set), counting written bytes into
+            ``count`` when given.
+        """
+        consumer: IConsumer = _RequestConsumer(request)
+        if self._upload_limiter is not None and self._is_peer(request):
+            return ThrottledConsumer(consumer, self._upload_limiter, count)
+        if count is not None:
+            return _CountingConsumer(consumer, count)
+        return consumer
 
     def _reply_error(
         self, request: Request, route: str, code: int, message: bytes, extra: dict[bytes, bytes] | None = None
-    ) -> bytes:
+    ) -> bytes | int:
         body = _error_body(request, code, message, extra)
         return self._reply(request, route, code, TEXT_TYPE, body)
 
@@ -603,6 +721,9 @@ class WebApp:
         if body is None or exchange.gone:
             return
         request = exchange.request
+        if request.code < 300 and self._must_wait(request, exchange.route, body):
+            self._write_in_turn(request, body, lambda: exchange.gone)
+            return
         request.write(body)  # type: ignore[no-untyped-call]
         request.finish()  # type: ignore[no-untyped-call]
 
@@ -648,6 +769,7 @@ class WebApp:
         if cached is not None and cached[0] > self._reactor.seconds():
             self._metrics.count_store_lookup(True)
             self._metrics.count_narinfo("local")
+            self._answered_from(request, LOCAL)
             return self._reply(request, "narinfo", 200, NARINFO_TYPE, cached[1])
         lookup = (self._peer_store if for_peer else self._store).query_path_info(hash_part)
         if cached is not None:
@@ -660,6 +782,7 @@ class WebApp:
                 self._metrics.count_store_lookup(True)
                 self._remember_narinfo(key, cached[1], cached[2])
                 self._metrics.count_narinfo("local")
+                self._answered_from(request, LOCAL)
                 return self._reply(request, "narinfo", 200, NARINFO_TYPE, cached[1])
         return self._run(request, "narinfo", self._narinfo(request, hash_part, zstd, for_peer, lookup))
 
@@ -676,6 +799,7 @@ class WebApp:
                 body = previous[1]
                 self._remember_narinfo(key, body, info)
                 self._metrics.count_narinfo("local")
+                self._answered_from(request, LOCAL)
                 _set_headers(request, 200, NARINFO_TYPE, len(body))
                 return body
             nar_hash = info.nar_hash.nix32()
@@ -694,11 +818,14 @@ class WebApp:
             body = render_narinfo(narinfo).encode("utf-8")
             self._remember_narinfo(key, body, info)
             self._metrics.count_narinfo("local")
+            self._answered_from(request, LOCAL)
             _set_headers(request, 200, NARINFO_TYPE, len(body))
             return body
-        peer = await self._ask_upstream(request, hash_part)
-        if peer is None:
+        found = await self._ask_upstream(request, hash_part)
+        if found is None:
+            self._answered_from(request, None)
             return _error_body(request, 404, b"not found\n")
+        peer = found.info
         # Our own URL (stateless: it names both hashes), the NAR relayed raw
         # (so the file is the NAR); signatures exactly as the peer gave
         # them: never re-signed.
@@ -711,8 +838,20 @@ class WebApp:
         )
         body = render_narinfo(narinfo).encode("utf-8")
         self._metrics.count_narinfo("peer")
+        self._answered_from(request, found.source)
         _set_headers(request, 200, NARINFO_TYPE, len(body))
         return body
+
+    def _answered_from(self, request: Request, source: Source | None) -> None:
+        """
+        Note where a narinfo answer comes from: the ``X-Peernix-Source``
+        header, and for a local client the savings' hit ratio (``None``: a
+        miss, no header).
+        """
+        if source is not None:
+            _set_source(request, source)
+        if self._savings is not None and not self._is_peer(request):
+            self._savings.count_request("miss" if source is None else source.kind)
 
     def _remember_narinfo(self, key: tuple[str, bool, bool], body: bytes, info: PathInfo) -> None:
         cache = self._narinfo_cache
@@ -762,27 +901,27 @@ class WebApp:
             return self._peer_store
         return self._store
 
-    async def _ask_upstream(self, request: Request, hash_part: str) -> NarInfo | None:
-        """:returns: a trusted peer narinfo for a proxy client's miss, else ``None`` (failures logged)."""
+    async def _ask_upstream(self, request: Request, hash_part: str) -> Found | None:
+        """:returns: a trusted peer narinfo (and its source) for a proxy client's miss, else ``None`` (failures logged)."""
         if self._upstream is None or not self._may_proxy(request):
             return None
         try:
-            peer = await self._upstream.lookup(hash_part)
+            found = await self._upstream.find(hash_part)
         except CancelledError:
             raise
         except Exception:
             _log.failure("Upstream lookup of {hash_part} failed", hash_part=hash_part)
             return None
-        if peer is None:
+        if found is None:
             return None
-        if not peer.store_path.startswith(f"{STORE_DIR}/{hash_part}-"):
+        if not found.info.store_path.startswith(f"{STORE_DIR}/{hash_part}-"):
             _log.warn(
                 "Upstream answered {hash_part} with {store_path}; ignored",
                 hash_part=hash_part,
-                store_path=peer.store_path,
+                store_path=found.info.store_path,
             )
             return None
-        return peer
+        return found
 
     # -- NAR ----------------------------------------------------------------------
 
@@ -845,6 +984,9 @@ class WebApp:
             # The URL names another version of this path (a stale narinfo):
             # serving the current one would fail Nix's hash check.
             return _error_body(request, 404, b"not found (NAR hash differs)\n")
+        _set_source(request, LOCAL)
+        # NAR bytes sent to a peer count as given to the LAN.
+        to_peer = self._savings is not None and self._is_peer(request)
         fs_path = self._store.real_path(info.path)
         size = info.nar_size
         whole: bytes | None = None
@@ -873,11 +1015,21 @@ class WebApp:
         # never takes a wrong NAR for a complete one.
 
         chunk_size = self._ahead_budget.chunk_size()
+        if self._upload_limiter is not None and self._is_peer(request):
+            # Under --max-upload-rate a write is a turn: small turns keep
+            # the rate smooth and the peers' shares even.
+            chunk_size = min(chunk_size, LIMITED_CHUNK_SIZE)
+        # NAR bytes (not wire bytes) made for the client, counted as they
+        # are made: before compression, after a Range's slicing.
+        made_bytes = [0]
 
         def raw() -> Iterator[bytes]:
             if whole is not None:
                 return iter((whole,))
             return exact_length(nar_chunks(fs_path, chunk_size), size)
+
+        def counted_raw() -> Iterator[bytes]:
+            return counting(raw(), made_bytes)
 
         make_source: Callable[[], Iterator[bytes]]
         request.setResponseCode(200)
@@ -886,7 +1038,7 @@ class WebApp:
         if zst:
             # NAR-level compression, as the narinfo's "Compression: zstd"
             # declared; no Content-Encoding (that would decode it twice).
-            make_source = lambda: zstd_chunks(raw())  # noqa: E731
+            make_source = lambda: zstd_chunks(counted_raw())  # noqa: E731
         else:
             headers.setRawHeaders(b"Vary", [b"Accept-Encoding"])
             try:
@@ -910,13 +1062,13 @@ class WebApp:
             if byte_range is not None:
                 first, last = byte_range
                 _partial_headers(request, first, last, size)
-                make_source = lambda: slice_chunks(raw(), first, last)  # noqa: E731
+                make_source = lambda: counting(slice_chunks(raw(), first, last), made_bytes)  # noqa: E731
             elif encoding == "zstd":
                 headers.setRawHeaders(b"Content-Encoding", [b"zstd"])
-                make_source = lambda: zstd_chunks(raw())  # noqa: E731
+                make_source = lambda: zstd_chunks(counted_raw())  # noqa: E731
             elif encoding == "gzip":
                 headers.setRawHeaders(b"Content-Encoding", [b"gzip"])
-                make_source = lambda: gzip_chunks(raw())  # noqa: E731
+                make_source = lambda: gzip_chunks(counted_raw())  # noqa: E731
             else:
                 headers.setRawHeaders(b"Content-Length", [b"%d" % size])
                 headers.setRawHeaders(b"Accept-Ranges", [b"bytes"])
@@ -926,8 +1078,9 @@ class WebApp:
                     # Written in one go by the caller: the stream's time is
                     # the making of it.
                     self._metrics.nar_stream_seconds.observe(self._reactor.seconds() - made)
+                    self._count_nar(info.path, size, len(whole) if to_peer else 0)
                     return whole
-                make_source = raw
+                make_source = counted_raw
         if _is_head(request):
             return b""
         started = self._reactor.seconds()
@@ -935,18 +1088,28 @@ class WebApp:
         # and by cancelling start()'s Deferred when this handler is cancelled.
         producer = ThreadedProducer(
             make_source(),
-            _RequestConsumer(request),
+            self._peer_consumer(request),
             self._defer_to_thread,
             call_from_thread=self._call_from_thread,
             budget=self._ahead_budget,
             clock=self._reactor,
             stall_timeout=STALL_TIMEOUT,
         )
-        with self._streaming():
-            written = await producer.start()
+        try:
+            with self._streaming():
+                written = await producer.start()
+        finally:
+            # What was made is what was sent (or in flight when it failed).
+            self._count_nar(info.path, size, made_bytes[0] if to_peer else 0)
         self._metrics.nar_stream_seconds.observe(self._reactor.seconds() - started)
         _log.debug("Sent NAR of {store_path}: {written} bytes", store_path=info.path, written=written)
         return b""
+
+    def _count_nar(self, store_path: str, nar_size: int, to_peers: int) -> None:
+        """Count a NAR download of ``store_path`` and ``to_peers`` NAR bytes given to a peer."""
+        if self._savings is not None:
+            self._savings.count_path(store_path, nar_size)
+            self._savings.add_to_peers(to_peers)
 
     @contextmanager
     def _streaming(self) -> Iterator[None]:
@@ -973,36 +1136,54 @@ class WebApp:
         :param nar_hash: the NarHash the URL names (the peer's must equal
             it), or ``None`` for a URL naming the path by hash part only.
         """
-        peer = await self._ask_upstream(request, hash_part)
-        if peer is None or (nar_hash is not None and peer.nar_hash != nar_hash):
+        found = await self._ask_upstream(request, hash_part)
+        if found is None or (nar_hash is not None and found.info.nar_hash != nar_hash):
             return _error_body(request, 404, b"not found\n")
+        peer = found.info
         size = peer.nar_size
         try:
             byte_range = _requested_range(request, size)
         except RangeNotSatisfiable:
             return _range_not_satisfiable(request, size)
-        consumer: _RequestConsumer | RangeConsumer = _RequestConsumer(request)
+        # The narinfo's winner; the relay names the peer that really sends it.
+        _set_source(request, found.source)
         if byte_range is None:
             _set_headers(request, 200, NAR_TYPE, size)
             request.responseHeaders.setRawHeaders(b"Accept-Ranges", [b"bytes"])
         else:
             first, last = byte_range
             _partial_headers(request, first, last, size)
-            consumer = RangeConsumer(consumer, first, last)
         if _is_head(request):
             return b""
         assert self._upstream is not None  # _ask_upstream returned a narinfo
         started = self._reactor.seconds()
+        savings = self._savings
+        consumer: IConsumer = _RequestConsumer(request)
+        if savings is not None:
+            # Bytes relayed to a local client: what the LAN saved it.
+            savings.count_path(peer.store_path, peer.nar_size)
+            consumer = _CountingConsumer(consumer, savings.add_from_peers)
+        ranged: RangeConsumer | None = None
+        if byte_range is not None:
+            # Cut from the whole NAR, which is still fetched and verified
+            # from its first byte; the range's last piece waits for finish().
+            ranged = RangeConsumer(consumer, byte_range[0], byte_range[1])
+            consumer = ranged
+
+        def on_peer(url: str) -> None:
+            if not request.startedWriting:
+                _set_source(request, peer_source(url))
+
         try:
             with self._streaming():
-                await self._upstream.relay_nar(peer, consumer)
+                await self._upstream.relay_nar(peer, consumer, on_peer)
         except NarUnavailable:
             if request.startedWriting:
                 raise
             return _error_body(request, 404, b"not found\n")
-        if isinstance(consumer, RangeConsumer):
+        if ranged is not None:
             # The whole NAR verified: the range's last piece may go.
-            consumer.finish()
+            ranged.finish()
         self._metrics.nar_stream_seconds.observe(self._reactor.seconds() - started)
         return b""
 
@@ -1016,6 +1197,7 @@ class WebApp:
         fs_path = self._store.real_path(info.path)
         body = await self._defer_to_thread(lambda: render_listing(nar_listing(fs_path)))
         _set_headers(request, 200, JSON_TYPE, len(body))
+        _set_source(request, LOCAL)
         return body
 
     def _render_log(self, request: Request, name: bytes) -> bytes | int:
@@ -1037,11 +1219,12 @@ class WebApp:
             return _error_body(request, 404, b"not found\n")
         request.setResponseCode(200)
         request.responseHeaders.setRawHeaders(b"Content-Type", [TEXT_TYPE])
+        _set_source(request, LOCAL)
         if _is_head(request):
             return b""
         producer = ThreadedProducer(
             file_chunks(path),
-            _RequestConsumer(request),
+            self._peer_consumer(request),
             self._defer_to_thread,
             call_from_thread=self._call_from_thread,
             budget=self._ahead_budget,

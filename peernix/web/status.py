@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from html import escape
 
 from attrs import frozen
 
 from peernix.store.share import WITHHELD_REASONS, ShareStatus
+from peernix.web.savings import FIELDS, OUTCOMES, SavingsSnapshot, format_bytes, hit_ratio
 from peernix.web.upstream_status import upstream_section
 
 
@@ -34,6 +36,8 @@ class PeerStatus:
     failures: Mapping[str, int]
     #: The key the peer announced (informative: it confers no trust).
     public_key: str | None
+    #: ``False`` when the peer said it serves no peers (it is never asked).
+    serving: bool = True
 
     def document(self) -> dict[str, object]:
         """:returns: this row as a JSON object."""
@@ -47,6 +51,7 @@ class PeerStatus:
             "last_seen_ago": round(self.last_seen_ago, 3),
             "failures": dict(sorted(self.failures.items())),
             "public_key": self.public_key,
+            "serving": self.serving,
         }
 
 
@@ -83,6 +88,12 @@ class Status:
     #: and withheld paths; ``None`` when peers see the whole store
     #: unfiltered by any policy.
     sharing: ShareStatus | None = None
+    #: What the LAN saved this machine; ``None`` when not counted.
+    savings: SavingsSnapshot | None = None
+    #: ``--serve-peers``: whether peers may download from this node.
+    serve_peers: bool = True
+    #: ``--max-upload-rate`` in bytes per second; ``None``: unlimited.
+    max_upload_rate: int | None = None
     #: Fetching for the LAN (:meth:`peernix.upstream.fetch.LanFetcher.status`);
     #: ``None`` when it is off.
     upstream: Mapping[str, object] | None = None
@@ -106,6 +117,8 @@ class Status:
                 name: _number(value) for name, value in sorted(self.peer_counters.items())
             },
             "sharing": None if self.sharing is None else _sharing_document(self.sharing),
+            "savings": None if self.savings is None else self.savings.document(),
+            "giving": {"serve_peers": self.serve_peers, "max_upload_rate": self.max_upload_rate},
             "upstream": None if self.upstream is None else dict(self.upstream),
         }
 
@@ -139,6 +152,8 @@ def render_json(status: Status) -> bytes:
 
 def _peer_row(peer: PeerStatus) -> str:
     state = "healthy" if peer.healthy else f"backing off ({peer.backoff_seconds:.1f} s left)"
+    if not peer.serving:
+        state += ", consume only (not asked)"
     latency = "unknown" if peer.latency is None else f"{peer.latency * 1000:.1f} ms"
     failures = ", ".join(f"{kind}: {count}" for kind, count in sorted(peer.failures.items())) or "none"
     cells = [
@@ -197,6 +212,141 @@ def _sharing_section(sharing: ShareStatus | None) -> str:
     )
 
 
+#: Chart colours per counter (readable on white, distinct in grey too).
+_COLOURS = {
+    "bytes_from_peers": "#2e7d32",
+    "bytes_to_peers": "#1565c0",
+    "local": "#78909c",
+    "peer": "#2e7d32",
+    "upstream": "#f9a825",
+    "miss": "#c62828",
+}
+_LABELS = {
+    "bytes_from_peers": "from peers",
+    "bytes_to_peers": "to peers",
+    "local": "local store",
+    "peer": "peers",
+    "upstream": "upstream via the LAN",
+    "miss": "miss",
+}
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share * 100:.1f} %"
+
+
+def render_chart(savings: SavingsSnapshot) -> str:
+    """
+    :returns: an inline SVG of the last 24 hours: bytes from and to peers
+        per hour (bars side by side), and local clients' requests per hour
+        by outcome (stacked bars).  Drawn here, on the server: no script,
+        no external asset.
+    """
+    width, left, right = 960, 70, 10
+    panel, gap, top = 150, 46, 24
+    hours = savings.hours
+    slot = (width - left - right) / max(1, len(hours))
+    parts = [
+        f'<svg id="savings-chart" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'height="{top + 2 * panel + gap + 40}" role="img" '
+        'aria-label="Bytes from and to peers, and local requests by outcome, per hour over the last 24 hours">',
+        '<style>text{font:11px sans-serif;fill:#333}.axis{stroke:#999;stroke-width:1}</style>',
+    ]
+    byte_max = max([c.get(n, 0) for _, c in hours for n in ("bytes_from_peers", "bytes_to_peers")] + [1])
+    request_max = max([sum(c.get(n, 0) for n in OUTCOMES) for _, c in hours] + [1])
+    y_bytes = top + panel
+    y_requests = top + 2 * panel + gap
+    parts.append(f'<text x="{left}" y="{top - 8}">NAR bytes per hour (max {escape(format_bytes(byte_max))})</text>')
+    parts.append(f'<text x="{left}" y="{y_bytes + gap - 10}">local requests per hour by answer (max {request_max})</text>')
+    for y in (y_bytes, y_requests):
+        parts.append(f'<line class="axis" x1="{left}" y1="{y}" x2="{width - right}" y2="{y}"/>')
+    bar = max(1.0, slot / 2 - 1)
+    for index, (start, counts) in enumerate(hours):
+        x = left + index * slot
+        hour = time.strftime("%H:00", time.localtime(start))
+        for offset, name in enumerate(("bytes_from_peers", "bytes_to_peers")):
+            value = counts.get(name, 0)
+            height = panel * value / byte_max
+            parts.append(
+                f'<rect class="bar {name}" x="{x + offset * bar:.1f}" y="{y_bytes - height:.1f}" '
+                f'width="{bar:.1f}" height="{height:.1f}" fill="{_COLOURS[name]}">'
+                f"<title>{hour}: {escape(format_bytes(value))} {_LABELS[name]}</title></rect>"
+            )
+        base = float(y_requests)
+        for name in OUTCOMES:
+            value = counts.get(name, 0)
+            height = panel * value / request_max
+            base -= height
+            parts.append(
+                f'<rect class="bar {name}" x="{x:.1f}" y="{base:.1f}" width="{max(1.0, slot - 2):.1f}" '
+                f'height="{height:.1f}" fill="{_COLOURS[name]}"><title>{hour}: {value} {_LABELS[name]}</title></rect>'
+            )
+        if index % 3 == 0:
+            parts.append(f'<text x="{x:.1f}" y="{y_requests + 14}">{hour}</text>')
+    legend_x = left
+    for name in FIELDS:
+        label = f'{"bytes " if name.startswith("bytes") else "requests: "}{_LABELS[name]}'
+        parts.append(
+            f'<rect x="{legend_x}" y="{y_requests + 22}" width="10" height="10" fill="{_COLOURS[name]}"/>'
+            f'<text x="{legend_x + 14}" y="{y_requests + 31}">{label}</text>'
+        )
+        # About 6 px per character of the 11 px font, and a gap.
+        legend_x += 14 + 6 * len(label) + 18
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _savings_section(status: Status) -> str:
+    savings = status.savings
+    if savings is None:
+        return ""
+    periods = (("Today", savings.today), ("This week", savings.week),
+               (f"Since {time.strftime('%Y-%m-%d', time.localtime(savings.since))}", savings.total))
+    head = "".join(f"<th>{escape(label)}</th>" for label, _ in periods)
+
+    def figures(name: str) -> str:
+        return "".join(
+            f'<td class="figure" data-counter="{name}" data-period="{key}" data-value="{counts.get(name, 0)}">'
+            f"{escape(format_bytes(counts.get(name, 0)))}</td>"
+            for key, (_, counts) in zip(("today", "week", "total"), periods)
+        )
+
+    ratio_rows = ""
+    ratios = [hit_ratio(counts) for _, counts in periods]
+    for name in OUTCOMES:
+        cells = "".join(
+            f"<td>{_percent(r[name])} ({counts.get(name, 0)})</td>" for r, (_, counts) in zip(ratios, periods)
+        )
+        ratio_rows += f"<tr><th>&nbsp;&nbsp;{escape(_LABELS[name])}</th>{cells}</tr>"
+    top_rows = "".join(
+        f"<tr><td><code>{escape(p.path)}</code></td><td>{p.requests}</td><td>{escape(format_bytes(p.bytes))}</td></tr>"
+        for p in savings.top
+    ) or '<tr><td colspan="3">none yet</td></tr>'
+    return (
+        '<section id="savings"><h2>What the LAN saves this machine</h2>\n'
+        f'<p class="headline">Got <strong id="bytes-from-peers">{escape(format_bytes(savings.total.get("bytes_from_peers", 0)))}</strong>'
+        " from peers instead of the internet, gave "
+        f'<strong id="bytes-to-peers">{escape(format_bytes(savings.total.get("bytes_to_peers", 0)))}</strong> to peers.</p>\n'
+        f"<table><tr><th></th>{head}</tr>"
+        f'<tr><th>Got from peers instead of the internet</th>{figures("bytes_from_peers")}</tr>'
+        f'<tr><th>Gave to peers</th>{figures("bytes_to_peers")}</tr>'
+        f'<tr><th colspan="4">Local requests answered from</th></tr>{ratio_rows}</table>\n'
+        f"<h3>Last 24 hours</h3>\n{render_chart(savings)}\n"
+        "<h3>Most requested paths</h3>\n"
+        f'<table id="top-paths"><tr><th>Store path</th><th>NAR downloads</th><th>NAR size in all</th></tr>{top_rows}</table>\n'
+        "</section>\n"
+    )
+
+
+def _giving_rows(status: Status) -> list[tuple[str, str]]:
+    return [
+        ("Serves peers", "yes" if status.serve_peers else "no (consume only: peers get 404 and are told not to ask)"),
+        ("Upload limit to peers",
+         "unlimited" if status.max_upload_rate is None else f"{format_bytes(status.max_upload_rate)}/s "
+         f"({status.max_upload_rate} bytes/s, shared evenly by peer downloads)"),
+    ]
+
+
 def render_html(status: Status) -> bytes:
     """
     :returns: a small self-contained HTML page; every value is HTML-escaped
@@ -217,6 +367,7 @@ def render_html(status: Status) -> bytes:
     if status.public_key is not None:
         rows.append(row("Public key", status.public_key))
     rows.append(row("Valid paths", status.valid_paths if status.valid_paths is not None else "unknown"))
+    rows += [row(label, value) for label, value in _giving_rows(status)]
     request_rows = "".join(
         f"<tr><td>{escape(route)}</td><td>{code}</td><td>{count}</td></tr>"
         for (route, code), count in sorted(status.requests.items())
@@ -230,6 +381,8 @@ def render_html(status: Status) -> bytes:
         "<p>A LAN-wide Nix binary cache. Substituter URL: <code>http://&lt;this host&gt;:&lt;port&gt;/nix-cache</code>;"
         ' machine-readable status at <a href="status.json">status.json</a>,'
         ' metrics at <a href="metrics">metrics</a>.</p>\n'
+        f"{_savings_section(status)}"
+        "<h2>This node</h2>\n"
         f"<table>{''.join(rows)}</table>\n"
         f"{_sharing_section(status.sharing)}"
         f"{upstream_section(status.upstream)}"
