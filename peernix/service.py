@@ -848,6 +848,9 @@ def build_service(
         top.upstream = upstream
     top.peer_store = make_peer_store(config, reactor, top.store, top.secret_key)
     top.savings = make_savings(config, reactor, top)
+    if top.lan_fetcher is not None and top.savings is not None:
+        # NAR bytes another node fetched for the LAN: saved from the internet.
+        top.lan_fetcher.on_peer_bytes = top.savings.add_from_peers
     top.upload_limiter = make_upload_limiter(config, reactor)
     top.app = make_web_app(config, reactor, top.store, defer_to_thread=defer_to_thread,
                            call_from_thread=call_from_thread,

@@ -281,6 +281,21 @@ class FetchTests(LanTestCase):
         self.assertEqual(fetcher.metrics.registry.get_sample_value(
             "peernix_upstream_served_bytes_total", {"to": "peer"}), 2 * len(path.nar))
 
+    def test_savings_count_what_fetchers_sent(self) -> None:
+        """Bytes a node received from a fetcher are reported (savings); the fetcher's own download is not."""
+        for name in ("a", "b"):
+            self.node(name)
+        received: dict[str, list[int]] = {"a": [], "b": []}
+        for name, node in self.nodes.items():
+            node.fetcher.on_peer_bytes = received[name].append
+        path = self.serve()
+        for node in self.nodes.values():
+            d, _ = self.fetch(node, path)
+            self.successResultOf(d)
+        first, second = self.order(path)
+        self.assertEqual(received[first], [])
+        self.assertEqual(sum(received[second]), len(path.nar))
+
     def test_dead_fetcher_next_in_order(self) -> None:
         """An unreachable fetcher is skipped for the next in rendezvous order; one fallback counted."""
         for name in ("a", "b", "c"):

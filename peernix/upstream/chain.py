@@ -17,6 +17,7 @@ from zope.interface import implementer
 from peernix.interfaces import IUpstream
 from peernix.nix.narinfo import NarInfo
 from peernix.peers.errors import NarUnavailable
+from peernix.sources import Found
 
 _log = Logger()
 
@@ -52,17 +53,21 @@ class FirstOf:
 
     def lookup(self, hash_part: str) -> Deferred[NarInfo | None]:
         """See :meth:`IUpstream.lookup`."""
-        return Deferred.fromCoroutine(self._lookup(hash_part))
+        return self.find(hash_part).addCallback(lambda found: found.info if found is not None else None)
 
-    async def _lookup(self, hash_part: str) -> NarInfo | None:
+    def find(self, hash_part: str) -> Deferred[Found | None]:
+        """See :meth:`IUpstream.find`: the first link's answer, with its source."""
+        return Deferred.fromCoroutine(self._find(hash_part))
+
+    async def _find(self, hash_part: str) -> Found | None:
         started = self._clock.seconds()
         for index, link in enumerate(self._links):
-            d = link.lookup(hash_part)
+            d = link.find(hash_part)
             if index:
                 left = max(self._min_share, self._budget - (self._clock.seconds() - started))
                 d.addTimeout(left, self._clock)
             try:
-                info = await d
+                found = await d
             except CancelledError:
                 raise
             except TimeoutError:
@@ -71,20 +76,20 @@ class FirstOf:
             except Exception:
                 _log.failure("Lookup of {hash_part} failed", hash_part=hash_part)
                 continue
-            if info is not None:
-                key = (hash_part, info.nar_hash.nix32())
+            if found is not None:
+                key = (hash_part, found.info.nar_hash.nix32())
                 self._answered.pop(key, None)
                 self._answered[key] = index
                 while len(self._answered) > MAX_REMEMBERED:
                     self._answered.popitem(last=False)
-                return info
+                return found
         return None
 
-    def relay_nar(self, info: NarInfo, consumer: object) -> Deferred[None]:
-        """See :meth:`IUpstream.relay_nar`."""
-        return Deferred.fromCoroutine(self._relay(info, consumer))
+    def relay_nar(self, info: NarInfo, consumer: object, on_peer: object = None) -> Deferred[None]:
+        """See :meth:`IUpstream.relay_nar`; ``on_peer`` goes to the link asked."""
+        return Deferred.fromCoroutine(self._relay(info, consumer, on_peer))
 
-    async def _relay(self, info: NarInfo, consumer: object) -> None:
+    async def _relay(self, info: NarInfo, consumer: object, on_peer: object) -> None:
         hash_part = info.store_path.rsplit("/", 1)[-1][:32]
         first = self._answered.get((hash_part, info.nar_hash.nix32()))
         order = list(range(len(self._links)))
@@ -94,7 +99,7 @@ class FirstOf:
         last: Exception = NarUnavailable("no upstream has it")
         for index in order:
             try:
-                await self._links[index].relay_nar(info, consumer)
+                await self._links[index].relay_nar(info, consumer, on_peer)
                 return
             except NarUnavailable as e:
                 # Nothing written yet: the next link may have it.

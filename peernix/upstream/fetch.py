@@ -43,6 +43,7 @@ from peernix.nix.hashes import Hash
 from peernix.nix.narinfo import NarInfo
 from peernix.nix.signing import PublicKey, verify_any
 from peernix.peers.errors import NarClientGone, NarRelayInterrupted, NarUnavailable, NarVerificationFailed
+from peernix.sources import Found, Source
 from peernix.upstream.client import (
     NarBodyDecoder,
     SourceFailed,
@@ -213,6 +214,9 @@ class LanFetcher:
         self._fills: dict[Key, Deferred[None]] = {}
         # peer URL -> when it was last asked who it is (ask_silent_peers).
         self._node_queries: dict[str, float] = {}
+        #: Told the size of every chunk of NAR received from a fetching
+        #: peer: bytes the LAN saved this node (the savings' "from peers").
+        self.on_peer_bytes: Callable[[int], object] | None = None
 
     # -- narinfos -------------------------------------------------------------
 
@@ -288,18 +292,25 @@ class LanFetcher:
         d = self.record(hash_part)
         return d.addCallback(lambda record: record.info if record is not None else None)
 
+    def find(self, hash_part: str) -> Deferred[Found | None]:
+        """See :meth:`IUpstream.find`: the source is ``upstream <its URL>``."""
+        d = self.record(hash_part)
+        return d.addCallback(
+            lambda record: Found(record.info, Source("upstream", record.base)) if record is not None else None)
+
     # -- NARs -----------------------------------------------------------------
 
-    def relay_nar(self, info: NarInfo, consumer: object, offset: int = 0) -> Deferred[None]:
+    def relay_nar(self, info: NarInfo, consumer: object, on_peer: object = None) -> Deferred[None]:
         """
         See :meth:`IUpstream.relay_nar`: stream the NAR of ``info`` from the
         staging area into a local client's ``consumer``, starting (or
         joining) its download.  The last byte goes only after the NAR
         verified.  Fails with :class:`NarUnavailable` when nothing was
-        written (the caller answers 404).
+        written (the caller answers 404).  ``on_peer`` is not called: the
+        answer's source stays the upstream :meth:`find` named.
         """
         return Deferred.fromCoroutine(self._serve(info.store_path[len("/nix/store/"):][:32], info.nar_hash,
-                                                  consumer, offset, for_peer=False))
+                                                  consumer, 0, for_peer=False))
 
     def serve_peer(self, hash_part: str, nar_hash: Hash, consumer: IConsumer, offset: int = 0) -> Deferred[None]:
         """
@@ -459,10 +470,15 @@ class LanFetcher:
             download.append, "none", self._clock,
             silence=self._silence,
             skip=offset if response.code == 200 else 0,
-            on_bytes=self.metrics.peer_bytes.inc,
+            on_bytes=self._received_from_peer,
         )
         response.deliverBody(decoder)  # type: ignore[no-untyped-call]
         await decoder.done
+
+    def _received_from_peer(self, nbytes: int) -> None:
+        self.metrics.peer_bytes.inc(nbytes)
+        if self.on_peer_bytes is not None:
+            self.on_peer_bytes(nbytes)
 
     async def _from_upstream(self, record: UpstreamRecord, download: Download) -> None:
         info = record.info

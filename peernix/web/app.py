@@ -1162,7 +1162,11 @@ class WebApp:
         if savings is not None:
             # Bytes relayed to a local client: what the LAN saved it.
             savings.count_path(peer.store_path, peer.nar_size)
-            consumer = _CountingConsumer(consumer, savings.add_from_peers)
+            if found.source.kind == "peer":
+                consumer = _CountingConsumer(consumer, savings.add_from_peers)
+            # Fetched for the LAN: the bytes another node fetched count as
+            # they arrive (LanFetcher.on_peer_bytes); this node's own
+            # downloads from the upstream saved nothing.
         ranged: RangeConsumer | None = None
         if byte_range is not None:
             # Cut from the whole NAR, which is still fetched and verified

@@ -29,6 +29,7 @@ from peernix.nix.hashes import Hash, HashError, parse_hash
 from peernix.peers.client import PEER_HEADER
 from peernix.peers.errors import NarRelayInterrupted, NarUnavailable
 from peernix.upstream.fetch import FETCH_PREFIX, LanFetcher
+from peernix.web.ratelimit import ThrottledConsumer, UploadLimiter
 
 _log = Logger()
 
@@ -66,13 +67,16 @@ class FetchResource(Resource):
     ``/peernix/fetch/``: NARs fetched for the LAN, for peers.
 
     :param fetcher: the node's :class:`~peernix.upstream.fetch.LanFetcher`.
+    :param upload_limiter: ``--max-upload-rate``: NAR bodies go through it
+        (``None``: unlimited).
     """
 
     isLeaf = True
 
-    def __init__(self, fetcher: LanFetcher) -> None:
+    def __init__(self, fetcher: LanFetcher, upload_limiter: UploadLimiter | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._fetcher = fetcher
+        self._upload_limiter = upload_limiter
 
     def render(self, request: Request) -> bytes | int:
         if request.method not in (b"GET", b"HEAD"):
@@ -131,7 +135,10 @@ class FetchResource(Resource):
             request.finish()  # type: ignore[no-untyped-call]
             return
         try:
-            await self._fetcher.serve_peer(hash_part, nar_hash, _TolerantConsumer(request), offset)
+            consumer: IConsumer = _TolerantConsumer(request)
+            if self._upload_limiter is not None:
+                consumer = ThrottledConsumer(consumer, self._upload_limiter)
+            await self._fetcher.serve_peer(hash_part, nar_hash, consumer, offset)
         except NarUnavailable:
             if request.startedWriting:
                 raise
