@@ -239,6 +239,7 @@ class LanFetcher:
             done: Deferred[UpstreamRecord | None] = Deferred()
             done.callback(cached[1])
             return done
+
         def forget(d: Deferred[UpstreamRecord | None]) -> None:
             # Only this caller stops waiting; the shared lookup goes on.
             waiters = self._lookup_waiters.get(hash_part, [])
