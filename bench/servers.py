@@ -194,7 +194,8 @@ def spawn_peernix(name: str, store_root: str, workdir: str, *, secret_key_file: 
     """
     port = free_port()
     argv = [sys.executable, "-m", "twisted", "peernix", "--port", str(port),
-            "--store-root", store_root, "--no-broadcast", "--no-mdns", "--udp-port", str(free_port())]
+            "--store-root", store_root, "--no-broadcast", "--no-mdns", "--udp-port", str(free_port()),
+            "--upstream", "none"]
     if secret_key_file is not None:
         argv += ["--secret-key-file", secret_key_file]
     for peer in peers:

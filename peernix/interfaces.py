@@ -66,7 +66,9 @@ class IStore(Interface):
 
 class IUpstream(Interface):
     """
-    Where a local client's miss goes: the peers of this node.
+    Where a local client's miss goes: the peers of this node (and, after
+    them, fetching for the LAN from upstream caches; see
+    :mod:`peernix.upstream`).
 
     Implementations ask every healthy peer at once and only ever return
     answers that are *trusted* (a signature by a trusted key, or CA).

@@ -271,6 +271,38 @@ def _check_share_mode(value: str) -> str:
 SHARE_MODE = ValueType("share mode: trusted or all", "MODE", (str,), _identity, _check_share_mode,
                        example='"trusted"')
 
+#: ``--upstream none``: fetch from no upstream at all.
+UPSTREAM_NONE = "none"
+
+
+def _check_upstream_url(value: str) -> str:
+    """Normalise an upstream binary cache URL (``http(s)://host[:port][/path]``), or ``none``."""
+    text = value.strip()
+    if text.lower() == UPSTREAM_NONE:
+        return UPSTREAM_NONE
+    hint = "expected a binary cache URL such as https://cache.nixos.org, or none"
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port
+    except ValueError:
+        raise ValueError(f"{hint}, got {value!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{hint} (http or https only), got {value!r}")
+    if parts.username is not None:
+        raise ValueError(f"{hint}, without a user name, got {value!r}")
+    # A query holds Nix store parameters (?priority=40), not part of the URL.
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc.lower(), parts.path.rstrip("/"), "", ""))
+
+
+def _check_size(value: int | str) -> int:
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"expected a size of 0 or more bytes, got {value}")
+        return value
+    return parse_size(value)
+
+
+
 
 def _check_domain(value: str) -> str:
     """Check a DNS domain for ``--dns-sd``: lower-cased, without the trailing dot."""
@@ -401,6 +433,10 @@ RATE = ValueType("rate in bytes per second (K, M, G: powers of 1000; Ki, Mi, Gi:
                  (int, str), _text_to_rate, _check_rate, _show_rate, example='"20M"')
 YES_NO = ValueType("yes or no", "yes|no", (bool, str), _text_to_yes_no, _check_yes_no, _show_yes_no,
                    example="false")
+UPSTREAM_URL = ValueType("binary cache URL or none", "URL", (str,), _identity, _check_upstream_url,
+                         example='"https://cache.nixos.org"')
+SIZE = ValueType("size (K, M, G: powers of 1000; Ki, Mi, Gi: powers of 1024)", "SIZE", (int, str),
+                 _identity, _check_size, format_size, example='"4Gi"')
 
 
 def _check_fp_rate(value: float) -> float:
@@ -605,6 +641,26 @@ SETTINGS: tuple[Setting, ...] = (
             "status page, savings.json); a directory that cannot be written is "
             "a warning, not an error.",
             group="giving", example='"/var/lib/peernix"'),
+    # Fetching from upstream caches for the LAN (issue 13); see peernix.upstream.
+    Setting("upstream", "upstream", UPSTREAM_URL, None,
+            "A binary cache this node may fetch from on the LAN's behalf when no "
+            "peer has a path (only paths whose narinfo passes the same trust filter "
+            "as a peer's).  Given at all, the list replaces the default; "
+            "--upstream none turns fetching for the LAN off.",
+            repeatable=True, group="upstream",
+            default_text="the local Nix's substituters and extra-substituters, "
+                         "minus any that reach this daemon or a peer"),
+    Setting("fetch_for_lan", "fetch-for-lan", YES_NO, True,
+            "Offer to fetch paths from the upstreams for the whole LAN (announced "
+            "to peers).  Say no on a laptop on Wi-Fi or a metered link: it still "
+            "gets paths the others fetch.", group="upstream"),
+    Setting("staging_dir", "staging-dir", DIRECTORY, "/var/cache/peernix/staging",
+            "Keep NARs fetched from an upstream here while they stream to every "
+            "waiting node, and afterwards for late comers.", group="upstream",
+            example='"/var/cache/peernix/staging"'),
+    Setting("staging_max_size", "staging-max-size", SIZE, 4 * 1024**3,
+            "Most bytes the staging directory holds; least recently used NARs "
+            "are dropped first.", group="upstream"),
 )
 
 #: The settings by name.
@@ -618,7 +674,13 @@ GROUPS: Mapping[str, str] = {
     "logging": "Logging",
     "limits": "Limits",
     "giving": "What this machine gives and keeps",
+    "upstream": "Fetching for the LAN",
 }
+
+
+def _drop_none(upstreams: Iterable[str] | None) -> tuple[str, ...] | None:
+    """:returns: ``upstreams`` without ``none`` items (``None`` stays ``None``: the default)."""
+    return None if upstreams is None else tuple(u for u in upstreams if u != UPSTREAM_NONE)
 
 
 def _default(name: str) -> Any:
@@ -671,6 +733,16 @@ class Config:
     #: ``False``: consume only (``--serve-peers no``).
     serve_peers: bool = _default("serve_peers")
     state_dir: str = _default("state_dir")
+    #: ``None``: the local Nix's substituters (see
+    #: :func:`peernix.upstream.config.default_upstreams`); ``()``: none.
+    #: ``none`` items (``--upstream none``) are dropped here.
+    upstream: tuple[str, ...] | None = attrs.field(
+        default=_default("upstream"),
+        converter=_drop_none,
+    )
+    fetch_for_lan: bool = _default("fetch_for_lan")
+    staging_dir: str = _default("staging_dir")
+    staging_max_size: int = _default("staging_max_size")
 
     @property
     def effective_udp_port(self) -> int:

@@ -34,6 +34,9 @@ from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 
 import peernix
+import attrs
+
+from peernix.discovery.addresses import host_addresses
 from peernix.discovery.nodeinfo import NodeInfo, detect_node_info
 from peernix.discovery.signed import AnnounceKeys
 from peernix.discovery.static import StaticPeersService
@@ -48,10 +51,14 @@ from peernix.peers.digests import PeerDigests
 from peernix.peers.fanout import Fanout
 from peernix.peers.health import HealthChecker
 from peernix.peers.registry import PeerRegistry
-from peernix.peers.trust import TrustPolicy, read_nix_trusted_keys
+from peernix.peers.trust import TrustPolicy, read_nix_substituters, read_nix_trusted_keys
 from peernix.store.digest import DigestPublisher
 from peernix.store.local import LocalStore
 from peernix.store.share import SharedStore, make_share_policy
+from peernix.upstream.chain import FirstOf
+from peernix.upstream.fetch import LanFetcher
+from peernix.upstream.service import LanFetchService, make_lan_fetcher
+from peernix.upstream.tls import UpstreamEndpointFactory
 from peernix.web.app import WebApp
 from peernix.web.digest import DigestResource
 from peernix.web.limits import (
@@ -404,6 +411,12 @@ class PeernixService(MultiService):
         self.peer_digests: PeerDigests | None = None
         #: UDP discovery, once made.
         self.udp: UdpDiscoveryService | None = None
+        #: The HTTP agent over the peers' connection pool (``None`` without a peer side).
+        self.http_agent: Agent | None = None
+        #: The peers' persistent connection pool (``None`` without a peer side).
+        self.http_pool: HTTPConnectionPool | None = None
+        #: Fetching for the LAN (``None`` when off).
+        self.lan_fetcher: LanFetcher | None = None
 
 
 # --------------------------------------------------------------------------
@@ -499,6 +512,8 @@ def make_peers(config: Config, reactor: Reactor, metrics: Metrics,
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = 120
     agent = Agent(reactor, pool=pool, connectTimeout=config.peer_timeout)
+    parent.http_agent = agent
+    parent.http_pool = pool
     client = PeerClient(HTTPClient(agent), reactor, timeout=config.peer_timeout, agent=agent)
     if config.digest:
         parent.peer_digests = PeerDigests(
@@ -521,13 +536,16 @@ def make_peers(config: Config, reactor: Reactor, metrics: Metrics,
 
 
 def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, store: IStore,
-                   node: NodeInfo, metrics: Metrics, parent: PeernixService) -> None:
+                   node: NodeInfo, metrics: Metrics, parent: PeernixService,
+                   on_fetch_offer: Callable[[str, str | None, bool], None] | None = None) -> None:
     """
     Add the ways of finding peers: the static list, UDP (always listening,
     to answer announcements and ``has_path`` queries; broadcasting unless
     ``--no-broadcast``), mDNS (unless ``--no-mdns``), DNS-SD and the
     tailnet (see :func:`make_wide_area_discovery`).  They start after
     the HTTP listener, so a node announces itself only once it can serve.
+
+    :param on_fetch_offer: told which peers announce fetching for the LAN.
     """
     StaticPeersService(registry, list(config.peers)).setServiceParent(parent)
     digest_hooks = None
@@ -551,6 +569,7 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
         # Sign our announces; verify others' against the fan-out's trusted keys.
         keys=AnnounceKeys(parent.secret_key, trusted_keys(config)),
         digest=digest_hooks,
+        on_fetch_offer=on_fetch_offer,
     )
     udp.setServiceParent(parent)
     if parent.digest is not None:
@@ -575,6 +594,7 @@ def make_discovery(config: Config, reactor: Reactor, registry: IPeerRegistry, st
             defer_to_thread=thread_pool_runner(reactor, pool),
             call_from_thread=reactor.callFromThread,
             digest=digest_hooks,
+            on_fetch_offer=on_fetch_offer,
         )
         mdns.setServiceParent(parent)
         if parent.digest is not None:
@@ -699,7 +719,8 @@ def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
                  savings: Savings | None = None,
                  upload_limiter: UploadLimiter | None = None,
                  digest: DigestPublisher | None = None,
-                 peer_digests: PeerDigests | None = None) -> WebApp:
+                 peer_digests: PeerDigests | None = None,
+                 lan_fetcher: LanFetcher | None = None) -> WebApp:
     """
     :returns: the HTTP application: the cache protocol, status page and metrics.
     :param registry: the peer table, shown on the status page (``None``: no peer side).
@@ -708,6 +729,8 @@ def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
     :param upload_limiter: ``--max-upload-rate`` (``None``: unlimited).
     :param digest: this node's store digest, served at ``/peernix/digest``.
     :param peer_digests: peers' digests, shown on the status page.
+    :param lan_fetcher: fetching for the LAN: its ``/peernix/fetch/`` route
+        and status section (``None``: off).
     """
     with_digests = config.digest and (digest is not None or peer_digests is not None)
     return WebApp(
@@ -730,7 +753,40 @@ def make_web_app(config: Config, reactor: Reactor, store: IStore, *,
         serve_peers=config.serve_peers,
         digest=DigestResource(digest) if digest is not None else None,
         digest_status=(lambda: digest_status(digest, peer_digests)) if with_digests else None,
+        lan_fetcher=lan_fetcher,
     )
+
+
+def make_lan_fetch(config: Config, reactor: Reactor, parent: PeernixService, node: NodeInfo) -> LanFetcher | None:
+    """
+    Add fetching for the LAN when upstreams are configured (see
+    :func:`peernix.upstream.service.make_lan_fetcher`), through the peers'
+    connection pool.
+
+    Blocking: may read nix.conf; creates and empties the staging directory.
+    """
+    if parent.http_pool is None:
+        return None
+    keys = trusted_keys(config)
+    # The same pool as the peers', with endpoints that can do https.
+    agent = Agent.usingEndpointFactory(
+        reactor, UpstreamEndpointFactory(reactor, connect_timeout=config.peer_timeout), pool=parent.http_pool)
+    own = [parent.secret_key.public_key] if parent.secret_key is not None else []
+    # A consume-only node (--serve-peers no) fetches for itself only.
+    fetcher = make_lan_fetcher(
+        attrs.evolve(config, fetch_for_lan=config.fetch_for_lan and config.serve_peers), reactor,
+        agent=agent,
+        registry=parent.registry,
+        node_id=node.node_id,
+        trusted_keys=keys,
+        share_keys=[*keys, *own],
+        metrics_registry=parent.metrics.registry if parent.metrics is not None else CollectorRegistry(),
+        read_substituters=read_nix_substituters,
+        own_addresses=host_addresses,
+    )
+    if fetcher is not None:
+        LanFetchService(fetcher, reactor).setServiceParent(parent)
+    return fetcher
 
 
 def make_site(config: Config, reactor: Reactor, app: WebApp, metrics: Metrics) -> PeernixSite:
@@ -880,10 +936,25 @@ def build_service(
     top.metrics = metrics if metrics is not None else Metrics()
     if upstream is None:
         top.registry, top.upstream = make_peers(config, reactor, top.metrics, top)
+        if node is not None:
+            # What the announcements say of serving follows the settings.
+            top.node = attrs.evolve(node, serve_peers=config.serve_peers, max_upload_rate=config.max_upload_rate)
+        else:
+            top.node = detect_node_info(
+                public_key=top.secret_key.public_key.to_string() if top.secret_key is not None else "",
+                serve_peers=config.serve_peers, max_upload_rate=config.max_upload_rate)
+        top.lan_fetcher = make_lan_fetch(config, reactor, top, top.node)
+        if top.lan_fetcher is not None:
+            # Peers first; the LAN's fetcher only for what no peer has.
+            top.upstream = FirstOf([top.upstream, top.lan_fetcher], reactor)
+            top.node = attrs.evolve(top.node, fetch_for_lan=top.lan_fetcher.table.fetch_for_lan)
     else:
         top.upstream = upstream
     top.peer_store = make_peer_store(config, reactor, top.store, top.secret_key)
     top.savings = make_savings(config, reactor, top)
+    if top.lan_fetcher is not None and top.savings is not None:
+        # NAR bytes another node fetched for the LAN: saved from the internet.
+        top.lan_fetcher.on_peer_bytes = top.savings.add_from_peers
     top.upload_limiter = make_upload_limiter(config, reactor)
     top.digest = make_digest(config, reactor, top.store, top.peer_store, top.metrics)
     if top.digest is not None or top.peer_digests is not None:
@@ -893,19 +964,14 @@ def build_service(
                            secret_key=top.secret_key, metrics=top.metrics, upstream=top.upstream,
                            registry=top.registry, peer_store=top.peer_store,
                            savings=top.savings, upload_limiter=top.upload_limiter,
-                           digest=top.digest, peer_digests=top.peer_digests)
+                           digest=top.digest, peer_digests=top.peer_digests,
+                           lan_fetcher=top.lan_fetcher)
     top.site = make_site(config, reactor, top.app, top.metrics)
     stack = ip_stack if ip_stack is not None else probe_ip_stack()
     top.listeners = make_listeners(config, reactor, top.site, stack, top)
-    if top.registry is not None:
-        if node is not None:
-            # What the announcements say of serving follows the settings.
-            top.node = attrs.evolve(node, serve_peers=config.serve_peers, max_upload_rate=config.max_upload_rate)
-        else:
-            top.node = detect_node_info(
-                public_key=top.secret_key.public_key.to_string() if top.secret_key is not None else "",
-                serve_peers=config.serve_peers, max_upload_rate=config.max_upload_rate)
+    if top.registry is not None and top.node is not None:
         # has_path answers come from what peers may download, nothing more.
-        make_discovery(config, reactor, top.registry, top.peer_store, top.node, top.metrics, top)
+        make_discovery(config, reactor, top.registry, top.peer_store, top.node, top.metrics, top,
+                       on_fetch_offer=top.lan_fetcher.table.note if top.lan_fetcher is not None else None)
     return top
 

@@ -4,11 +4,12 @@ header and of the access log's ``source`` field.
 
 * ``local``: this machine's store;
 * ``peer <base URL>``: relayed from a LAN peer, e.g. ``peer http://10.0.0.2:9999``;
-* ``upstream <URL>``: fetched from an upstream cache (the LAN-fetch feature),
-  with `` via <fetcher base URL>`` when another node fetched it for the LAN.
+* ``upstream <URL>``: fetched from an upstream cache for the LAN
+  (:mod:`peernix.upstream`); the type can add `` via <fetcher base URL>``
+  when another node fetched it, which is not produced yet.
 
-Only ``local`` and ``peer`` are produced today; the type carries the others so
-the header's grammar does not change when upstream fetching lands.
+``upstream <URL>`` is what a path fetched for the LAN says (its narinfo and
+NAR, whichever node streamed it); ``via`` is not produced yet.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Found:
     narinfo and where it came from.
 
     :ivar info: the narinfo, signatures untouched, URL as the source gave it.
-    :ivar source: the peer (or, later, upstream) that answered.
+    :ivar source: the peer or upstream that answered.
     """
 
     info: NarInfo

@@ -109,7 +109,7 @@ class Daemon:
         self.port = port
         self.argv = [sys.executable, "-m", "twisted", "peernix", "--port", str(port), "--interface", "127.0.0.1",
                      "--store-root", store_root, "--no-broadcast", "--no-mdns", "--udp-port", str(udp_port),
-                     "--trusted-public-key", public_key]
+                     "--trusted-public-key", public_key, "--upstream", "none"]
         for p in peers:
             self.argv += ["--peer", f"http://127.0.0.1:{p}"]
         self.env = dict(os.environ)

@@ -98,6 +98,9 @@ class Announce:
     :ivar sig: ``name:base64`` signature of :attr:`signed_payload`.
     :ivar digest: the version of the sender's store digest, ``None`` when
         it names none (the Go predecessor, older peernix, digests off).
+    :ivar fetch_for_lan: the node offers to fetch from upstreams for the
+        LAN (JSON ``"fetch_for_lan": true``; absent, as from the Go
+        predecessor and older peernix: ``False``).
     :ivar signed_payload: what ``sig`` signs: set by :func:`parse_datagram`
         from the received JSON when it has a ``sig``, and by
         :func:`sign_announce`; not part of equality.
@@ -115,6 +118,7 @@ class Announce:
     max_upload_rate: int | None = None
     ts: int | None = None
     sig: str | None = None
+    fetch_for_lan: bool = False
     signed_payload: bytes | None = field(default=None, eq=False, repr=False)
     digest: str | None = None
 
@@ -308,6 +312,11 @@ def _parse_announce(text: str) -> Announce:
         raise DatagramError("field", "announce field 'max_upload_rate' must be a positive integer")
     ts = _ts(obj)
     sig = _sig(obj)
+    fetch_for_lan = obj.get("fetch_for_lan", False)
+    if fetch_for_lan is None:
+        fetch_for_lan = False
+    if not isinstance(fetch_for_lan, bool):
+        raise DatagramError("field", "announce field 'fetch_for_lan' must be a boolean")
     return Announce(
         peernix_version=_text(obj, "peernix_version", required=True),
         nix_version=_text(obj, "nix_version"),
@@ -321,6 +330,7 @@ def _parse_announce(text: str) -> Announce:
         max_upload_rate=max_upload_rate,
         ts=ts,
         sig=sig,
+        fetch_for_lan=fetch_for_lan,
         signed_payload=signing_payload(obj) if sig is not None else None,
         digest=_digest_tag(obj),
     )
@@ -393,6 +403,8 @@ def _announce_object(a: Announce) -> dict[str, object]:
         obj["port"] = a.port
     if a.node_id is not None:
         obj["node_id"] = a.node_id
+    if a.fetch_for_lan:
+        obj["fetch_for_lan"] = True
     if a.reply:
         obj["reply"] = True
     if not a.serve_peers:

@@ -163,6 +163,8 @@ def build_service_info(node: NodeInfo, http_port: int, instance: str, addresses:
     }
     if node.public_key:
         properties["pubkey"] = node.public_key
+    if node.fetch_for_lan:
+        properties["fetch"] = "1"
     if not node.serve_peers:
         # Consume only: do not ask this node (absent means it serves).
         properties["serve"] = "0"
@@ -204,6 +206,7 @@ class ResolvedPeer:
         no peers).
     :ivar digest: the TXT ``digest`` (store digest version), ``None`` when
         absent or malformed.
+    :ivar fetch_for_lan: TXT ``fetch=1``: the node fetches for the LAN.
     """
 
     urls: tuple[str, ...]
@@ -211,6 +214,7 @@ class ResolvedPeer:
     node_id: str | None
     serving: bool = True
     digest: str | None = None
+    fetch_for_lan: bool = False
 
 
 def _txt(properties: dict[bytes, bytes | None], key: bytes) -> str | None:
@@ -271,6 +275,7 @@ def resolved_peer(info: ServiceInfo, skip_loopback: bool = True) -> ResolvedPeer
         _txt(properties, b"id"),
         serving=_txt(properties, b"serve") != "0",
         digest=digest if is_digest_tag(digest) else None,
+        fetch_for_lan=_txt(properties, b"fetch") == "1",
     )
 
 
@@ -340,8 +345,11 @@ class MdnsDiscoveryService(Service):
         skip_loopback: bool = True,
         digest: DigestHooks | None = None,
         digest_update_gap: float = 5.0,
+        on_fetch_offer: Callable[[str, str | None, bool], None] | None = None,
     ) -> None:
         """
+        :param on_fetch_offer: told ``(peer URL, node id, fetch_for_lan)``
+            of every resolved node with a TXT ``id``, for the fetcher table.
         :param registry: where peers go (source ``"mdns"``).
         :param node: our self-description (TXT records, node id).
         :param http_port: the port we register.
@@ -377,6 +385,7 @@ class MdnsDiscoveryService(Service):
         self._max_pending = max_pending
         self._max_services = max_services
         self._skip_loopback = skip_loopback
+        self._on_fetch_offer = on_fetch_offer
         self.instance = instance_name(hostname if hostname is not None else socket.gethostname(), http_port, node.node_id)
         self.service_name = f"{self.instance}.{SERVICE_TYPE}"
         self._listener = _Listener(call_from_thread, self._on_change, self._on_remove)
@@ -627,6 +636,8 @@ class MdnsDiscoveryService(Service):
                 self._registry.record_serving(added, peer.serving)
             if added is not None and peer.digest is not None and self._digest is not None:
                 self._digest.announced(url, peer.digest)
+            if self._on_fetch_offer is not None and peer.node_id is not None:
+                self._on_fetch_offer(url, peer.node_id, peer.fetch_for_lan)
         self._known[name] = peer.urls
         if peer.urls and not old:
             self.log.info("mDNS: found {name} at {urls}", name=name, urls=list(peer.urls))

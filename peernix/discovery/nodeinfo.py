@@ -41,6 +41,9 @@ class NodeInfo:
     :ivar public_key: this node's signing key ``name:base64`` or ``""``.
     :ivar node_id: random per process; recognises our own announcements and
         tells a restarted peer from the old one.
+    :ivar fetch_for_lan: whether this node offers to fetch from upstreams
+        for the LAN (``--fetch-for-lan``), announced as UDP
+        ``"fetch_for_lan": true`` and mDNS TXT ``fetch=1``.
     :ivar serve_peers: ``False`` under ``--serve-peers no``: announcements
         tell peers not to ask this node (UDP ``"serve_peers": false``, mDNS
         TXT ``serve=0``).
@@ -57,6 +60,7 @@ class NodeInfo:
     node_id: str
     serve_peers: bool = True
     max_upload_rate: int | None = None
+    fetch_for_lan: bool = False
 
 
 def new_node_id() -> str:

@@ -217,8 +217,12 @@ class DiscoveryProtocol(DatagramProtocol):
         limits: UdpLimits = UdpLimits(),
         keys: AnnounceKeys = AnnounceKeys(),
         digest: DigestHooks | None = None,
+        on_fetch_offer: Callable[[str, str | None, bool], None] | None = None,
     ) -> None:
         """
+        :param on_fetch_offer: told ``(peer URL, node id, fetch_for_lan)``
+            of every full announce (one with a ``node_id``; compact replies
+            say nothing about fetching), for the fetcher table.
         :param clock: time for rate limits, query timeouts and the ``ts`` of
             signed announces (the reactor: wall-clock seconds).
         :param registry: where discovered peers go (source ``"udp"``).
@@ -247,6 +251,7 @@ class DiscoveryProtocol(DatagramProtocol):
         self._metrics = metrics
         self._limits = limits
         self._secret_key = keys.secret_key
+        self._on_fetch_offer = on_fetch_offer
         self._datagram_limiter = KeyedRateLimiter(
             clock, limits.datagram_rate, limits.datagram_burst, limits.max_sources
         )
@@ -273,6 +278,7 @@ class DiscoveryProtocol(DatagramProtocol):
             public_key=public_key,
             port=http_port,
             node_id=node.node_id,
+            fetch_for_lan=node.fetch_for_lan,
             serve_peers=node.serve_peers,
             max_upload_rate=node.max_upload_rate,
         )
@@ -447,6 +453,8 @@ class DiscoveryProtocol(DatagramProtocol):
             self._registry.record_serving(peer, announce.serve_peers)
         if peer is not None and announce.digest is not None and self._digest is not None:
             self._digest.announced(url, announce.digest)
+        if self._on_fetch_offer is not None and announce.node_id is not None:
+            self._on_fetch_offer(url, announce.node_id, announce.fetch_for_lan)
         if announce.node_id is None:
             # The Go predecessor: never answered (see the module docstring).
             self.log.debug("Announce from {source} without node_id (zw3rk/peernix): not answered", source=addr)
@@ -556,8 +564,10 @@ class UdpDiscoveryService(Service):
         keys: AnnounceKeys = AnnounceKeys(),
         digest: DigestHooks | None = None,
         extra_announce_gap: float = 1.0,
+        on_fetch_offer: Callable[[str, str | None, bool], None] | None = None,
     ) -> None:
         """
+        :param on_fetch_offer: see :class:`DiscoveryProtocol`.
         :param udp: the reactor to listen with.
         :param clock: the reactor's time (the same reactor in production).
         :param registry: where peers go.
@@ -597,7 +607,8 @@ class UdpDiscoveryService(Service):
         self._interface = interface
         self._second_announce = second_announce
         self.metrics = UdpMetrics(metrics if metrics is not None else CollectorRegistry())
-        self.protocol = DiscoveryProtocol(clock, registry, store, node, http_port, self.metrics, limits, keys, digest)
+        self.protocol = DiscoveryProtocol(clock, registry, store, node, http_port, self.metrics, limits, keys, digest,
+                                          on_fetch_offer=on_fetch_offer)
         self._port: IListeningPort | None = None
         self._loop: LoopingCall | None = None
         self._second: IDelayedCall | None = None

@@ -17,15 +17,44 @@ from twisted.logger import Logger
 from peernix.nix.ca import ca_matches
 from peernix.nix.narinfo import NarInfo
 from peernix.nix.signing import KeyFormatError, PublicKey, parse_public_key, verify_any
-from peernix.nixconf import CACHE_NIXOS_ORG_KEY, NixConfError, nix_conf_path, read_nix_conf
+from peernix.nixconf import CACHE_NIXOS_ORG_KEY, NIX_DEFAULTS, NixConfError, nix_conf_path, read_nix_conf
 
-__all__ = ["NIX_DEFAULT_TRUSTED_KEYS", "NixConfError", "TrustPolicy", "read_nix_trusted_keys"]
+__all__ = [
+    "NIX_DEFAULT_SUBSTITUTERS",
+    "NIX_DEFAULT_TRUSTED_KEYS",
+    "NixConfError",
+    "TrustPolicy",
+    "read_nix_substituters",
+    "read_nix_trusted_keys",
+]
 
 log = Logger()
 
 #: What Nix trusts when ``trusted-public-keys`` is never set (``globals.hh``),
 #: checked with ``nix show-config`` on Nix 2.8 with no ``nix.conf`` at all.
 NIX_DEFAULT_TRUSTED_KEYS = (CACHE_NIXOS_ORG_KEY,)
+
+
+#: What Nix substitutes from when ``substituters`` is never set (``globals.hh``).
+NIX_DEFAULT_SUBSTITUTERS = tuple(NIX_DEFAULTS["substituters"].split())
+
+
+def read_nix_substituters(
+    nix_conf_dir: str | None = None, env: Mapping[str, str] = os.environ
+) -> list[str]:
+    """
+    Read the local Nix's ``substituters`` and ``extra-substituters`` (and
+    their deprecated aliases) from the same ``nix.conf`` as
+    :func:`read_nix_trusted_keys`: the default upstreams of fetching for the
+    LAN (:mod:`peernix.upstream.config`).
+
+    Blocking file I/O: call it at start-up.
+
+    :returns: the substituter URLs as written, in order; Nix's default
+        (:data:`NIX_DEFAULT_SUBSTITUTERS`) when never set.
+    :raises NixConfError: see :func:`read_nix_trusted_keys`.
+    """
+    return list(read_nix_conf(nix_conf_path(nix_conf_dir, env)).substituters)
 
 
 def read_nix_trusted_keys(

@@ -156,6 +156,10 @@ class Daemon:
         environ["PYTHONPATH"] = SOURCE_ROOT + os.pathsep + environ.get("PYTHONPATH", "")
         environ.update(env or {})
         argv = [sys.executable, "-m", "twisted", "peernix", "--port", str(port), *args]
+        if not any(a == "--upstream" or a.startswith("--upstream=") for a in args):
+            # Test daemons never fetch from the internet: without an
+            # --upstream of the test's own, fetching for the LAN is off.
+            argv += ["--upstream", "none"]
         if "--state-dir" not in args:
             # Never the machine's /var/lib/peernix: state beside the log.
             argv += ["--state-dir", os.path.abspath(log_path) + ".state"]

@@ -42,7 +42,8 @@ def exposed_name(kind: str, name: str) -> str:
 
 def registered_metrics(case: SynchronousTestCase) -> dict[str, str]:
     """:returns: ``{exposed name: type}`` of every collector of a fully built daemon (with fakes)."""
-    service, _ = build(case, quiet())
+    # Fetching for the LAN on (its metrics exist only then), staging in a temporary directory.
+    service, _ = build(case, quiet(upstream=("http://upstream.invalid",), staging_dir=case.mktemp()))
     return {exposed_name(m.type, m.name): m.type for m in service.metrics.registry.collect()}
 
 

@@ -274,7 +274,7 @@ class DaemonLogTests(SynchronousTestCase):
         env["PYTHONPATH"] = SOURCE_ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env["NIX_CONF_DIR"] = os.path.join(base, "nixconf")
         argv = [*runner, "--port", str(port), "--store-root", store.root, "--secret-key-file", sk,
-                "--access-log", "--no-mdns", "--no-broadcast", "--log-format", "json", *extra]
+                "--access-log", "--no-mdns", "--no-broadcast", "--log-format", "json", "--upstream", "none", *extra]
         out_path = os.path.join(base, "out")
         with open(out_path, "wb") as out:
             process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -70,8 +70,9 @@ NODE = NodeInfo("0.1.0", "2.8.0", "x86_64-linux", (), "", "testnode")
 
 #: No mDNS and no trusted keys from this machine's nix.conf: unit tests
 #: neither touch the network nor read /etc.
-#: The savings state goes to a directory of this test run, never /var/lib/peernix.
-QUIET = Config(mdns=False, trusted_public_keys=(),
+#: The savings state goes to a directory of this test run, never /var/lib/peernix;
+#: no upstream (fetching for the LAN off: no nix.conf substituters, no staging).
+QUIET = Config(mdns=False, trusted_public_keys=(), upstream=(),
                state_dir=os.path.join(tempfile.gettempdir(), f"peernix-test-state-{os.getpid()}"))
 
 

@@ -266,7 +266,7 @@ class HappyPathTests(TestCase):
         path = store.add_text("hello", "hello, peers\n")
         # No broadcast or mDNS: test traffic stays on loopback.
         options = parse(["--store-root", store.root, "--port", "0", "--interface", "127.0.0.1",
-                         "--priority", "41", "--no-broadcast", "--no-mdns", "--udp-port", "0"])
+                         "--priority", "41", "--no-broadcast", "--no-mdns", "--udp-port", "0", "--upstream", "none"])
         service = tap.makeService(options)
         self.assertTrue(IService.providedBy(service))
         inner = list(service)[0]  # type: ignore[call-overload]

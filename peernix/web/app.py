@@ -54,6 +54,8 @@ from peernix.store.share import SharedStore
 from peernix.web.digest import DIGEST_PATH
 from peernix.web.encoding import RangeNotSatisfiable, choose_encoding, parse_range
 from peernix.web.metrics import Metrics, MetricsResource
+from peernix.upstream.fetch import FETCH_PREFIX, LanFetcher
+from peernix.web.fetch import FetchResource
 from peernix.web.ranges import RangeConsumer
 from peernix.web.ratelimit import ThrottledConsumer, UploadLimiter
 from peernix.web.savings import Savings, counting
@@ -371,6 +373,7 @@ class WebApp:
         serve_peers: bool = True,
         digest: IResource | None = None,
         digest_status: Callable[[], Mapping[str, object]] | None = None,
+        lan_fetcher: LanFetcher | None = None,
     ) -> None:
         """
         :param store: the whole local store, served to local clients
@@ -426,6 +429,9 @@ class WebApp:
         :param digest_status: returns what ``/status.json`` shows under
             ``"digests"`` (this node's digest and its peers'); ``None``:
             nothing.
+        :param lan_fetcher: fetching for the LAN (``None``: off): serves the
+            ``/peernix/fetch/`` route to peers and the ``upstream`` section
+            of the status page.  Local misses reach it through ``upstream``.
         """
         self._store = store
         self._peer_store = peer_store if peer_store is not None else store
@@ -452,6 +458,11 @@ class WebApp:
         self._serve_peers = serve_peers
         self._version = version
         self._registry = registry
+        self._lan_fetcher = lan_fetcher
+        # NARs for peers on the fetch route are uploads like any other.
+        self._fetch_resource: FetchResource | None = (
+            FetchResource(lan_fetcher, upload_limiter=upload_limiter) if lan_fetcher is not None else None
+        )
         self._cache_info = b"StoreDir: %s\nWantMassQuery: 1\nPriority: %d\n" % (STORE_DIR.encode(), priority)
         # (hash part, zstd URL?, peer view?) -> (expiry, narinfo bytes, the
         # PathInfo it was rendered from).  Insertion order is expiry order
@@ -509,6 +520,7 @@ class WebApp:
             serve_peers=self._serve_peers,
             max_upload_rate=self._upload_limiter.rate if self._upload_limiter is not None else None,
             digests=self._digest_status() if self._digest_status is not None else None,
+            upstream=self._lan_fetcher.status() if self._lan_fetcher is not None else None,
         )
 
     def _peer_rows(self) -> tuple[PeerStatus, ...] | None:
@@ -605,6 +617,12 @@ class WebApp:
     def render_other(self, request: Request, klein: IResource) -> bytes | int:
         """Answer a request outside ``/nix-cache/`` through Klein, counting it."""
         path = request.path
+        if self._fetch_resource is not None and path.startswith(FETCH_PREFIX.encode()):
+            if not self._serve_peers:
+                # Consume only: this node fetches nothing for peers either.
+                return self._reply_error(request, "fetch", 404, b"not found (this node does not serve peers)\n")
+            request.notifyFinish().addBoth(self._count_finished, request, "fetch")
+            return self._fetch_resource.render(request)
         route = "status" if path in (b"/", b"/status.json") else "metrics" if path == b"/metrics" else "other"
         if path == _DIGEST_PATH_BYTES:
             route = "digest"
@@ -1162,7 +1180,11 @@ class WebApp:
         if savings is not None:
             # Bytes relayed to a local client: what the LAN saved it.
             savings.count_path(peer.store_path, peer.nar_size)
-            consumer = _CountingConsumer(consumer, savings.add_from_peers)
+            if found.source.kind == "peer":
+                consumer = _CountingConsumer(consumer, savings.add_from_peers)
+            # Fetched for the LAN: the bytes another node fetched count as
+            # they arrive (LanFetcher.on_peer_bytes); this node's own
+            # downloads from the upstream saved nothing.
         ranged: RangeConsumer | None = None
         if byte_range is not None:
             # Cut from the whole NAR, which is still fetched and verified

@@ -11,6 +11,7 @@ from attrs import frozen
 
 from peernix.store.share import WITHHELD_REASONS, ShareStatus
 from peernix.web.savings import FIELDS, OUTCOMES, SavingsSnapshot, format_bytes, hit_ratio
+from peernix.web.upstream_status import upstream_section
 
 
 @frozen
@@ -97,6 +98,9 @@ class Status:
     #: (``"own"``: paths, size, tag...) and per peer (``"peers"``, keyed by
     #: URL); ``None`` when digests are off.  Plain JSON data.
     digests: Mapping[str, object] | None = None
+    #: Fetching for the LAN (:meth:`peernix.upstream.fetch.LanFetcher.status`);
+    #: ``None`` when it is off.
+    upstream: Mapping[str, object] | None = None
 
     def document(self) -> dict[str, object]:
         """:returns: the JSON document of ``/status.json``."""
@@ -120,6 +124,7 @@ class Status:
             "savings": None if self.savings is None else self.savings.document(),
             "giving": {"serve_peers": self.serve_peers, "max_upload_rate": self.max_upload_rate},
             "digests": None if self.digests is None else dict(self.digests),
+            "upstream": None if self.upstream is None else dict(self.upstream),
         }
 
 
@@ -389,6 +394,7 @@ def render_html(status: Status) -> bytes:
         "<h2>This node</h2>\n"
         f"<table>{''.join(rows)}</table>\n"
         f"{_sharing_section(status.sharing)}"
+        f"{upstream_section(status.upstream)}"
         f"{_peer_section(status)}"
         "<h2>Requests</h2>\n"
         f"<table><tr><th>Route</th><th>Status</th><th>Count</th></tr>{request_rows}</table>\n"

@@ -1,0 +1,195 @@
+"""
+``python -m bench.upstream``: fetching for the LAN, measured in network namespaces.
+
+An upstream host (nginx serving a ``nix copy --to file://...?compression=xz``
+cache signed by a bench key, its uplink shaped with ``tc ... tbf`` as an
+internet connection) and N peernix nodes on one bridge, each with a Nix
+client using only its local peernix.  For each N, all N clients start
+``nix-store -r`` of the same closure at the same moment; then the same with
+every client going to the upstream directly (the reference).  Reported per
+N: upstream bytes / unique closure bytes (target 1.00 with peernix), wall
+time for all N to finish / wall time for one (target <= 1.3), and the
+reference's figures.  Needs root, ``ip``, ``tc``, nginx, Nix 2.8 (and Nix
+2.24 at /opt/nix-modern for every second client, when installed).
+
+Every address is inside namespaces the run creates and removes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from peernix.test.daemon import Daemon, http_get
+from peernix.test.netns import Host, TestNetwork, netns_unavailable
+from peernix.test.nixenv import ChrootStore, generate_key, remove_tree, run_nix
+from peernix.test.test_e2e_upstream import MODERN_NIX_STORE, PORT, Nginx, _Client
+
+KEY_NAME = "bench-upstream-1"
+
+
+def build_cache(work: str, paths: int, big_mb: int) -> tuple[str, str, list[str], int]:
+    """
+    :returns: ``(cache dir, public key, store paths, unique NAR file bytes)``:
+        ``paths`` small text paths and one ``big_mb`` MiB incompressible
+        path, signed, copied xz-compressed into a file cache.
+    """
+    sk, _, pk = generate_key(os.path.join(work, "keys"), KEY_NAME)
+    store = ChrootStore(os.path.join(work, "origin"))
+    files = os.path.join(work, "files")
+    os.makedirs(files)
+    rng = random.Random(7)
+    names = []
+    for i in range(paths):
+        name = os.path.join(files, f"bench-small-{i}")
+        with open(name, "wb") as f:
+            f.write(rng.randbytes(rng.randrange(200, 20_000)))
+        names.append(name)
+    added: list[str] = []
+    for start in range(0, len(names), 200):
+        done = run_nix(["nix-store", "--store", store.root, "--add", *names[start:start + 200]], store.env)
+        added += done.stdout.decode().split()
+    added.append(store.make_big_path(big_mb * 1024 * 1024, name="bench-big", seed=3))
+    store.sign(added, sk)
+    cache = os.path.join(work, "cache")
+    run_nix(["nix", "--extra-experimental-features", "nix-command", "copy", "--store", store.root,
+             "--to", f"file://{cache}?compression=xz", *added], store.env)
+    unique = sum(os.path.getsize(os.path.join(cache, "nar", n)) for n in os.listdir(os.path.join(cache, "nar")))
+    return cache, pk, added, unique
+
+
+def upstream_bytes(access_log: str) -> int:
+    """:returns: the body bytes nginx sent for NAR files, from its access log (combined format)."""
+    total = 0
+    with open(access_log) as f:
+        for line in f:
+            parts = line.split('"')
+            if len(parts) > 2 and "/nar/" in parts[1]:
+                fields = parts[2].split()
+                if len(fields) >= 2 and fields[1].isdigit():
+                    total += int(fields[1])
+    return total
+
+
+def run_clients(jobs: Sequence[tuple[_Client, Host]], paths: Sequence[str], substituters: Sequence[str],
+                key: str) -> tuple[float, list[int]]:
+    """Start every client at the same moment; :returns: (seconds until the last finished, exit codes)."""
+    codes = [0] * len(jobs)
+    barrier = threading.Barrier(len(jobs) + 1)
+
+    def run(i: int, client: _Client, host: Host) -> None:
+        barrier.wait()
+        extra = [] if client.modern else ["--option", "max-jobs", "8"]
+        codes[i] = client.substitute(host, paths, substituters[i], key, extra).returncode
+
+    threads = [threading.Thread(target=run, args=(i, c, h)) for i, (c, h) in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.monotonic()
+    for t in threads:
+        t.join()
+    return time.monotonic() - started, codes
+
+
+def measure(n: int, cache: str, key: str, paths: list[str], rate: str, work: str, *, direct: bool) -> dict[str, Any]:
+    """One run with ``n`` nodes (peernix) or ``n`` plain clients (``direct``)."""
+    run_dir = tempfile.mkdtemp(prefix=f"n{n}-{'direct' if direct else 'peernix'}-", dir=work)
+    network = TestNetwork(n + 1)
+    daemons: list[Daemon] = []
+    nginx = None
+    try:
+        u, *hosts = network.hosts
+        subprocess.run(u.command(["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate,
+                                  "burst", "512kb", "latency", "50ms"]), check=True)
+        nginx = Nginx(u, cache, run_dir)
+        if not direct:
+            for i, host in enumerate(hosts):
+                store = ChrootStore(os.path.join(run_dir, f"store-{i}"))
+                daemon = Daemon(["--store-root", store.root, "--no-mdns", "--udp-port", str(PORT),
+                                 "--announce-interval", "2", "--trusted-public-key", key,
+                                 "--upstream", nginx.url, "--staging-dir", os.path.join(run_dir, f"staging-{i}")],
+                                os.path.join(run_dir, f"node-{i}.log"), port=PORT, host=host)
+                daemons.append(daemon)
+            for daemon in daemons:
+                daemon.wait_ready()
+            deadline = time.monotonic() + 60
+            while n > 1:
+                counts = []
+                for host in hosts:
+                    code, body = http_get(f"http://127.0.0.1:{PORT}/status.json", host=host)
+                    counts.append(len(json.loads(body)["upstream"]["fetching_peers"]) if code == 200 else 0)
+                if all(c == n - 1 for c in counts):
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("nodes did not find each other")
+                time.sleep(0.2)
+        modern = os.access(MODERN_NIX_STORE, os.X_OK)
+        clients = [_Client(os.path.join(run_dir, f"client-{i}"), modern=modern and i % 2 == 1) for i in range(n)]
+        subs = [nginx.url if direct else f"http://127.0.0.1:{PORT}/nix-cache" for _ in hosts]
+        seconds, codes = run_clients(list(zip(clients, hosts)), paths, subs, key)
+        return {"nodes": n, "mode": "direct" if direct else "peernix", "seconds": round(seconds, 2),
+                "exit_codes": codes, "upstream_nar_bytes": upstream_bytes(nginx.access_log)}
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+        if nginx is not None:
+            nginx.stop()
+        network.destroy()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.upstream", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", default="1,4,8", help="comma-separated node counts (default 1,4,8)")
+    parser.add_argument("--paths", type=int, default=300, help="small paths in the closure (default 300)")
+    parser.add_argument("--big-mb", type=int, default=200, help="size of the big path, MiB (default 200)")
+    parser.add_argument("--rate", default="200mbit", help="the upstream's uplink (tc tbf rate, default 200mbit)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    problem = netns_unavailable()
+    if problem or shutil.which("nginx") is None or shutil.which("tc") is None:
+        print(problem or "nginx and tc are needed", file=sys.stderr)
+        return 2
+    work = tempfile.mkdtemp(prefix="peernix-bench-upstream-")
+    try:
+        cache, key, paths, unique = build_cache(work, args.paths, args.big_mb)
+        rows = []
+        for n in (int(x) for x in args.nodes.split(",")):
+            for direct in (True, False):
+                row = measure(n, cache, key, paths, args.rate, work, direct=direct)
+                row["upstream_over_unique"] = round(row["upstream_nar_bytes"] / unique, 2)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+        one = {r["mode"]: r["seconds"] for r in rows if r["nodes"] == 1}
+        for row in rows:
+            if row["mode"] in one and one[row["mode"]]:
+                row["seconds_over_one"] = round(row["seconds"] / one[row["mode"]], 2)
+        print(f"\n{'N':>3} {'mode':8} {'s':>8} {'s/one':>6} {'upstream/unique':>16}  exit codes")
+        for r in rows:
+            print(f"{r['nodes']:>3} {r['mode']:8} {r['seconds']:>8} {r.get('seconds_over_one', ''):>6} "
+                  f"{r['upstream_over_unique']:>16}  {r['exit_codes']}")
+        os.makedirs(args.out, exist_ok=True)
+        name = time.strftime("upstream-%Y-%m-%d") + f"-{platform.node() or 'host'}.json"
+        with open(os.path.join(args.out, name), "w") as f:
+            json.dump({"params": vars(args), "unique_nar_bytes": unique, "paths": len(paths), "rows": rows}, f,
+                      indent=2)
+        ok = all(r["exit_codes"] == [0] * r["nodes"] for r in rows)
+        ok = ok and all(r["upstream_over_unique"] <= 1.0 for r in rows if r["mode"] == "peernix")
+        return 0 if ok else 1
+    finally:
+        remove_tree(work)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
