@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from peernix.test.daemon import Daemon, http_get
@@ -83,8 +83,12 @@ def upstream_bytes(access_log: str) -> int:
 
 
 def run_clients(jobs: Sequence[tuple[_Client, Host]], paths: Sequence[str], substituters: Sequence[str],
-                key: str) -> tuple[float, list[int]]:
-    """Start every client at the same moment; :returns: (seconds until the last finished, exit codes)."""
+                key: str, during: Callable[[], object] | None = None) -> tuple[float, list[int]]:
+    """
+    Start every client at the same moment; ``during()``, when given, runs
+    meanwhile on this thread.  :returns: (seconds until the last finished,
+    exit codes).
+    """
     codes = [0] * len(jobs)
     barrier = threading.Barrier(len(jobs) + 1)
 
@@ -98,14 +102,50 @@ def run_clients(jobs: Sequence[tuple[_Client, Host]], paths: Sequence[str], subs
         t.start()
     barrier.wait()
     started = time.monotonic()
+    if during is not None:
+        during()
     for t in threads:
         t.join()
     return time.monotonic() - started, codes
 
 
-def measure(n: int, cache: str, key: str, paths: list[str], rate: str, work: str, *, direct: bool) -> dict[str, Any]:
-    """One run with ``n`` nodes (peernix) or ``n`` plain clients (``direct``)."""
-    run_dir = tempfile.mkdtemp(prefix=f"n{n}-{'direct' if direct else 'peernix'}-", dir=work)
+def kill_big_fetcher(daemons: Sequence[Daemon], hosts: Sequence[Host], upstream_url: str, big_size: int,
+                     timeout: float = 300) -> int | None:
+    """
+    Wait until a node downloads the big NAR from the upstream (an active
+    fetch of it with an eighth received), then SIGKILL that node.
+
+    :returns: its index, or ``None`` when none was seen in ``timeout`` s.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for i, host in enumerate(hosts):
+            if daemons[i].process.poll() is not None:
+                continue
+            try:
+                code, body = http_get(f"http://127.0.0.1:{PORT}/status.json", host=host)
+            except OSError:
+                continue
+            if code != 200:
+                continue
+            for fetch in (json.loads(body).get("upstream") or {}).get("active_fetches", []):
+                if (fetch["source"].startswith(upstream_url) and fetch["nar_size"] >= big_size
+                        and fetch["received"] > big_size // 8):
+                    daemons[i].process.kill()
+                    return i
+        time.sleep(0.05)
+    return None
+
+
+def measure(n: int, cache: str, key: str, paths: list[str], rate: str, work: str, *, direct: bool,
+            kill_big: int | None = None) -> dict[str, Any]:
+    """
+    One run with ``n`` nodes (peernix) or ``n`` plain clients (``direct``).
+    ``kill_big``: the big path's NAR size; its fetcher is killed mid-download
+    (its own client's result is reported, not counted).
+    """
+    mode = "direct" if direct else ("peernix-kill" if kill_big else "peernix")
+    run_dir = tempfile.mkdtemp(prefix=f"n{n}-{mode}-", dir=work)
     network = TestNetwork(n + 1)
     daemons: list[Daemon] = []
     nginx = None
@@ -138,9 +178,20 @@ def measure(n: int, cache: str, key: str, paths: list[str], rate: str, work: str
         modern = os.access(MODERN_NIX_STORE, os.X_OK)
         clients = [_Client(os.path.join(run_dir, f"client-{i}"), modern=modern and i % 2 == 1) for i in range(n)]
         subs = [nginx.url if direct else f"http://127.0.0.1:{PORT}/nix-cache" for _ in hosts]
-        seconds, codes = run_clients(list(zip(clients, hosts)), paths, subs, key)
-        return {"nodes": n, "mode": "direct" if direct else "peernix", "seconds": round(seconds, 2),
-                "exit_codes": codes, "upstream_nar_bytes": upstream_bytes(nginx.access_log)}
+        killed: list[int | None] = []
+        upstream_url = nginx.url
+
+        def kill() -> None:
+            assert kill_big is not None
+            killed.append(kill_big_fetcher(daemons, hosts, upstream_url, kill_big))
+
+        seconds, codes = run_clients(list(zip(clients, hosts)), paths, subs, key,
+                                     during=kill if kill_big and not direct else None)
+        row: dict[str, Any] = {"nodes": n, "mode": mode, "seconds": round(seconds, 2),
+                               "exit_codes": codes, "upstream_nar_bytes": upstream_bytes(nginx.access_log)}
+        if killed:
+            row["killed_node"] = killed[0]
+        return row
     finally:
         for daemon in daemons:
             daemon.stop()
@@ -149,12 +200,22 @@ def measure(n: int, cache: str, key: str, paths: list[str], rate: str, work: str
         network.destroy()
 
 
+def _uptime() -> str:
+    """:returns: the load averages now (the machine is shared: noted beside each row)."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.upstream", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", default="1,4,8", help="comma-separated node counts (default 1,4,8)")
     parser.add_argument("--paths", type=int, default=300, help="small paths in the closure (default 300)")
     parser.add_argument("--big-mb", type=int, default=200, help="size of the big path, MiB (default 200)")
     parser.add_argument("--rate", default="200mbit", help="the upstream's uplink (tc tbf rate, default 200mbit)")
+    parser.add_argument("--kill-nodes", type=int, default=None,
+                        help="nodes of the run whose big-path fetcher is killed mid-download "
+                             "(default: the largest of --nodes; 0: no such run)")
+    parser.add_argument("--only-kill", action="store_true", help="only the run with the fetcher killed")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     problem = netns_unavailable()
@@ -165,27 +226,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cache, key, paths, unique = build_cache(work, args.paths, args.big_mb)
         rows = []
-        for n in (int(x) for x in args.nodes.split(",")):
+        counts = [int(x) for x in args.nodes.split(",")]
+        for n in [] if args.only_kill else counts:
             for direct in (True, False):
                 row = measure(n, cache, key, paths, args.rate, work, direct=direct)
                 row["upstream_over_unique"] = round(row["upstream_nar_bytes"] / unique, 2)
+                row["uptime"] = _uptime()
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+        kill_nodes = max(counts) if args.kill_nodes is None else args.kill_nodes
+        if kill_nodes > 1:
+            big_size = args.big_mb * 1024 * 1024
+            row = measure(kill_nodes, cache, key, paths, args.rate, work, direct=False, kill_big=big_size)
+            row["upstream_over_unique"] = round(row["upstream_nar_bytes"] / unique, 2)
+            row["uptime"] = _uptime()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
         one = {r["mode"]: r["seconds"] for r in rows if r["nodes"] == 1}
         for row in rows:
             if row["mode"] in one and one[row["mode"]]:
                 row["seconds_over_one"] = round(row["seconds"] / one[row["mode"]], 2)
-        print(f"\n{'N':>3} {'mode':8} {'s':>8} {'s/one':>6} {'upstream/unique':>16}  exit codes")
+        print(f"\n{'N':>3} {'mode':12} {'s':>8} {'s/one':>6} {'upstream/unique':>16}  {'load':16} exit codes")
         for r in rows:
-            print(f"{r['nodes']:>3} {r['mode']:8} {r['seconds']:>8} {r.get('seconds_over_one', ''):>6} "
-                  f"{r['upstream_over_unique']:>16}  {r['exit_codes']}")
+            print(f"{r['nodes']:>3} {r['mode']:12} {r['seconds']:>8} {r.get('seconds_over_one', ''):>6} "
+                  f"{r['upstream_over_unique']:>16}  {r['uptime']:16} {r['exit_codes']}"
+                  + (f" (node {r['killed_node']} killed)" if "killed_node" in r else ""))
         os.makedirs(args.out, exist_ok=True)
         name = time.strftime("upstream-%Y-%m-%d") + f"-{platform.node() or 'host'}.json"
         with open(os.path.join(args.out, name), "w") as f:
             json.dump({"params": vars(args), "unique_nar_bytes": unique, "paths": len(paths), "rows": rows}, f,
                       indent=2)
-        ok = all(r["exit_codes"] == [0] * r["nodes"] for r in rows)
+        ok = all(r["exit_codes"] == [0] * r["nodes"] for r in rows if r["mode"] != "peernix-kill")
         ok = ok and all(r["upstream_over_unique"] <= 1.0 for r in rows if r["mode"] == "peernix")
+        for r in rows:
+            if r["mode"] == "peernix-kill":
+                survivors = [c for i, c in enumerate(r["exit_codes"]) if i != r.get("killed_node")]
+                ok = ok and r.get("killed_node") is not None and survivors == [0] * len(survivors)
+                ok = ok and r["upstream_over_unique"] <= 2.0
         return 0 if ok else 1
     finally:
         remove_tree(work)

@@ -103,7 +103,9 @@ class IUpstream(Interface):
         whose NAR is about to be written, before its first byte reaches
         ``consumer`` (again with another URL when that peer failed before
         any byte and the next one takes over): the caller names the source
-        in the response headers.
+        in the response headers.  Fetching for the LAN calls it with the
+        whole :class:`~peernix.sources.Source` instead (``upstream URL``,
+        with ``via`` the fetching node), just before the first byte.
 
         :returns: a Deferred firing when every byte has been written and
             verified.  It fails with ``peernix.peers.errors.NarUnavailable``

@@ -657,6 +657,24 @@ def make_peer_store(config: Config, reactor: Reactor, store: IStore,
     return SharedStore(store, policy, clock=reactor, tally=tally)
 
 
+def connect_staging(lan_fetcher: LanFetcher, digest: DigestPublisher | None, savings: Savings | None) -> None:
+    """
+    Wire fetching for the LAN to the savings and the digest: NAR bytes
+    another node fetched for the LAN count as got from peers, staged NAR
+    bytes sent to peers as given to them; the verified NARs staged here
+    that ``--share`` lets peers have are in this node's digest (added when
+    staged, rebuilt without them when they leave).
+    """
+    if savings is not None:
+        lan_fetcher.on_peer_bytes = savings.add_from_peers
+        lan_fetcher.on_bytes_to_peers = savings.add_to_peers
+    if digest is not None:
+        publisher = digest
+        publisher.include(lan_fetcher.staged_hash_parts)
+        lan_fetcher.on_staged = lambda hash_part: publisher.add([hash_part])
+        lan_fetcher.on_unstaged = lambda hash_part: publisher.rebuild_soon()
+
+
 def make_savings(config: Config, reactor: Reactor, parent: MultiService) -> Savings:
     """
     :returns: the savings counters, loaded from ``--state-dir`` when the
@@ -952,11 +970,10 @@ def build_service(
         top.upstream = upstream
     top.peer_store = make_peer_store(config, reactor, top.store, top.secret_key)
     top.savings = make_savings(config, reactor, top)
-    if top.lan_fetcher is not None and top.savings is not None:
-        # NAR bytes another node fetched for the LAN: saved from the internet.
-        top.lan_fetcher.on_peer_bytes = top.savings.add_from_peers
     top.upload_limiter = make_upload_limiter(config, reactor)
     top.digest = make_digest(config, reactor, top.store, top.peer_store, top.metrics)
+    if top.lan_fetcher is not None:
+        connect_staging(top.lan_fetcher, top.digest, top.savings)
     if top.digest is not None or top.peer_digests is not None:
         DigestService(top.digest, top.peer_digests).setServiceParent(top)
     top.app = make_web_app(config, reactor, top.store, defer_to_thread=defer_to_thread,

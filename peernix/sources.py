@@ -5,11 +5,14 @@ header and of the access log's ``source`` field.
 * ``local``: this machine's store;
 * ``peer <base URL>``: relayed from a LAN peer, e.g. ``peer http://10.0.0.2:9999``;
 * ``upstream <URL>``: fetched from an upstream cache for the LAN
-  (:mod:`peernix.upstream`); the type can add `` via <fetcher base URL>``
-  when another node fetched it, which is not produced yet.
+  (:mod:`peernix.upstream`) by this node itself;
+* ``upstream <URL> via <fetcher base URL>``: fetched from that upstream by
+  another LAN node (the path's fetcher), which streamed it to this one.
 
-``upstream <URL>`` is what a path fetched for the LAN says (its narinfo and
-NAR, whichever node streamed it); ``via`` is not produced yet.
+A narinfo fetched for the LAN names the node the NAR would come through
+(the running or finished download's fetcher, else the first in rendezvous
+order); its NAR names the fetcher whose bytes are written when the first
+byte goes.
 """
 
 from __future__ import annotations

@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from attrs import frozen
 from prometheus_client import CollectorRegistry, Gauge
 from rbloom import Bloom
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -249,6 +249,11 @@ class DigestPublisher:
         self._loop: LoopingCall | None = None
         self._stopped = False
         self._subscribers: list[Callable[[], object]] = []
+        #: Hash parts shared from outside the store (NARs staged for the
+        #: LAN, see :meth:`include`), read at every full build.
+        self._extra: Callable[[], Iterable[str]] | None = None
+        self._full_wanted = False
+        self._rebuild_call: IDelayedCall | None = None
         if metrics_registry is not None:
             Gauge("peernix_digest_paths", "Paths in this node's store digest",
                   registry=metrics_registry).set_function(lambda: float(self._paths))
@@ -325,6 +330,50 @@ class DigestPublisher:
         """Call ``callback()`` whenever the digest changed (a new :attr:`tag`)."""
         self._subscribers.append(callback)
 
+    # -- paths from outside the store -------------------------------------
+
+    def include(self, extra: Callable[[], Iterable[str]]) -> None:
+        """
+        Cover hash parts shared from outside the store too: ``extra()``
+        (already filtered by ``--share``; called on the reactor thread at
+        every full build) lists them, e.g. the verified NARs staged for the
+        LAN (:meth:`peernix.upstream.fetch.LanFetcher.staged_hash_parts`).
+        Tell the digest of changes with :meth:`add` and :meth:`rebuild_soon`.
+        """
+        self._extra = extra
+
+    def add(self, hash_parts: Sequence[str]) -> None:
+        """
+        Add hash parts shared from outside the store now (an incremental
+        update: a new version, in the deltas).  Before the first build it
+        does nothing: the build reads :meth:`include`'s source.
+        """
+        parts = [h for h in hash_parts if is_hash_part(h)]
+        if self._bloom is None or not parts:
+            return
+        if self._paths + len(parts) > self._capacity:
+            self.rebuild_soon(0.0)
+            return
+        self._add(parts)
+
+    def rebuild_soon(self, delay: float = 2.0) -> None:
+        """
+        Rebuild in full within ``delay`` seconds (coalesced: many calls, one
+        build), e.g. after a staged NAR left: a Bloom filter cannot forget.
+        Until then the digest may still claim it, which costs a peer one
+        request, never a wrong answer.
+        """
+        self._full_wanted = True
+        if self._rebuild_call is not None and self._rebuild_call.active():
+            return
+
+        def run() -> None:
+            self._rebuild_call = None
+            if not self._stopped:
+                self.update()
+
+        self._rebuild_call = self._clock.callLater(delay, run)
+
     # -- life cycle ------------------------------------------------------
 
     def start(self) -> None:
@@ -340,6 +389,9 @@ class DigestPublisher:
     def stop(self) -> None:
         """Stop looking for changes (an update running on the worker thread finishes on its own)."""
         self._stopped = True
+        if self._rebuild_call is not None and self._rebuild_call.active():
+            self._rebuild_call.cancel()
+        self._rebuild_call = None
         loop, self._loop = self._loop, None
         if loop is not None and loop.running:
             loop.stop()
@@ -379,6 +431,9 @@ class DigestPublisher:
     async def _update(self) -> None:
         state = await self._scanner.database_state()
         now = self._clock.seconds()
+        if self._full_wanted:
+            await self._build(state)
+            return
         if self._bloom is not None and state == self._db_state:
             return
         if self._bloom is None:
@@ -418,16 +473,21 @@ class DigestPublisher:
         self._changed()
 
     async def _build(self, state: object) -> None:
+        self._full_wanted = False
         scan: PathScan = await self._scanner.scan_paths(0, self._accept)
-        capacity = max(MIN_CAPACITY, math.ceil(len(scan.hash_parts) * (1 + HEADROOM)))
+        # Read after the scan, on the reactor thread: a path staged while the
+        # scan ran is in this list (its add() may have gone to the old filter).
+        extra = [h for h in self._extra() if is_hash_part(h)] if self._extra is not None else []
+        hash_parts = [*scan.hash_parts, *extra]
+        capacity = max(MIN_CAPACITY, math.ceil(len(hash_parts) * (1 + HEADROOM)))
         # On the reactor thread: about 0.6 us a path (60 ms for 100k paths),
         # once per full build; the scan itself ran on the worker thread.
         bloom = new_digest(capacity, self.fp_rate)
-        bloom.update(map(digest_key, scan.hash_parts))
+        bloom.update(map(digest_key, hash_parts))
         self._bloom = bloom
         self._generation = secrets.token_hex(4)
         self._version = 0
-        self._paths = len(scan.hash_parts)
+        self._paths = len(hash_parts)
         self._capacity = capacity
         self._max_id = scan.max_id
         self._rows = scan.rows

@@ -485,3 +485,69 @@ class ScanPathsTests(SynchronousTestCase):
             self.pool.run_all()
         self.assertFalse(publisher.contains(hash_part))
         self.assertEqual(publisher.paths, len(self.fx.closure.outputs) - 1)
+
+
+class DigestExtraTests(SynchronousTestCase):
+    """Hash parts shared from outside the store (NARs staged for the LAN) are in the digest."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.scanner = FakeScanner()
+        self.publisher = DigestPublisher(self.scanner, trusted_policy().shares, self.clock, fp_rate=0.01)
+        self.staged: list[str] = []
+        self.publisher.include(lambda: list(self.staged))
+
+    def test_build_reads_extra(self) -> None:
+        """A full build covers the store's shared paths and what include() lists."""
+        self.scanner.add(shared("a"))
+        self.staged.append(info("staged").hash_part)
+        self.publisher.update()
+        self.assertEqual(self.publisher.paths, 2)
+        self.assertTrue(self.publisher.contains(info("staged").hash_part))
+        self.assertTrue(self.publisher.contains(info("a").hash_part))
+
+    def test_add_is_incremental(self) -> None:
+        """add() puts a staged path in at once, as a new version a delta carries."""
+        self.scanner.add(shared("a"))
+        self.publisher.update()
+        tag = self.publisher.tag
+        assert tag is not None
+        part = info("staged").hash_part
+        self.staged.append(part)
+        self.publisher.add([part])
+        self.assertTrue(self.publisher.contains(part))
+        self.assertEqual(self.publisher.delta_since(tag), [part])
+        self.assertEqual(self.publisher.paths, 2)
+
+    def test_add_before_build_waits_for_it(self) -> None:
+        """Before the first build add() does nothing; the build reads the source."""
+        part = info("staged").hash_part
+        self.publisher.add([part])
+        self.assertIsNone(self.publisher.tag)
+        self.staged.append(part)
+        self.publisher.update()
+        self.assertTrue(self.publisher.contains(part))
+
+    def test_rebuild_soon_forgets_dropped(self) -> None:
+        """After rebuild_soon() (coalesced, within its delay) a path no longer listed is gone."""
+        self.scanner.add(shared("a"))
+        part = info("staged").hash_part
+        self.staged.append(part)
+        self.publisher.update()
+        self.assertTrue(self.publisher.contains(part))
+        self.staged.remove(part)
+        for _ in range(3):
+            self.publisher.rebuild_soon(2.0)
+        self.assertTrue(self.publisher.contains(part))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(2.0)
+        self.assertFalse(self.publisher.contains(part))
+        self.assertTrue(self.publisher.contains(info("a").hash_part))
+        self.assertEqual(self.publisher.paths, 1)
+
+    def test_stop_cancels_rebuild(self) -> None:
+        """stop() cancels a pending rebuild."""
+        self.publisher.update()
+        self.publisher.rebuild_soon()
+        self.publisher.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -659,3 +659,73 @@ class FirstOfTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d)
         self.assertEqual(self.peers.cancelled, 1)
+
+
+class SourceViaTests(LanTestCase):
+    """``X-Peernix-Source: upstream URL via FETCHER`` where another node fetches the path."""
+
+    def named(self, node: Node, path: UpstreamPath, fetcher_down: str | None = None) -> tuple[list[object], bytes]:
+        """Relay ``path``'s NAR on ``node``; :returns: what ``on_peer`` was told, and the bytes."""
+        d_info = node.fetcher.lookup(path.hash_part)
+        self.settle()
+        info = self.successResultOf(d_info)
+        assert info is not None
+        told: list[object] = []
+        consumer = ChunkConsumer()
+        d = node.fetcher.relay_nar(info, consumer, told.append)
+        self.settle()
+        self.successResultOf(d)
+        return told, consumer.value()
+
+    def test_narinfo_names_the_fetcher(self) -> None:
+        """A path another node will fetch: ``upstream URL via <that node>``; the fetcher itself: no via."""
+        for name in ("a", "b", "c"):
+            self.node(name)
+        path = self.serve()
+        first, second, third = self.order(path)
+        d = self.nodes[third].fetcher.find(path.hash_part)
+        self.settle()
+        found = self.successResultOf(d)
+        assert found is not None
+        self.assertEqual(str(found.source), f"upstream {UPSTREAM} via {self.nodes[first].url}")
+        d = self.nodes[first].fetcher.find(path.hash_part)
+        self.settle()
+        found = self.successResultOf(d)
+        assert found is not None
+        self.assertEqual(str(found.source), f"upstream {UPSTREAM}")
+
+    def test_nar_names_the_fetcher_that_sent_it(self) -> None:
+        """The NAR's source names the fetcher whose bytes were written; the fetcher's own says no via."""
+        for name in ("a", "b", "c"):
+            self.node(name)
+        path = self.serve()
+        first, second, third = self.order(path)
+        told, nar = self.named(self.nodes[third], path)
+        self.assertEqual(nar, path.nar)
+        self.assertEqual([str(s) for s in told], [f"upstream {UPSTREAM} via {self.nodes[first].url}"])
+        # Staged now: a later narinfo and NAR still name the node it came through.
+        d = self.nodes[third].fetcher.find(path.hash_part)
+        found = self.successResultOf(d)
+        assert found is not None
+        self.assertEqual(found.source.via, self.nodes[first].url)
+        told, _ = self.named(self.nodes[first], path)
+        self.assertEqual([str(s) for s in told], [f"upstream {UPSTREAM}"])
+
+    def test_fallback_names_the_fetcher_that_took_over(self) -> None:
+        """The first fetcher dead before any byte: the source names the one that sent the bytes."""
+        for name in ("a", "b", "c"):
+            self.node(name)
+        path = self.serve()
+        first, second, third = self.order(path)
+        self.lan.modes[f"{first}:9999"] = "down"
+        told, nar = self.named(self.nodes[third], path)
+        self.assertEqual(nar, path.nar)
+        self.assertEqual([str(s) for s in told], [f"upstream {UPSTREAM} via {self.nodes[second].url}"])
+
+    def test_alone_no_via(self) -> None:
+        """A node with no fetching peer fetches itself: plain ``upstream URL``."""
+        a = self.node("a")
+        path = self.serve()
+        told, nar = self.named(a, path)
+        self.assertEqual(nar, path.nar)
+        self.assertEqual([str(s) for s in told], [f"upstream {UPSTREAM}"])

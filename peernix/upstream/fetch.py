@@ -117,6 +117,33 @@ class ActiveFetch:
     download: Download
     source: str = ""
     started: float = 0.0
+    #: The fetching peer the bytes come from now (``None``: the upstream).
+    via: str | None = None
+
+
+@implementer(IConsumer)
+class _NamingConsumer:
+    """
+    Passes everything to ``consumer``; calls ``name()`` once, just before
+    the first byte is written, so the caller can name the answer's source
+    as it stands then (the fetcher may have changed since the request came).
+    """
+
+    def __init__(self, consumer: Any, name: Callable[[], object]) -> None:
+        self._consumer = consumer
+        self._name: Callable[[], object] | None = name
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._consumer.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._consumer.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        name, self._name = self._name, None
+        if name is not None:
+            name()
+        self._consumer.write(data)
 
 
 def _first_found(ds: list[Deferred[NarInfo | None]]) -> Deferred[tuple[int, NarInfo] | None]:
@@ -214,6 +241,23 @@ class LanFetcher:
         self._fills: dict[Key, Deferred[None]] = {}
         # peer URL -> when it was last asked who it is (ask_silent_peers).
         self._node_queries: dict[str, float] = {}
+        # Staged NAR -> the fetching peer its bytes came from (None: the
+        # upstream itself), for the source of later answers.
+        self._vias: OrderedDict[Key, str | None] = OrderedDict()
+        # hash part -> the record of the verified NAR staged for it, while
+        # it stays staged (served to peers on the normal routes, and in
+        # this node's digest when --share lets peers have it).
+        self._staged: dict[str, UpstreamRecord] = {}
+        staging.on_dropped = self._unstaged
+        #: Told the hash part of every verified NAR staged here that peers
+        #: may have (after the ``--share`` filter): the digest adds it.
+        self.on_staged: Callable[[str], object] | None = None
+        #: Told the hash part of every such NAR when it leaves the staging
+        #: area: the digest is rebuilt without it.
+        self.on_unstaged: Callable[[str], object] | None = None
+        #: Told the size of every chunk of staged NAR sent to a peer (the
+        #: savings' "to peers").
+        self.on_bytes_to_peers: Callable[[int], object] | None = None
         #: Told the size of every chunk of NAR received from a fetching
         #: peer: bytes the LAN saved this node (the savings' "from peers").
         self.on_peer_bytes: Callable[[int], object] | None = None
@@ -294,10 +338,36 @@ class LanFetcher:
         return d.addCallback(lambda record: record.info if record is not None else None)
 
     def find(self, hash_part: str) -> Deferred[Found | None]:
-        """See :meth:`IUpstream.find`: the source is ``upstream <its URL>``."""
+        """
+        See :meth:`IUpstream.find`: the source is ``upstream <its URL>``,
+        with ``via <fetcher base URL>`` when another node fetches (or
+        fetched) the NAR for this one (see :meth:`source_of`).
+        """
         d = self.record(hash_part)
-        return d.addCallback(
-            lambda record: Found(record.info, Source("upstream", record.base)) if record is not None else None)
+        return d.addCallback(lambda record: Found(record.info, self.source_of(record)) if record is not None else None)
+
+    def source_of(self, record: UpstreamRecord) -> Source:
+        """
+        :returns: where the NAR of ``record`` comes from for this node:
+            ``upstream <URL>``, plus ``via <peer>`` when a fetching peer
+            sends the bytes: the one a running download reads from now,
+            the one a staged NAR came from, else the first in rendezvous
+            order (the fetcher the NAR would be asked of), unless that is
+            this node.
+        """
+        info = record.info
+        hash_part = info.store_path[len("/nix/store/"):][:32]
+        key = staging_key(hash_part, info.nar_hash)
+        active = self.active.get(key)
+        via: str | None
+        if active is not None:
+            via = active.via
+        elif key in self._vias and self.staging.staged(key):
+            via = self._vias[key]
+        else:
+            order = self.table.order(hash_part, self._healthy_urls())
+            via = order[0] if order and order[0] != SELF else None
+        return Source("upstream", record.base, via)
 
     # -- NARs -----------------------------------------------------------------
 
@@ -307,11 +377,14 @@ class LanFetcher:
         staging area into a local client's ``consumer``, starting (or
         joining) its download.  The last byte goes only after the NAR
         verified.  Fails with :class:`NarUnavailable` when nothing was
-        written (the caller answers 404).  ``on_peer`` is not called: the
-        answer's source stays the upstream :meth:`find` named.
+        written (the caller answers 404).  ``on_peer``, when given, is
+        called with the answer's :class:`~peernix.sources.Source` (see
+        :meth:`source_of`) just before the first byte is written.
         """
+        if on_peer is not None and not callable(on_peer):
+            raise TypeError("on_peer must be callable")
         return Deferred.fromCoroutine(self._serve(info.store_path[len("/nix/store/"):][:32], info.nar_hash,
-                                                  consumer, 0, for_peer=False))
+                                                  consumer, 0, for_peer=False, on_source=on_peer))
 
     def serve_peer(self, hash_part: str, nar_hash: Hash, consumer: IConsumer, offset: int = 0) -> Deferred[None]:
         """
@@ -326,16 +399,25 @@ class LanFetcher:
         """
         return Deferred.fromCoroutine(self._serve(hash_part, nar_hash, consumer, offset, for_peer=True))
 
-    async def _serve(self, hash_part: str, nar_hash: Hash, consumer: Any, offset: int, for_peer: bool) -> None:
+    async def _serve(self, hash_part: str, nar_hash: Hash, consumer: Any, offset: int, for_peer: bool,
+                     on_source: Callable[[Source], object] | None = None) -> None:
         record = await self.record(hash_part)
         if record is None or record.info.nar_hash != nar_hash:
             raise NarUnavailable(f"{hash_part} did not come from an upstream with that NarHash")
         if for_peer and not self._shares(record.info):
             raise NarUnavailable(f"{hash_part} is not shared with peers")
+        if on_source is not None:
+            named = on_source
+            consumer = _NamingConsumer(consumer, lambda: named(self.source_of(record)))
         to = "peer" if for_peer else "local"
         reader = self._reader(record, consumer, offset, to, start_as_fetcher=for_peer)
         if reader is None:
             raise NarUnavailable(f"{hash_part} is not staged here and this node does not fetch for the LAN")
+        await self._read(reader)
+
+    @staticmethod
+    async def _read(reader: StagedReader) -> None:
+        """Run ``reader``, its errors mapped to the ``relay_nar`` contract's."""
         try:
             await reader.start()
         except CancelledError:
@@ -353,7 +435,7 @@ class LanFetcher:
                 start_as_fetcher: bool) -> StagedReader | None:
         info = record.info
         hash_part = info.store_path[len("/nix/store/"):][:32]
-        on_bytes = self.metrics.served_bytes.labels(to).inc
+        on_bytes = self._sent_to_peer if to == "peer" else self.metrics.served_bytes.labels(to).inc
         reader = self.staging.open_reader(hash_part, info.nar_hash, consumer, offset=offset, on_bytes=on_bytes)
         if reader is not None:
             return reader
@@ -404,6 +486,7 @@ class LanFetcher:
                 active = self.active.get(download.key)
                 if active is not None:
                     active.source = fetcher
+                    active.via = fetcher
                 fetched_from = "peer"
                 current_fetcher = fetcher
                 try:
@@ -430,8 +513,14 @@ class LanFetcher:
                 active = self.active.get(download.key)
                 if active is not None:
                     active.source = record.base
+                    active.via = None
                 await self._from_upstream(record, download)
             download.finish()
+            self._note_staged(record, download.key)
+            self._vias.pop(download.key, None)
+            self._vias[download.key] = current_fetcher if from_peer else None
+            while len(self._vias) > MAX_CACHED_NARINFOS:
+                self._vias.popitem(last=False)
         except VerificationFailed as e:
             if current_fetcher is not None:
                 # A fetcher's bytes failed (it lied, or its upstream did):
@@ -497,6 +586,67 @@ class LanFetcher:
         )
         response.deliverBody(decoder)  # type: ignore[no-untyped-call]
         await decoder.done
+
+    # -- what stays staged ------------------------------------------------------
+
+    def _note_staged(self, record: UpstreamRecord, key: Key) -> None:
+        if not self.staging.staged(key):
+            return  # larger than the staging area: streamed through, not kept
+        self._staged[key[0]] = record
+        if self.on_staged is not None and self._shares(record.info):
+            self.on_staged(key[0])
+
+    def _unstaged(self, key: Key) -> None:
+        record = self._staged.get(key[0])
+        if record is None or record.info.nar_hash.nix32() != key[1]:
+            return
+        del self._staged[key[0]]
+        if self.on_unstaged is not None and self._shares(record.info):
+            self.on_unstaged(key[0])
+
+    def staged_record(self, hash_part: str) -> UpstreamRecord | None:
+        """
+        :returns: the upstream record of a verified NAR staged here that
+            peers may have (the ``--share`` filter), else ``None``.  Peers
+            get it on the normal routes while it stays staged.
+        """
+        record = self._staged.get(hash_part)
+        if record is None or not self._shares(record.info):
+            return None
+        if not self.staging.staged(staging_key(hash_part, record.info.nar_hash)):
+            return None
+        return record
+
+    def staged_hash_parts(self) -> list[str]:
+        """:returns: the hash parts of :meth:`staged_record`'s paths (what the digest covers)."""
+        return [hash_part for hash_part in list(self._staged) if self.staged_record(hash_part) is not None]
+
+    def serve_staged(self, hash_part: str, consumer: IConsumer, offset: int = 0) -> Deferred[None]:
+        """
+        Serve a verified staged NAR (see :meth:`staged_record`) to a peer
+        on the normal NAR route, from byte ``offset``.  Never downloads.
+        Counted in the metrics, not in :attr:`on_bytes_to_peers` (the web
+        layer counts what it sends).
+
+        :returns: like :meth:`relay_nar`.
+        """
+        return Deferred.fromCoroutine(self._serve_staged(hash_part, consumer, offset))
+
+    async def _serve_staged(self, hash_part: str, consumer: IConsumer, offset: int) -> None:
+        record = self.staged_record(hash_part)
+        reader = None
+        if record is not None:
+            # The caller counts what the peer gets (it may cut a range).
+            reader = self.staging.open_reader(hash_part, record.info.nar_hash, consumer, offset=offset,
+                                              on_bytes=self.metrics.served_bytes.labels("peer").inc)
+        if reader is None:
+            raise NarUnavailable(f"{hash_part} is not staged here")
+        await self._read(reader)
+
+    def _sent_to_peer(self, nbytes: int) -> None:
+        self.metrics.served_bytes.labels("peer").inc(nbytes)
+        if self.on_bytes_to_peers is not None:
+            self.on_bytes_to_peers(nbytes)
 
     # -- peers that do not announce themselves --------------------------------
 

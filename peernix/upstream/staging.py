@@ -200,6 +200,9 @@ class Staging:
         self._complete: OrderedDict[Key, _Entry] = OrderedDict()
         self._running: dict[Key, Download] = {}
         self.evictions = 0
+        #: Told the key of every verified NAR that leaves the staging area
+        #: (evicted, idle, or its file gone), e.g. to update the digest.
+        self.on_dropped: Callable[[Key], object] | None = None
         # The lock on the directory, held from start() to close().
         self._lock_fd: int | None = None
 
@@ -251,6 +254,10 @@ class Staging:
     def running(self, key: Key) -> Download | None:
         """:returns: the download of ``key`` under way, if any."""
         return self._running.get(key)
+
+    def staged(self, key: Key) -> bool:
+        """:returns: whether the verified NAR ``key`` is staged (not counted as a use)."""
+        return key in self._complete
 
     def complete(self, key: Key) -> str | None:
         """
@@ -328,6 +335,7 @@ class Staging:
             self._unlink(entry.path)
             self.evictions += 1
             _log.debug("Evicted staged NAR {key}", key=key)
+            self._dropped(key)
 
     def sweep(self) -> int:
         """
@@ -342,7 +350,15 @@ class Staging:
                 del self._complete[key]
                 self._unlink(entry.path)
                 dropped += 1
+                self._dropped(key)
         return dropped
+
+    def _dropped(self, key: Key) -> None:
+        if self.on_dropped is not None:
+            try:
+                self.on_dropped(key)
+            except Exception:
+                _log.failure("Staging on_dropped hook failed for {key}", key=key)
 
     @staticmethod
     def _unlink(path: str) -> None:
@@ -384,7 +400,8 @@ class Staging:
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
-            self._complete.pop(key, None)
+            if self._complete.pop(key, None) is not None:
+                self._dropped(key)
             return None
         entry = self._complete[key]
         return StagedReader(fd, entry.size, consumer, offset=offset, on_bytes=on_bytes)

@@ -840,6 +840,10 @@ class WebApp:
             _set_headers(request, 200, NARINFO_TYPE, len(body))
             return body
         found = await self._ask_upstream(request, hash_part)
+        staged = False
+        if found is None:
+            found = self._staged_for_peer(request, hash_part)
+            staged = found is not None
         if found is None:
             self._answered_from(request, None)
             return _error_body(request, 404, b"not found\n")
@@ -855,7 +859,7 @@ class WebApp:
             file_size=peer.nar_size,
         )
         body = render_narinfo(narinfo).encode("utf-8")
-        self._metrics.count_narinfo("peer")
+        self._metrics.count_narinfo("staged" if staged else "peer")
         self._answered_from(request, found.source)
         _set_headers(request, 200, NARINFO_TYPE, len(body))
         return body
@@ -918,6 +922,20 @@ class WebApp:
         if self._split and self._is_peer(request):
             return self._peer_store
         return self._store
+
+    def _staged_for_peer(self, request: Request, hash_part: str) -> Found | None:
+        """
+        :returns: for a peer's request, the upstream narinfo (signatures
+            untouched) of a verified NAR staged here for the LAN that
+            ``--share`` lets peers have, and its source; else ``None``.
+        """
+        fetcher = self._lan_fetcher
+        if fetcher is None or not self._is_peer(request):
+            return None
+        record = fetcher.staged_record(hash_part)
+        if record is None:
+            return None
+        return Found(record.info, fetcher.source_of(record))
 
     async def _ask_upstream(self, request: Request, hash_part: str) -> Found | None:
         """:returns: a trusted peer narinfo (and its source) for a proxy client's miss, else ``None`` (failures logged)."""
@@ -997,6 +1015,9 @@ class WebApp:
         if info is None:
             if zst:
                 return _error_body(request, 404, b"not found\n")
+            staged = self._staged_for_peer(request, hash_part)
+            if staged is not None:
+                return await self._serve_staged(request, staged, nar_hash)
             return await self._relay(request, hash_part, nar_hash)
         if nar_hash is not None and info.nar_hash != nar_hash:
             # The URL names another version of this path (a stale narinfo):
@@ -1192,9 +1213,11 @@ class WebApp:
             ranged = RangeConsumer(consumer, byte_range[0], byte_range[1])
             consumer = ranged
 
-        def on_peer(url: str) -> None:
+        def on_peer(sender: str | Source) -> None:
+            # A peer's base URL from the fan-out; the whole source
+            # (``upstream URL via fetcher``) from fetching for the LAN.
             if not request.startedWriting:
-                _set_source(request, peer_source(url))
+                _set_source(request, sender if isinstance(sender, Source) else peer_source(sender))
 
         try:
             with self._streaming():
@@ -1207,6 +1230,54 @@ class WebApp:
             # The whole NAR verified: the range's last piece may go.
             ranged.finish()
         self._metrics.nar_stream_seconds.observe(self._reactor.seconds() - started)
+        return b""
+
+    async def _serve_staged(self, request: Request, found: Found, nar_hash: Hash | None) -> bytes | None:
+        """
+        Serve a peer a NAR staged here for the LAN (verified, shared): the
+        identity NAR with its Content-Length and ``Accept-Ranges: bytes``,
+        or the asked range as a 206, through the upload limiter like every
+        answer to a peer, counted as given to peers.
+        """
+        info = found.info
+        if nar_hash is not None and info.nar_hash != nar_hash:
+            return _error_body(request, 404, b"not found\n")
+        size = info.nar_size
+        try:
+            byte_range = _requested_range(request, size)
+        except RangeNotSatisfiable:
+            return _range_not_satisfiable(request, size)
+        _set_source(request, found.source)
+        if byte_range is None:
+            _set_headers(request, 200, NAR_TYPE, size)
+            request.responseHeaders.setRawHeaders(b"Accept-Ranges", [b"bytes"])
+        else:
+            _partial_headers(request, byte_range[0], byte_range[1], size)
+        if _is_head(request):
+            return b""
+        assert self._lan_fetcher is not None  # _staged_for_peer found it
+        if self._savings is not None:
+            self._savings.count_path(info.store_path, size)
+        # The staged file is verified: a range is read from its first byte
+        # and cut at its last (RangeConsumer holds the last piece back until
+        # finish(), after the reader reached the file's end).
+        consumer = self._peer_consumer(request, self._savings.add_to_peers if self._savings is not None else None)
+        first = 0
+        ranged: RangeConsumer | None = None
+        if byte_range is not None:
+            first = byte_range[0]
+            ranged = RangeConsumer(consumer, 0, byte_range[1] - first)
+            consumer = ranged
+        hash_part = info.store_path[len(STORE_DIR) + 1:][:32]
+        try:
+            with self._streaming():
+                await self._lan_fetcher.serve_staged(hash_part, consumer, first)
+        except NarUnavailable:
+            if request.startedWriting:
+                raise
+            return _error_body(request, 404, b"not found\n")
+        if ranged is not None:
+            ranged.finish()
         return b""
 
     # -- listings and logs --------------------------------------------------------
