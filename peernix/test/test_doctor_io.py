@@ -9,14 +9,17 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from peernix.doctor import OK, WARNING, HttpAnswer, check_nix_version, parse_version
-from peernix.doctor_io import MAX_BODY, http_get, nix_version, read_sockets
+from peernix.doctor import (OK, SKIPPED, WARNING, CheckResult, HttpAnswer, check_nix_version, parse_version,
+                            run_checks)
+from peernix.doctor_io import MAX_BODY, gather, http_get, nix_version, read_sockets
+from peernix.options import Config
 
 
 class _Server:
@@ -227,3 +230,57 @@ class SystemTests(SynchronousTestCase):
         self.assertIsNone(output)
         self.assertIn("nix-store not found", error or "")
         self.assertIn("nix not found", error or "")
+
+
+class UpstreamProbeTests(SynchronousTestCase):
+    """
+    ``peernix doctor``'s "upstreams" check with the daemon's real
+    ``--upstream`` setting: gathered with real requests to an upstream on
+    127.0.0.1 that answers and to a port on 127.0.0.1 where nothing listens.
+    """
+
+    def setUp(self) -> None:
+        def cache(connection: socket.socket) -> None:
+            head = read_request(connection)
+            body = b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n"
+            status = b"200 OK" if head.startswith(b"GET /cache/nix-cache-info ") else b"404 Not Found"
+            connection.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                               % len(body) + body)
+
+        self.server = _Server(cache)
+        self.addCleanup(self.server.close)
+        # A port nothing listens on: bound, then closed.
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.dead_port = probe.getsockname()[1]
+        probe.close()
+        self.conf_dir = self.mktemp()
+        os.makedirs(self.conf_dir)
+        with open(os.path.join(self.conf_dir, "nix.conf"), "w") as f:
+            f.write(f"substituters = http://127.0.0.1:{self.dead_port}/nix-cache\n")
+
+    def gather(self, config: Config) -> CheckResult:
+        facts = gather(config, timeout=2.0, env={"NIX_CONF_DIR": self.conf_dir}, addresses=("127.0.0.1",),
+                       run=lambda *a, **kw: subprocess.CompletedProcess(a, 0, "nix-store (Nix) 2.24.9\n", ""),
+                       read_proc=lambda path: "")
+        return {r.name: r for r in run_checks(facts)}["upstreams"]
+
+    def test_reachable_and_unreachable(self) -> None:
+        """One upstream answering nix-cache-info, one refusing: a warning naming only the dead one."""
+        good = f"http://127.0.0.1:{self.server.port}/cache"
+        dead = f"http://127.0.0.1:{self.dead_port}/cache"
+        result = self.gather(Config(port=self.dead_port, upstream=(good,)))
+        self.assertEqual(result.status, OK, result.line())
+        self.assertIn(good, result.summary)
+        result = self.gather(Config(port=self.dead_port, upstream=(good, dead)))
+        self.assertEqual(result.status, WARNING, result.line())
+        self.assertEqual(result.details["upstreams"], [good, dead])
+        self.assertEqual(len(result.details["failing"]), 1)
+        self.assertTrue(result.details["failing"][0].startswith(dead), result.details)
+        self.assertNotIn(good + " (", result.summary)
+
+    def test_off(self) -> None:
+        """--upstream none: the check is skipped, saying LAN fetch is off."""
+        result = self.gather(Config(port=self.dead_port, upstream=()))
+        self.assertEqual(result.status, SKIPPED)
+        self.assertIn("off", result.summary)

@@ -4,11 +4,15 @@ What the LAN saves this machine: the figures the status page leads with.
 :class:`Savings` counts, on the byte path itself:
 
 * ``bytes_from_peers``: NAR bytes this machine's local clients received from
-  peers (relayed), instead of downloading them from the internet;
-* ``bytes_to_peers``: NAR bytes of this machine's store sent to peers;
+  peers (relayed), instead of downloading them from the internet, including
+  the bytes another node fetched from an upstream for the LAN and streamed
+  here (this node's own upstream downloads save nothing);
+* ``bytes_to_peers``: NAR bytes sent to peers: of this machine's store, and
+  of NARs staged here for the LAN (on the fetch route and the normal routes);
 * how local clients' narinfo requests were answered: ``local`` (this store),
-  ``peer`` (a LAN peer), ``upstream`` (fetched through the LAN; the LAN-fetch
-  feature, 0 until it exists) or ``miss``;
+  ``peer`` (a LAN peer), ``upstream`` (fetched through the LAN from an
+  upstream, by this node or by the path's fetcher: ``X-Peernix-Source:
+  upstream URL [via FETCHER]``) or ``miss``;
 * the most requested store paths (NAR downloads, bounded).
 
 It keeps totals since :attr:`Savings.since`, per calendar day (local time;
