@@ -216,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="nodes of the run whose big-path fetcher is killed mid-download "
                              "(default: the largest of --nodes; 0: no such run)")
     parser.add_argument("--only-kill", action="store_true", help="only the run with the fetcher killed")
+    parser.add_argument("--no-direct", action="store_true", help="skip the clients-to-upstream reference runs")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     problem = netns_unavailable()
@@ -228,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = []
         counts = [int(x) for x in args.nodes.split(",")]
         for n in [] if args.only_kill else counts:
-            for direct in (True, False):
+            for direct in (False,) if args.no_direct else (True, False):
                 row = measure(n, cache, key, paths, args.rate, work, direct=direct)
                 row["upstream_over_unique"] = round(row["upstream_nar_bytes"] / unique, 2)
                 row["uptime"] = _uptime()

@@ -652,6 +652,21 @@ class FirstOfTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual(self.lan.cancelled, 1)
 
+    def test_recent_answer_reused(self) -> None:
+        """The NAR request after a narinfo walks no link again; after recent_ttl the links are asked anew."""
+        self.lan.add(self.path.info, self.path.nar)
+        for _ in range(3):
+            self.assertEqual(self.successResultOf(self.chain.lookup(self.path.hash_part)), self.path.info)
+        self.assertEqual((self.peers.lookups, self.lan.lookups), ([self.path.hash_part], [self.path.hash_part]))
+        self.clock.advance(30.1)
+        self.successResultOf(self.chain.lookup(self.path.hash_part))
+        self.assertEqual(len(self.peers.lookups), 2)
+        # Misses are not remembered here (the links have their own negative caches).
+        other = make_upstream_path("other", b"y")
+        for _ in range(2):
+            self.assertIsNone(self.successResultOf(self.chain.lookup(other.hash_part)))
+        self.assertEqual(self.peers.lookups.count(other.hash_part), 2)
+
     def test_cancel(self) -> None:
         """Cancelling a lookup cancels the link being asked."""
         self.peers.hold_lookups = True

@@ -24,11 +24,20 @@ _log = Logger()
 #: (hash part, NarHash) -> which link answered, for this many recent lookups.
 MAX_REMEMBERED = 8192
 
+#: Seconds a found answer is reused for the same hash part: Nix asks for a
+#: path's NAR right after its narinfo, and that NAR request then costs no
+#: second walk down the chain (a fan-out to peers whose digest changed
+#: meanwhile, a narinfo lookup).  Short: a path that goes away is found
+#: gone within it, and a NAR that fails to relay from the remembered link
+#: is asked of the others anyway.
+RECENT_TTL = 30.0
+
 
 @implementer(IUpstream)
 class FirstOf:
     """
-    Ask ``links`` in order; the first trusted narinfo wins.  A NAR is asked
+    Ask ``links`` in order; the first trusted narinfo wins, and is the
+    answer for that hash part for ``recent_ttl`` seconds.  A NAR is asked
     of the link whose narinfo the client got (remembered per hash part and
     NarHash), else of each link in order until one can start it.
 
@@ -42,7 +51,7 @@ class FirstOf:
     """
 
     def __init__(self, links: Sequence[IUpstream], clock: IReactorTime, *, budget: float = 4.5,
-                 min_share: float = 1.0) -> None:
+                 min_share: float = 1.0, recent_ttl: float = RECENT_TTL) -> None:
         if not links:
             raise ValueError("a chain needs at least one upstream")
         self._links = tuple(links)
@@ -50,6 +59,9 @@ class FirstOf:
         self._budget = budget
         self._min_share = min_share
         self._answered: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._recent_ttl = recent_ttl
+        # hash part -> (expiry, the answer found), most recent last.
+        self._recent: OrderedDict[str, tuple[float, Found]] = OrderedDict()
 
     def lookup(self, hash_part: str) -> Deferred[NarInfo | None]:
         """See :meth:`IUpstream.lookup`."""
@@ -61,6 +73,11 @@ class FirstOf:
 
     async def _find(self, hash_part: str) -> Found | None:
         started = self._clock.seconds()
+        recent = self._recent.get(hash_part)
+        if recent is not None:
+            if recent[0] > started:
+                return recent[1]
+            del self._recent[hash_part]
         for index, link in enumerate(self._links):
             d = link.find(hash_part)
             if index:
@@ -82,6 +99,11 @@ class FirstOf:
                 self._answered[key] = index
                 while len(self._answered) > MAX_REMEMBERED:
                     self._answered.popitem(last=False)
+                if self._recent_ttl > 0:
+                    self._recent.pop(hash_part, None)
+                    self._recent[hash_part] = (self._clock.seconds() + self._recent_ttl, found)
+                    while len(self._recent) > MAX_REMEMBERED:
+                        self._recent.popitem(last=False)
                 return found
         return None
 
