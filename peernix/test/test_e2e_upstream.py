@@ -294,7 +294,7 @@ class FetchForLanEndToEndTests(SynchronousTestCase):
         """Three nodes' clients (2.8 and 2.24) asking at once: every NAR leaves the upstream once."""
         nginx = self._nginx(self.fx.cache)
         for name, host in zip("abc", self.node_hosts):
-            self._node(name, host, nginx.url).wait_ready()
+            self._node(name, host, nginx.url, "--access-log").wait_ready()
         self._wait_for_lan(self.node_hosts)
         clients = self._clients(3)
         paths = [self.fx.closure.top, self.fx.big]
@@ -312,6 +312,19 @@ class FetchForLanEndToEndTests(SynchronousTestCase):
         fetched = sum((self._status(h)["upstream"]["bytes_fetched"]) for h in self.node_hosts)
         unique = sum(os.path.getsize(os.path.join(self.fx.cache, url[1:])) for url in self.fx.nar_files().values())
         self.assertEqual(fetched, unique)
+        # Every path has one fetcher, so the other nodes' answers for it say
+        # "upstream URL via FETCHER" (in the header and the access log),
+        # naming another node, never the one answering.
+        urls = {name: f"http://{host.ipv4}:{PORT}" for name, host in zip("abc", self.node_hosts)}
+        via_lines = 0
+        for name in "abc":
+            for line in self.daemons[name].log().splitlines():
+                marker = f'source="upstream {nginx.url} via '
+                if marker in line and ".nar" in line:
+                    via = line.split(marker, 1)[1].split('"', 1)[0]
+                    self.assertIn(via, set(urls.values()) - {urls[name]}, line)
+                    via_lines += 1
+        self.assertGreaterEqual(via_lines, 2, self._logs())
 
     def test_static_peers_one_download(self) -> None:
         """Static peers without broadcast learn who fetches by asking; the closure leaves the upstream once."""
