@@ -6,12 +6,15 @@ code) against real daemons on loopback, with a real nix.conf in a temporary
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -92,7 +95,14 @@ class DoctorEndToEndTests(SynchronousTestCase):
             f.write(text)
 
     def doctor(self, args: Sequence[str]) -> tuple[int, dict[str, Any], dict[str, dict[str, Any]]]:
-        """:returns: the exit status, the JSON document and its checks by name."""
+        """
+        :returns: the exit status, the JSON document and its checks by name.
+            Without ``--upstream`` in ``args`` the doctor runs with
+            ``--upstream none``: the default (nix.conf's substituters) names
+            cache.nixos.org, and tests never ask the internet.
+        """
+        if "--upstream" not in args:
+            args = [*args, "--upstream", "none"]
         env = dict(os.environ, NIX_CONF_DIR=self.conf_dir,
                    PYTHONPATH=SOURCE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         done = subprocess.run([sys.executable, "-m", "peernix.cli", "doctor", "--json", *args],
@@ -124,6 +134,45 @@ class DoctorEndToEndTests(SynchronousTestCase):
         self.assertTrue(checks["ports"]["details"]["udp_addresses"])
         self.assertIn(checks["nix-version"]["status"], ("ok", "warning"))
         self.assertEqual(checks["upstreams"]["status"], "skipped")
+
+    def upstream_server(self) -> str:
+        """:returns: the URL of a binary cache answering ``nix-cache-info`` on 127.0.0.1 (stopped at cleanup)."""
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(root)
+        with open(os.path.join(root, "nix-cache-info"), "w") as f:
+            f.write("StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 40\n")
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=root))
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            server.shutdown()
+            server.server_close()
+            thread.join(10)
+
+        self.addCleanup(stop)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    def test_upstreams(self) -> None:
+        """--upstream: a local cache answering is ok; one where nothing listens is a warning (exit still 0)."""
+        self.good_conf()
+        good = self.upstream_server()
+        base = ["--port", str(self.fx.a_port), "--udp-port", str(self.fx.a_udp), "--secret-key-file", self.fx.a_sk]
+        status, document, checks = self.doctor([*base, "--upstream", good])
+        self.assertEqual(checks["upstreams"]["status"], "ok", checks["upstreams"])
+        self.assertEqual(checks["upstreams"]["details"]["upstreams"], [good])
+        dead = f"http://127.0.0.1:{free_port()}"
+        status, document, checks = self.doctor([*base, "--upstream", good, "--upstream", dead])
+        self.assertEqual(status, 0, json.dumps(document, indent=1))
+        self.assertEqual(checks["upstreams"]["status"], "warning", checks["upstreams"])
+        failing = checks["upstreams"]["details"]["failing"]
+        self.assertEqual(len(failing), 1)
+        self.assertTrue(failing[0].startswith(dead), failing)
 
     def test_trusted_1(self) -> None:
         """?trusted=1 in the real nix.conf: exit 1, the substituter check a problem."""
