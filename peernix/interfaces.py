@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from peernix.nix.pathinfo import PathInfo
     from peernix.peers.peer import Peer
     from peernix.sources import Found
-    from peernix.store.local import PathScan
+    from peernix.store.scan import PathScan
 
 
 class IStore(Interface):
