@@ -155,6 +155,20 @@ class PeerDigestsTests(SynchronousTestCase):
         self.assertEqual(f.metric("peernix_digest_lookups_skipped_total"), 1)
         f.digests.stop()
 
+    def test_consume_only_peer_not_asked(self) -> None:
+        """A peer that serves no peers (--serve-peers no) is never asked for its digest, not even when it announces one."""
+        f = _Lan([A, B])
+        f.node(A).add(shared("x"))
+        f.node(B).add(shared("y"))
+        f.registry.record_serving(f.peer(B), False)
+        f.digests.start()
+        f.tick()
+        f.digests.announced("http://b:9999", "1-1")
+        f.tick(60)
+        self.assertEqual(f.digest_requests(B), [])
+        self.assertNotEqual(f.digest_requests(A), [])
+        f.digests.stop()
+
     def test_announcement_fetches_delta(self) -> None:
         """An announced new version is fetched at once as a delta, and the new path is found."""
         f = _Lan([A])
