@@ -348,6 +348,11 @@ class PeerDigests:
             # A consume-only peer (--serve-peers no) is never asked, not even
             # for its digest: it publishes none.
             return
+        if peer.is_static and peer.successes == 0:
+            # A static peer announces nothing: whether it serves peers at all
+            # is learnt from its first answer (the health probe), so its
+            # digest waits for that.
+            return
         if not self._due(digest, now) or len(self._running) >= self._max_fetches:
             return
         if peer.backoff_until > now and digest.attempted_at is not None:
