@@ -34,7 +34,6 @@ from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 
 import peernix
-import attrs
 
 from peernix.discovery.addresses import host_addresses
 from peernix.discovery.nodeinfo import NodeInfo, detect_node_info
