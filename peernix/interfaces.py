@@ -16,12 +16,11 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from peernix.nix.hashes import Hash
     from peernix.nix.narinfo import NarInfo
     from peernix.nix.pathinfo import PathInfo
     from peernix.peers.peer import Peer
     from peernix.sources import Found
-    from peernix.store.local import PathScan
+    from peernix.store.scan import PathScan
 
 
 class IStore(Interface):

@@ -34,7 +34,6 @@ from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 
 import peernix
-import attrs
 
 from peernix.discovery.addresses import host_addresses
 from peernix.discovery.nodeinfo import NodeInfo, detect_node_info
@@ -696,10 +695,11 @@ def make_digest(config: Config, reactor: Reactor, store: IStore, peer_store: Sha
                 metrics: Metrics | None = None) -> DigestPublisher | None:
     """
     :returns: this node's store digest over what ``peer_store`` shares, or
-        ``None`` with ``--no-digest`` or a store that cannot be scanned
+        ``None`` with ``--no-digest``, ``--serve-peers no`` or a store that cannot be scanned
         (not an :class:`~peernix.interfaces.IStoreScanner`).
     """
-    if not config.digest or not IStoreScanner.providedBy(store):
+    if not config.digest or not config.serve_peers or not IStoreScanner.providedBy(store):
+        # A consume-only node (--serve-peers no) gives peers nothing to look up.
         return None
     policy = peer_store.policy
     # The pure policy, not SharedStore.shares: the scan runs on a worker thread.

@@ -14,7 +14,6 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from attrs import frozen
 
-from attrs import frozen
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime

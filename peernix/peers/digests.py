@@ -344,6 +344,15 @@ class PeerDigests:
         return since >= (self._quiet_interval if quiet else self._interval)
 
     def _maybe_fetch(self, peer: Peer, digest: PeerDigest, now: float) -> None:
+        if not peer.serving:
+            # A consume-only peer (--serve-peers no) is never asked, not even
+            # for its digest: it publishes none.
+            return
+        if peer.is_static and peer.successes == 0:
+            # A static peer announces nothing: whether it serves peers at all
+            # is learnt from its first answer (the health probe), so its
+            # digest waits for that.
+            return
         if not self._due(digest, now) or len(self._running) >= self._max_fetches:
             return
         if peer.backoff_until > now and digest.attempted_at is not None:

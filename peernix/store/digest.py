@@ -51,7 +51,8 @@ from twisted.python.failure import Failure
 from peernix.interfaces import IStoreScanner
 from peernix.nix.pathinfo import PathInfo
 from peernix.nix.storepath import is_hash_part
-from peernix.store.local import PathScan, StoreError
+from peernix.store.local import StoreError
+from peernix.store.scan import PathScan
 
 __all__ = [
     "DELTA_CONTENT_TYPE",

@@ -27,13 +27,13 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from attrs import frozen
 
 from peernix.interfaces import IStore, IStoreScanner
 from peernix.nix.hashes import HashError, parse_hash
 from peernix.nix.pathinfo import PathInfo
 from peernix.nix.signing import is_well_formed_sig
 from peernix.nix.storepath import STORE_DIR, StorePathError, is_hash_part, parse_basename, parse_store_path
+from peernix.store.scan import PathScan
 
 __all__ = ["LocalStore", "PathScan", "StoreError"]
 
@@ -86,20 +86,6 @@ _ID_SCAN_REFS_QUERY = (
 )
 # Nix's own query (local-store.cc queryReferences); rows come back unsorted.
 _REFS_QUERY = "SELECT path FROM Refs JOIN ValidPaths ON reference = id WHERE referrer = ?"
-
-
-@frozen
-class PathScan:
-    """What :meth:`LocalStore.scan_paths` found."""
-
-    #: Hash parts of the accepted paths, in row order.
-    hash_parts: tuple[str, ...]
-    #: Rows of ``ValidPaths`` when the scan started.
-    rows: int
-    #: The highest row id when the scan started (the next scan starts after it).
-    max_id: int
-    #: Rows looked at (ids after ``after_id`` up to :attr:`max_id`), accepted or not.
-    scanned: int
 
 
 class StoreError(Exception):

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IConsumer
 from zope.interface import implementer
 
 from peernix.interfaces import IStore, IStoreScanner, IUpstream
-from peernix.store.local import PathScan
+from peernix.store.scan import PathScan
 from peernix.sources import Found, peer_source
 from peernix.nix import nix32
 from peernix.nix.hashes import Hash

@@ -79,6 +79,7 @@ class FakeRegistry:
 
     def record_success(self, peer: Peer, latency: float) -> None:
         self.successes.append((peer.url, latency))
+        peer.successes += 1
 
     def record_failure(self, peer: Peer, kind: str) -> None:
         self.failures.append((peer.url, kind))

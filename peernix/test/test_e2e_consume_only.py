@@ -20,12 +20,11 @@ request (its access log shows only health probes), their peernix answers
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from typing import Any
 
-from peernix.test.daemon import Daemon, http_get
+from peernix.test.daemon import http_get
 from peernix.test.netns import Host
 from twisted.trial.unittest import SynchronousTestCase
 

@@ -23,7 +23,6 @@ import os
 import queue
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -34,16 +33,10 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from peernix.nix.narinfo import parse_narinfo
 from peernix.test.daemon import Daemon, free_port, shared_fixture, start_fixture
-from peernix.test.nixenv import SKIP_NO_NIX, ChrootStore, generate_key, isolated_env, remove_tree, run_nix
+from peernix.test.nixenv import NIX_2_24, SKIP_NO_NIX, ChrootStore, NixClient, generate_key
 
-#: Nix 2.24's ``nix-store``.
-MODERN_NIX_STORE = "/opt/nix-modern/bin/nix-store"
-
-SKIP_NO_MODERN_NIX: str | None = SKIP_NO_NIX or (
-    None if os.access(MODERN_NIX_STORE, os.X_OK)
-    else f"Nix 2.24 missing: {MODERN_NIX_STORE} (install it with ../shared/tools/nix-2.24/install)"
-)
-"""A trial ``skip`` reason when Nix 2.24 (or Debian's Nix, which makes the stores) is missing."""
+#: Why the resume tests cannot run here, if they cannot (they need Nix 2.24).
+SKIP_NO_MODERN_NIX: str | None = SKIP_NO_NIX or NIX_2_24.missing
 
 #: The big paths' size: a NAR of a few MB, so the cut lands well inside its body.
 BIG_SIZE = 6 * 1024 * 1024
@@ -240,42 +233,6 @@ def _shutdown(s: socket.socket, how: int) -> None:
         pass
 
 
-class ModernNixClient:
-    """
-    Nix 2.24's ``nix-store`` with an empty chroot store at ``root`` and a
-    private environment (absolute ``NIX_CONF_DIR``, ``XDG_CACHE_HOME``...,
-    from :func:`~peernix.test.nixenv.isolated_env`) in ``root + ".nixenv"``.
-    """
-
-    def __init__(self, root: str) -> None:
-        self.root = os.path.abspath(root)
-        os.makedirs(self.root, exist_ok=True)
-        self.env_dir = self.root + ".nixenv"
-        self.env = isolated_env(self.env_dir)
-
-    def run(self, args: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
-        """:returns: ``nix-store --store ROOT ARGS``, finished (not checked)."""
-        return run_nix([MODERN_NIX_STORE, "--store", self.root, *args], self.env, check=False)
-
-    def substitute(self, paths: Sequence[str], substituter_url: str,
-                   trusted_public_keys: Sequence[str]) -> subprocess.CompletedProcess[bytes]:
-        """Realise ``paths`` from ``substituter_url`` only (nothing can be built); :returns: the finished process."""
-        return self.run([
-            "-r", *paths,
-            "--option", "substituters", substituter_url,
-            "--option", "trusted-public-keys", " ".join(trusted_public_keys),
-            "--option", "require-sigs", "true",
-            "--option", "fallback", "false",
-            "--option", "builders", "",
-            # The default, said out loud: the resume is one of these attempts.
-            "--option", "download-attempts", "5",
-        ])
-
-    def remove(self) -> None:
-        remove_tree(self.root)
-        remove_tree(self.env_dir)
-
-
 class _Fixture:
     """
     Daemon S serving a store with two big paths (signed by an upstream key
@@ -338,15 +295,16 @@ class ResumeEndToEndTests(SynchronousTestCase):
         self.assertGreater(nar_size, 2 * CUT_AFTER)
         proxy = InterruptingProxy(daemon.port, CUT_AFTER)
         self.addCleanup(proxy.close)
-        client = ModernNixClient(tempfile.mkdtemp(prefix="peernix-e2e-resume-client-"))
+        client = NixClient(tempfile.mkdtemp(prefix="peernix-e2e-resume-client-"), nix=NIX_2_24)
         self.addCleanup(client.remove)
         log_start = len(daemon.log())
 
-        done = client.substitute([path], proxy.url, [self.fx.upstream_pk])
+        # download-attempts 5 is the default, said out loud: the resume is one of them.
+        done = client.substitute([path], proxy.url, [self.fx.upstream_pk], {"download-attempts": "5"})
         details = (done.stderr.decode(errors="replace") + "\n" + repr(proxy.exchanges)
                    + "\n" + daemon.log()[log_start:][-3000:])
         self.assertEqual(done.returncode, 0, details)
-        verified = client.run(["--verify-path", path])
+        verified = client.verify(path)
         self.assertEqual(verified.returncode, 0, verified.stderr.decode(errors="replace"))
         self.assertEqual(proxy.errors, [])
         # Nix's own account of it.

@@ -113,12 +113,12 @@ class LayeringTests(SynchronousTestCase):
         self.assertIn("peernix.store.share", self.graph["peernix.options"])
 
     def test_contracts_name_records_only(self) -> None:
-        """peernix.interfaces names record types (nix records, the peer record, answer sources), never an implementation such as the registry."""
+        """peernix.interfaces names record types (nix records, the peer record, answer sources, store scans), never an implementation such as the registry."""
         deps = self.graph["peernix.interfaces"]
         self.assertNotIn("peernix.peers.registry", deps)
         self.assertIn("peernix.peers.peer", deps)
         for dep in deps:
-            self.assertTrue(dep.startswith("peernix.nix.") or dep in ("peernix.peers.peer", "peernix.sources"), dep)
+            self.assertTrue(dep.startswith("peernix.nix.") or dep in ("peernix.peers.peer", "peernix.sources", "peernix.store.scan"), dep)
         self.assertEqual(self.graph["peernix.peers.peer"], set())
         self.assertTrue(all(dep.startswith("peernix.nix.") for dep in self.graph["peernix.sources"]))
 

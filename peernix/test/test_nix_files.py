@@ -378,7 +378,7 @@ class ModuleTextTests(SynchronousTestCase):
               pythonOlder = v: true; python = {{ sitePackages = "lib"; interpreter = "python"; }};
               twisted = {{ optional-dependencies.tls = [ "tls" ]; }};
               klein = "klein"; treq = "treq"; attrs = "attrs"; zope-interface = "zope"; pynacl = "nacl";
-              zeroconf = "zeroconf"; ifaddr = "ifaddr"; prometheus-client = "prom"; zstandard = "zstandard";
+              zeroconf = "zeroconf"; ifaddr = "ifaddr"; prometheus-client = "prom"; zstandard = "zstandard"; rbloom = "rbloom";
               setuptools = "setuptools"; hypothesis = "hypothesis"; buildPythonApplication = a: a;
             }} // {python};
             lib = {{

@@ -71,7 +71,7 @@ class Node:
 class _Lan:
     """Peers on a fake LAN, a registry and a PeerDigests over a real PeerClient."""
 
-    def __init__(self, hosts: list[str], **kw: Any) -> None:
+    def __init__(self, hosts: list[str], static_answered: bool = True, **kw: Any) -> None:
         self.clock = Clock()
         self.lan = FakeLan()
         self.http, self.agent = lan_client(self.lan)
@@ -79,7 +79,10 @@ class _Lan:
         self.nodes: dict[str, Node] = {}
         for host in hosts:
             self.lan.peer(host)
-            self.registry.add(f"http://{host}", "static")
+            peer = self.registry.add(f"http://{host}", "static")
+            if static_answered and peer is not None:
+                # As after its first health probe.
+                peer.successes += 1
         self.client = PeerClient(self.http, self.clock)
         self.metrics = CollectorRegistry()
         self.digests = PeerDigests(self.registry, self.client, self.clock, metrics_registry=self.metrics, **kw)
@@ -153,6 +156,32 @@ class PeerDigestsTests(SynchronousTestCase):
         f.tick()
         self.assertEqual(f.chosen(info("nowhere").hash_part), [])
         self.assertEqual(f.metric("peernix_digest_lookups_skipped_total"), 1)
+        f.digests.stop()
+
+    def test_consume_only_peer_not_asked(self) -> None:
+        """A peer that serves no peers (--serve-peers no) is never asked for its digest, not even when it announces one."""
+        f = _Lan([A, B])
+        f.node(A).add(shared("x"))
+        f.node(B).add(shared("y"))
+        f.registry.record_serving(f.peer(B), False)
+        f.digests.start()
+        f.tick()
+        f.digests.announced("http://b:9999", "1-1")
+        f.tick(60)
+        self.assertEqual(f.digest_requests(B), [])
+        self.assertNotEqual(f.digest_requests(A), [])
+        f.digests.stop()
+
+    def test_static_peer_waits_for_first_answer(self) -> None:
+        """A static peer's digest is fetched only once it answered (its health probe says whether it serves peers)."""
+        f = _Lan([A], static_answered=False)
+        f.node(A).add(shared("x"))
+        f.digests.start()
+        f.tick(60)
+        self.assertEqual(f.digest_requests(A), [])
+        f.registry.record_success(f.peer(A), 0.001)
+        f.tick(60)
+        self.assertNotEqual(f.digest_requests(A), [])
         f.digests.stop()
 
     def test_announcement_fetches_delta(self) -> None:

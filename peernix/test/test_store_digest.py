@@ -38,7 +38,8 @@ from peernix.store.digest import (
     new_digest,
     parse_delta,
 )
-from peernix.store.local import LocalStore, PathScan
+from peernix.store.local import LocalStore
+from peernix.store.scan import PathScan
 from peernix.store.share import make_share_policy
 from peernix.test import nixenv
 from peernix.test.test_store_local import ManualPool, ThreadlessClock, _copy_store, _write
