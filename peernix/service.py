@@ -55,7 +55,7 @@ from peernix.store.digest import DigestPublisher
 from peernix.store.local import LocalStore
 from peernix.store.share import SharedStore, make_share_policy
 from peernix.upstream.chain import FirstOf
-from peernix.upstream.fetch import LanFetcher
+from peernix.upstream.fetch import LanFetcher, StagedFirst
 from peernix.upstream.service import LanFetchService, make_lan_fetcher
 from peernix.upstream.tls import UpstreamEndpointFactory
 from peernix.web.app import WebApp
@@ -963,8 +963,9 @@ def build_service(
                 serve_peers=config.serve_peers, max_upload_rate=config.max_upload_rate)
         top.lan_fetcher = make_lan_fetch(config, reactor, top, top.node)
         if top.lan_fetcher is not None:
-            # Peers first; the LAN's fetcher only for what no peer has.
-            top.upstream = FirstOf([top.upstream, top.lan_fetcher], reactor)
+            # Peers first; the LAN's fetcher only for what no peer has.  What
+            # this node holds staged before either: never fetched again.
+            top.upstream = StagedFirst(top.lan_fetcher, FirstOf([top.upstream, top.lan_fetcher], reactor))
             top.node = attrs.evolve(top.node, fetch_for_lan=top.lan_fetcher.table.fetch_for_lan)
     else:
         top.upstream = upstream

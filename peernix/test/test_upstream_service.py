@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from peernix.test.test_service import NODE, build, quiet
 from peernix.upstream.chain import FirstOf
-from peernix.upstream.fetch import LanFetcher
+from peernix.upstream.fetch import LanFetcher, StagedFirst
 from peernix.upstream.service import LanFetchService
 
 
@@ -26,14 +26,16 @@ class WiringTests(SynchronousTestCase):
         """--upstream none: no fetcher, the fan-out alone, no announce of fetching."""
         service, _ = build(self, quiet(upstream=()))
         self.assertIsNone(service.lan_fetcher)
-        self.assertNotIsInstance(service.upstream, FirstOf)
+        self.assertNotIsInstance(service.upstream, (FirstOf, StagedFirst))
         self.assertNotIn("lan-fetch", [c.name for c in service])
 
     def test_on(self) -> None:
         """With an upstream: peers first then the LAN fetcher, a sweep service, the staging dir made, announced."""
         service, _, staging = self._build()
         self.assertIsInstance(service.lan_fetcher, LanFetcher)
-        self.assertIsInstance(service.upstream, FirstOf)
+        # What is staged here first, then the chain of peers and the LAN fetcher.
+        self.assertIsInstance(service.upstream, StagedFirst)
+        self.assertIsInstance(service.upstream._rest, FirstOf)  # type: ignore[union-attr]
         names = [c.name for c in service]
         self.assertLess(names.index("peer-client"), names.index("lan-fetch"))
         self.assertLess(names.index("lan-fetch"), names.index("http [::]:9999"))

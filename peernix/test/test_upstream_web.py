@@ -32,6 +32,7 @@ from peernix.test.test_upstream_fetch import UPSTREAM, LanTestCase, Node
 from peernix.test.test_web_app import Harness, header
 from peernix.test.upstreamfakes import UpstreamPath
 from peernix.upstream.chain import FirstOf
+from peernix.upstream.fetch import StagedFirst
 from peernix.web.savings import Savings
 
 PEER = {b"X-Peernix-Peer": [b"1"]}
@@ -45,12 +46,15 @@ class WebLanTestCase(LanTestCase):
         self.path = self.serve(size=400_000)
         self.first, self.second, self.third = (self.nodes[n] for n in self.order(self.path))
 
-    def web(self, node: Node, *, digest: DigestPublisher | None = None) -> Harness:
-        """A web app in front of ``node``, wired as the daemon wires it."""
+    def web(self, node: Node, *, digest: DigestPublisher | None = None, peers: FakeUpstream | None = None
+            ) -> Harness:
+        """A web app in front of ``node``, wired as the daemon wires it (``peers``: the fan-out)."""
         savings = Savings(self.clock)
         connect_staging(node.fetcher, digest, savings)
+        self.peers = peers if peers is not None else FakeUpstream()
+        chain = FirstOf([self.peers, node.fetcher], self.clock)  # type: ignore[list-item]
         h = Harness(self, clock=self.clock, savings=savings, lan_fetcher=node.fetcher,
-                    upstream=FirstOf([FakeUpstream(), node.fetcher], self.clock))  # type: ignore[list-item, arg-type]
+                    upstream=StagedFirst(node.fetcher, chain))  # type: ignore[arg-type]
         self.savings = savings
         return h
 
@@ -253,3 +257,38 @@ class StagedForPeersTests(WebLanTestCase):
         self.stage(self.third)
         response, body = self.call(h, b"GET", self.nar_path(self.path))
         self.assertEqual((response.code, body), (200, self.path.nar))
+
+
+class StagedFirstTests(WebLanTestCase):
+    """What this node holds staged is served to its clients from here, never fetched again over the LAN."""
+
+    def test_staged_here_beats_a_peer(self) -> None:
+        """A peer whose digest names the path (it has it staged too) is not asked; the bytes come from here."""
+        peers = FakeUpstream()
+        peers.add(self.path.info, self.path.nar)  # a peer offering the same path
+        h = self.web(self.third, peers=peers)
+        self.stage(self.third)
+        requests = len(self.lan.requests)
+        self.clock.advance(60)  # past the chain's memory of recent answers
+        for url in (f"/nix-cache/{self.path.hash_part}.narinfo", self.nar_path(self.path)):
+            response, body = self.call(h, b"GET", url)
+            self.assertEqual(response.code, 200)
+            self.assertEqual(header(response, "X-Peernix-Source"), f"upstream {UPSTREAM} via {self.first.url}")
+        self.assertEqual(body, self.path.nar)
+        self.assertEqual((peers.lookups, peers.relays), ([], []))
+        self.assertEqual(self.lan.requests[requests:], [])
+
+    def test_not_held_goes_down_the_chain(self) -> None:
+        """A path not staged here: the peers are asked first, as before."""
+        peers = FakeUpstream()
+        peers.add(self.path.info, self.path.nar)
+        h = self.web(self.third, peers=peers)
+        response, body = self.call(h, b"GET", self.nar_path(self.path))
+        self.assertEqual((response.code, body), (200, self.path.nar))
+        self.assertEqual(header(response, "X-Peernix-Source"), f"peer {FakeUpstream.PEER_URL}")
+        self.assertEqual(len(peers.relays), 1)
+
+    def stage(self, node: Node) -> None:
+        d, consumer = self.fetch(node, self.path)
+        self.successResultOf(d)
+        self.assertEqual(consumer.value(), self.path.nar)

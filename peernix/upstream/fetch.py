@@ -401,7 +401,10 @@ class LanFetcher:
 
     async def _serve(self, hash_part: str, nar_hash: Hash, consumer: Any, offset: int, for_peer: bool,
                      on_source: Callable[[Source], object] | None = None) -> None:
-        record = await self.record(hash_part)
+        # A NAR held here needs no narinfo lookup, even after its cache entry expired.
+        record = self.held_record(hash_part)
+        if record is None or record.info.nar_hash != nar_hash:
+            record = await self.record(hash_part)
         if record is None or record.info.nar_hash != nar_hash:
             raise NarUnavailable(f"{hash_part} did not come from an upstream with that NarHash")
         if for_peer and not self._shares(record.info):
@@ -617,6 +620,22 @@ class LanFetcher:
             return None
         return record
 
+    def held_record(self, hash_part: str) -> UpstreamRecord | None:
+        """
+        :returns: the upstream record of a NAR this node holds for
+            ``hash_part``: verified and staged, or being downloaded now;
+            else ``None``.  For this node's own clients (no ``--share``
+            filter): see :class:`StagedHere`.
+        """
+        record = self._staged.get(hash_part)
+        if record is not None and self.staging.staged(staging_key(hash_part, record.info.nar_hash)):
+            return record
+        cached = self._cache.get(hash_part)
+        if cached is not None and cached[1] is not None:
+            if staging_key(hash_part, cached[1].info.nar_hash) in self.active:
+                return cached[1]
+        return None
+
     def staged_hash_parts(self) -> list[str]:
         """:returns: the hash parts of :meth:`staged_record`'s paths (what the digest covers)."""
         return [hash_part for hash_part in list(self._staged) if self.staged_record(hash_part) is not None]
@@ -722,3 +741,41 @@ class LanFetcher:
             fill.cancel()
         for lookup in list(self._lookups.values()):
             lookup.cancel()
+
+
+@implementer(IUpstream)
+class StagedFirst:
+    """
+    The daemon's upstream for local misses: the NARs this node holds for
+    the LAN first, then ``rest`` (the :class:`~peernix.upstream.chain.FirstOf`
+    of the peers' fan-out and fetching for the LAN).  A path staged here, or
+    being downloaded here, is served to this node's clients from its own
+    staging area, never again over the LAN, even when a peer's digest (which
+    covers staged paths too) names it.  Anything else goes to ``rest``
+    unchanged (its budget and deadlines included); the check costs no
+    network.
+    """
+
+    def __init__(self, fetcher: LanFetcher, rest: IUpstream) -> None:
+        self._fetcher = fetcher
+        self._rest = rest
+
+    def lookup(self, hash_part: str) -> Deferred[NarInfo | None]:
+        """See :meth:`IUpstream.lookup`."""
+        return self.find(hash_part).addCallback(lambda found: found.info if found is not None else None)
+
+    def find(self, hash_part: str) -> Deferred[Found | None]:
+        """See :meth:`IUpstream.find`: held here (with its source, see :meth:`LanFetcher.source_of`), else ``rest``'s."""
+        record = self._fetcher.held_record(hash_part)
+        if record is None:
+            return self._rest.find(hash_part)
+        d: Deferred[Found | None] = Deferred()
+        d.callback(Found(record.info, self._fetcher.source_of(record)))
+        return d
+
+    def relay_nar(self, info: NarInfo, consumer: object, on_peer: object = None) -> Deferred[None]:
+        """See :meth:`IUpstream.relay_nar`: from this node's staging area when held here, else through ``rest``."""
+        record = self._fetcher.held_record(info.store_path[len("/nix/store/"):][:32])
+        if record is not None and record.info.nar_hash == info.nar_hash:
+            return self._fetcher.relay_nar(info, consumer, on_peer)
+        return self._rest.relay_nar(info, consumer, on_peer)
