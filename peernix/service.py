@@ -45,6 +45,7 @@ from peernix.options import Config
 from peernix.peers.client import PeerClient
 from peernix.peers.fanout import Fanout
 from peernix.peers.health import HealthChecker
+from peernix.peers.linkspeed import LinkSpeeds
 from peernix.peers.registry import PeerRegistry
 from peernix.peers.trust import TrustPolicy, read_nix_trusted_keys
 from peernix.store.local import LocalStore
@@ -470,6 +471,7 @@ def make_peers(config: Config, reactor: Reactor, metrics: Metrics,
         negative_ttl=config.negative_ttl,
         lookup_timeout=max(config.peer_timeout * 1.5, config.peer_timeout + 0.5),
         metrics_registry=metrics.registry,
+        link_speeds=LinkSpeeds(reactor),
     )
     PeerClientService(pool, fanout).setServiceParent(parent)
     HealthChecker(registry, client, reactor).setServiceParent(parent)
