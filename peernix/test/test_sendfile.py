@@ -32,7 +32,7 @@ from zope.interface.verify import verifyObject
 
 from peernix.nix.nar import FileContents, nar_chunks, nar_pieces
 from peernix.test.fakes import run_synchronously
-from peernix.web.streaming import Piece, SizeMismatch, SocketSink, ThreadedProducer, exact_length
+from peernix.web.streaming import Piece, ProducerStopped, SizeMismatch, SocketSink, ThreadedProducer, exact_length
 
 reactor: Any = _reactor
 
@@ -176,6 +176,19 @@ class FallbackTests(SynchronousTestCase):
         producer = ThreadedProducer(exact_length(source(), size), _Consumer(), run_synchronously)
         self.failureResultOf(producer.start(), SizeMismatch)
         self.assertEqual(seen[0].fd, -1)
+
+
+def _leave_early(port: int) -> int:
+    """GET /nar, read a little, then reset the connection (blocking). :returns: the bytes read."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    s.settimeout(60)
+    s.connect(("127.0.0.1", port))
+    s.sendall(b"GET /nar HTTP/1.1\r\nHost: test\r\n\r\n")
+    got = s.recv(4096)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    s.close()
+    return len(got)
 
 
 def _fetch(port: int, rcvbuf: int | None = None, delay: float = 0.0) -> tuple[bytes, bytes, bool]:
@@ -341,3 +354,12 @@ class SendfileStreamTests(TestCase):
                 f.write(b"x" * 4096)
 
         await self._changed(grow)
+
+    async def test_client_leaves(self) -> None:
+        """A client that resets the connection mid-NAR stops the stream as a client that left (no error)."""
+        resource = _NarResource(lambda: exact_length(self.source()(), len(self.expected)), len(self.expected))
+        port = self.serve(resource)
+        self.assertGreater(await deferToThread(_leave_early, port), 0)
+        outcome = await resource.outcome
+        assert isinstance(outcome, tuple), outcome
+        outcome[0].trap(ProducerStopped)

@@ -626,6 +626,9 @@ class ThreadedProducer:
             # at once rather than after the next reactor turn.
             try:
                 sent = sink.send_bytes(chunk)
+            except ConnectionError:
+                self._end(ProducerStopped())
+                return
             except OSError as e:
                 self._end(e)
                 return
@@ -667,6 +670,11 @@ class ThreadedProducer:
                 try:
                     sent = sink.send(current.fd, current.offset,
                                      min(current.remaining, SENDFILE_TURN_BYTES - self._turn))
+                except ConnectionError:
+                    # The client went away (EPIPE, ECONNRESET): as when the
+                    # transport stops us.
+                    self._end(ProducerStopped())
+                    return
                 except OSError as e:
                     self._end(e)
                     return
