@@ -24,8 +24,9 @@ from types import FrameType
 
 from attrs import asdict, frozen
 
-from bench import digests, fixtures, load, report, servers
+from bench import digests, dnssd, fixtures, lan, load, report, servers
 from bench.fixtures import Fixture, hash_part
+from peernix.test.nixenv import NIX_2_8, NIX_2_24, NixInstall
 
 
 @frozen
@@ -131,6 +132,8 @@ def bench_nar(res: Results, prof: Profile, fx: Fixture, nginx: servers.Server | 
         log(f"NAR downloads (repetition {rep + 1})")
         res.attempt("nar.dump", lambda: res.add("nar.dump.mbps", load.dump_throughput(
             fx.store, fx.big, fx.big_nar_size, os.path.join(workdir, "dump-env"))))
+        res.attempt("nar.nixstoredump", lambda: res.add("nar.nixstoredump.mbps", load.nix_store_dump_throughput(
+            os.path.join(fx.store, fx.big.lstrip("/")), fx.big_nar_size, os.path.join(workdir, "dump-env"))))
         res.attempt("nar.zstdcli", lambda: res.add_all("nar.zstdcli", load.zstd_cli(nar_file)))
         if nginx is not None:
             url = nginx.cache_url + "/" + fx.nar_url_in_file_cache(fx.big)
@@ -159,15 +162,123 @@ def bench_rss(res: Results, prof: Profile, fx: Fixture, peernix: servers.Server)
         res.attempt("rss.peernix", once)
 
 
-def bench_e2e(res: Results, prof: Profile, fx: Fixture, sources: dict[str, servers.Server]) -> None:
-    """``nix-store -r`` into an empty tmpfs store from each source."""
+#: The modern client's e2e rows: Nix 2.24 substituting 16 paths at once.
+MODERN_JOBS = 16
+
+
+def bench_e2e(res: Results, prof: Profile, fx: Fixture, sources: dict[str, servers.Server],
+              serving: servers.Server | None, workdir: str) -> None:
+    """
+    ``nix-store -r`` into an empty tmpfs store from each source, with Nix 2.8
+    and (small paths and the chain) Nix 2.24 with ``max-substitution-jobs =
+    16``.  The chain through a proxy is also measured through a proxy started
+    just before each repetition ("fresh proxy": its first requests count).
+    """
     workloads = {"small": list(fx.small[:prof.e2e_small]), "chain": [fx.chain_top], "big": [fx.big]}
+    modern = NIX_2_24.missing is None
+    if not modern:
+        res.errors["e2e.nix224"] = str(NIX_2_24.missing)
+        log(f"  Nix 2.24 rows not measured: {NIX_2_24.missing}")
+
+    def fresh_proxy(key: str, nix: NixInstall = NIX_2_8, jobs: int | None = None) -> None:
+        assert serving is not None
+        proxy = servers.spawn_peernix("fresh-proxy", fx.empty_store, workdir, peers=[servers.base_url(serving)],
+                                      trusted_public_keys=[fx.public_key])
+        try:
+            servers.wait_peernix(proxy)
+            res.add(key, load.nix_realise(proxy.cache_url, fx.public_key, [fx.chain_top], nix=nix,
+                                             substitution_jobs=jobs))
+        finally:
+            proxy.stop()
+
     for rep in range(prof.repetitions):
         for wname, paths in workloads.items():
             for sname, server in sources.items():
                 log(f"e2e {wname} from {sname} (repetition {rep + 1})")
                 res.attempt(f"e2e.{sname}", lambda: res.add(
                     f"e2e.{wname}.{sname}", load.nix_realise(server.cache_url, fx.public_key, paths)))
+            if modern and wname != "big":
+                for sname, server in sources.items():
+                    if sname == "proxy":
+                        continue
+                    log(f"e2e {wname} from {sname}, Nix 2.24 (repetition {rep + 1})")
+                    res.attempt(f"e2e224.{sname}", lambda: res.add(
+                        f"e2e224.{wname}.{sname}", load.nix_realise(
+                            server.cache_url, fx.public_key, paths, nix=NIX_2_24,
+                            substitution_jobs=MODERN_JOBS)))
+            if wname == "chain" and serving is not None:
+                log(f"e2e chain through a fresh proxy (repetition {rep + 1})")
+                res.attempt("e2e.freshproxy", lambda: fresh_proxy("e2e.chain.freshproxy"))
+                if modern:
+                    log(f"e2e chain through a fresh proxy, Nix 2.24 (repetition {rep + 1})")
+                    res.attempt("e2e224.freshproxy", lambda: fresh_proxy(
+                        "e2e224.chain.freshproxy", NIX_2_24, MODERN_JOBS))
+
+
+#: The shaped-link rows: (tc rate, figure key, which fixture path).
+LAN_LINKS = (("1gbit", "lan1g", "big"), ("100mbit", "lan100m", "compressible"))
+
+
+def bench_dnssd(res: Results, prof: Profile, workdir: str) -> None:
+    """
+    Peers across two subnets through DNS-SD (see :mod:`bench.dnssd`): once
+    in ``--quick``, else ``prof.repetitions`` times.
+    """
+    for _ in range(prof.repetitions):
+        def once() -> None:
+            try:
+                res.add_all("dnssd", dnssd.measure(workdir))
+            except (dnssd.Unavailable, RuntimeError, OSError) as e:
+                raise load.MeasureError(str(e)) from None
+        res.attempt("dnssd", once)
+
+
+def bench_lan(res: Results, prof: Profile, fx: Fixture, workdir: str) -> None:
+    """
+    A peer across a shaped veth: ``nix-store -r`` (in the local namespace)
+    of the big path at 1 Gbit/s and of the compressible path at 100 Mbit/s,
+    through a local peernix (c) started fresh for each repetition, beside
+    nginx serving the same file cache across the same link.
+    """
+    why = lan.link_unavailable()
+    if why is not None:
+        for _, key, _ in LAN_LINKS:
+            res.errors[f"lan.{key}"] = f"skipped: {why}"
+        log(f"shaped-link rows skipped: {why}")
+        return
+    for rate, key, which in LAN_LINKS:
+        path = fx.big if which == "big" else fx.compressible
+
+        def measure() -> None:
+            link = lan.ShapedLink(rate)
+            started: list[servers.Server] = []
+            try:
+                log(f"shaped link {rate}: starting the peer's peernix and nginx")
+                peer = servers.spawn_peernix(f"{key}-peer", fx.store, workdir, secret_key_file=fx.secret_key_file,
+                                             netns=link.peer, host=link.peer_ip)
+                started.append(peer)
+                servers.wait_peernix(peer, timeout=60)
+                started.append(servers.start_nginx(fx, workdir, netns=link.peer, listen=link.peer_ip))
+                nginx = started[-1]
+                client = link.wrap(link.local)
+                for rep in range(prof.repetitions):
+                    log(f"shaped link {rate}: {which} path from nginx across the link (repetition {rep + 1})")
+                    res.add(f"lan.{key}.nginx", load.nix_realise(nginx.cache_url, fx.public_key, [path], wrap=client))
+                    local = servers.spawn_peernix(f"{key}-local", fx.empty_store, workdir,
+                                                  peers=[servers.base_url(peer)],
+                                                  trusted_public_keys=[fx.public_key], netns=link.local)
+                    try:
+                        servers.wait_peernix(local)
+                        log(f"shaped link {rate}: {which} path through a local peernix (repetition {rep + 1})")
+                        res.add(f"lan.{key}.peernix", load.nix_realise(local.cache_url, fx.public_key, [path],
+                                                                       wrap=client))
+                    finally:
+                        local.stop()
+            finally:
+                for server in started:
+                    server.stop()
+                link.destroy()
+        res.attempt(f"lan.{key}", measure)
 
 
 def bench_conns(res: Results, prof: Profile, fx: Fixture, targets: dict[str, servers.Server]) -> None:
@@ -335,7 +446,7 @@ def run(prof: Profile, out_dir: str) -> int:
         if serving is not None:
             bench_rss(res, prof, fx, serving)
         sources = {k: v for k, v in (("nginx", nginx), ("peernix", serving), ("proxy", proxy)) if v is not None}
-        bench_e2e(res, prof, fx, sources)
+        bench_e2e(res, prof, fx, sources, serving, workdir)
         bench_conns(res, prof, fx, {k: v for k, v in (("nginx", nginx), ("peernix", serving)) if v is not None})
         if proxy is not None:
             proxy.stop()
@@ -343,6 +454,8 @@ def run(prof: Profile, out_dir: str) -> int:
             serving.stop()
         bench_fanout(res, prof, fx, nginx, workdir)
         bench_digests(res, prof, workdir)
+        bench_dnssd(res, prof, workdir)
+        bench_lan(res, prof, fx, workdir)
     finally:
         servers.stop_all()
 

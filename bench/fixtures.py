@@ -35,7 +35,7 @@ FIXTURES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixture
 BUSYBOX = "/bin/busybox"
 
 #: Bumped whenever the way a fixture is built changes, so old ones are rebuilt.
-FIXTURE_VERSION = 2
+FIXTURE_VERSION = 3
 
 _NIX_COMMAND = ("--extra-experimental-features", "nix-command")
 
@@ -63,24 +63,27 @@ class FixtureParams:
     :ivar big_mb: cap of the big directory path, in MiB.
     :ivar chain_length: number of chained derivations (the closure has one
         more path: the busybox source directory the first one refers to).
+    :ivar compressible_mb: cap of the compressible path (real text files:
+        Python sources, scripts, documentation), in MiB.
     """
 
     small_count: int
     small_bytes: int
     big_mb: int
     chain_length: int
+    compressible_mb: int
 
     @property
     def key(self) -> str:
         """:returns: the fixture directory name for these parameters."""
         return (f"v{FIXTURE_VERSION}-s{self.small_count}x{self.small_bytes}"
-                f"-b{self.big_mb}-c{self.chain_length}")
+                f"-b{self.big_mb}-c{self.chain_length}-z{self.compressible_mb}")
 
 
 #: The full suite's fixture (the issue's sizes).
-FULL = FixtureParams(small_count=2000, small_bytes=2048, big_mb=500, chain_length=50)
+FULL = FixtureParams(small_count=2000, small_bytes=2048, big_mb=500, chain_length=50, compressible_mb=100)
 #: The ``--quick`` fixture.
-QUICK = FixtureParams(small_count=100, small_bytes=2048, big_mb=20, chain_length=10)
+QUICK = FixtureParams(small_count=100, small_bytes=2048, big_mb=20, chain_length=10, compressible_mb=5)
 
 
 @frozen
@@ -103,6 +106,8 @@ class Fixture:
     :ivar chain_top: the last chain derivation output.
     :ivar chain_closure: the chain's whole closure (``chain_length + 1`` paths).
     :ivar big_nar_size: the big path's NAR size in bytes.
+    :ivar compressible: the compressible directory path (text files).
+    :ivar compressible_nar_size: its NAR size in bytes.
     :ivar build_seconds: how long building took (0 when reused).
     """
 
@@ -119,12 +124,14 @@ class Fixture:
     chain_top: str
     chain_closure: tuple[str, ...]
     big_nar_size: int
+    compressible: str
+    compressible_nar_size: int
     build_seconds: float
 
     @property
     def all_paths(self) -> tuple[str, ...]:
         """:returns: every store path of the fixture."""
-        return (*self.small, self.big, *self.chain_closure)
+        return (*self.small, self.big, *self.chain_closure, self.compressible)
 
     def nar_url_in_file_cache(self, store_path: str) -> str:
         """
@@ -182,12 +189,26 @@ def _small_texts(params: FixtureParams) -> Iterator[tuple[str, str]]:
         yield f"small-{i:05d}.txt", f"# bench small path {i}\n" + "\n".join(lines) + "\n"
 
 
-def _copy_mixed_files(dest: str, cap_bytes: int) -> int:
+def _is_text(path: str) -> bool:
+    """:returns: whether ``path``'s first 8 KiB are UTF-8 text without NUL bytes."""
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    if not head or b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 4  # a character cut at the end of the sample
+    return True
+
+
+def _copy_mixed_files(dest: str, cap_bytes: int, text_only: bool = False) -> int:
     """
     Copy real files from ``/usr/lib`` and ``/usr/share`` into ``dest`` until
     ``cap_bytes`` are copied (regular files and symlinks; no file over a
     quarter of the cap, so the mix stays varied).
 
+    :param text_only: copy only text files (and no symlinks): a compressible path.
     :returns: the number of bytes copied.
     """
     total = 0
@@ -202,11 +223,13 @@ def _copy_mixed_files(dest: str, cap_bytes: int) -> int:
                 target_dir = os.path.join(dest, rel)
                 try:
                     st = os.lstat(src)
-                    if stat.S_ISLNK(st.st_mode):
+                    if stat.S_ISLNK(st.st_mode) and not text_only:
                         os.makedirs(target_dir, exist_ok=True)
                         os.symlink(os.readlink(src), os.path.join(target_dir, name))
                         continue
                     if not stat.S_ISREG(st.st_mode) or st.st_size > cap_bytes // 4:
+                        continue
+                    if text_only and not _is_text(src):
                         continue
                     if total + st.st_size > cap_bytes:
                         return total
@@ -319,6 +342,13 @@ def build(params: FixtureParams, fixtures_dir: str = FIXTURES_DIR) -> Fixture:
     big = run(["nix-store", "--store", store, "--add", big_src], env).split()[-1]
     remove_tree(big_src)
 
+    _log(f"copying ~{params.compressible_mb} MiB of text files for the compressible path")
+    text_src = os.path.join(work, "text")
+    copied = _copy_mixed_files(text_src, params.compressible_mb << 20, text_only=True)
+    _log(f"adding the compressible path ({copied >> 20} MiB)")
+    compressible = run(["nix-store", "--store", store, "--add", text_src], env).split()[-1]
+    remove_tree(text_src)
+
     _log(f"building a chain of {params.chain_length} derivations")
     chain_dir = os.path.join(work, "chain")
     bb = os.path.join(chain_dir, "bb")
@@ -339,18 +369,20 @@ def build(params: FixtureParams, fixtures_dir: str = FIXTURES_DIR) -> Fixture:
 
     _log("signing every path with bench-1")
     run(["nix", *_NIX_COMMAND, "store", "sign", "--store", store, "-k", sk,
-         *small, big, *closure], env)
+         *small, big, *closure, compressible], env)
     # .drv files and other build leftovers are not part of the benchmark;
     # copy only the benchmark's paths to the file cache.
     _log("copying to the file:// cache (compression=none)")
     run(["nix", *_NIX_COMMAND, "copy", "--store", store, "--to",
-         f"file://{cache}?compression=none", *small, big, *closure], env)
-    info = json.loads(run(["nix", *_NIX_COMMAND, "path-info", "--store", store, "--json", big], env))
+         f"file://{cache}?compression=none", *small, big, *closure, compressible], env)
+    info = json.loads(run(["nix", *_NIX_COMMAND, "path-info", "--store", store, "--json", big, compressible], env))
+    sizes = {i["path"]: int(i["narSize"]) for i in info}
     fixture = Fixture(
         root=root, store=store, empty_store=empty, canary_store=canary_store, canary=canary, file_cache=cache,
         secret_key_file=sk, public_key=public_key, small=tuple(small), big=big,
         chain_top=chain_top, chain_closure=tuple(closure),
-        big_nar_size=int(info[0]["narSize"]), build_seconds=time.monotonic() - started)
+        big_nar_size=sizes[big], compressible=compressible, compressible_nar_size=sizes[compressible],
+        build_seconds=time.monotonic() - started)
     data = {"params": asdict(params), "fixture": asdict(fixture)}
     with open(manifest + ".tmp", "w") as f:
         json.dump(data, f, indent=1)

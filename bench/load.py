@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 
 from bench.fixtures import hash_part, remove_tree
-from peernix.test.nixenv import isolated_env
+from peernix.test.nixenv import NIX_2_8, NixInstall, isolated_env
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _NIX32 = "0123456789abcdfghijklmnpqrsvwxyz"
@@ -173,6 +173,23 @@ def dump_throughput(store_root: str, store_path: str, nar_size: int, env_dir: st
     return nar_size / wall / MB
 
 
+def nix_store_dump_throughput(real_path: str, nar_size: int, env_dir: str) -> float:
+    """
+    :param real_path: the path's directory or file on disk (in the chroot
+        store, ``<root>/nix/store/<name>``).
+    :returns: the MB/s of ``nix-store --dump REAL_PATH`` into /dev/null.
+    :raises MeasureError: when it fails.
+    """
+    env = isolated_env(env_dir)
+    start = time.monotonic()
+    with open(os.devnull, "wb") as null:
+        done = subprocess.run(["nix-store", "--dump", real_path], stdout=null, stderr=subprocess.PIPE, env=env)
+    wall = time.monotonic() - start
+    if done.returncode != 0:
+        raise MeasureError(f"nix-store --dump {real_path}: {done.stderr.decode(errors='replace')[-500:]}")
+    return nar_size / wall / MB
+
+
 def zstd_cli(nar_file: str) -> dict[str, float]:
     """
     :returns: ``mbps`` (input MB/s) and ``ratio`` of ``zstd -1`` in one thread on ``nar_file``.
@@ -286,12 +303,18 @@ def peak_rss_during(pid: int, url: str, streams: int) -> dict[str, float]:
 
 # -- end to end with a real Nix client -------------------------------------------
 
-def nix_realise(cache_url: str, public_key: str, paths: Sequence[str]) -> float:
+def nix_realise(cache_url: str, public_key: str, paths: Sequence[str], *, nix: NixInstall = NIX_2_8,
+                substitution_jobs: int | None = None, wrap: Sequence[str] = ()) -> float:
     """
     ``nix-store -r`` ``paths`` into a new empty chroot store on tmpfs
     (``/dev/shm``), substituting only from ``cache_url`` and trusting only
     ``public_key``, with a fresh Nix configuration and narinfo disk cache.
 
+    :param nix: the Nix client generation (Debian's 2.8 or 2.24).
+    :param substitution_jobs: ``max-substitution-jobs`` (Nix 2.16 and later;
+        ``None``: the client's default).
+    :param wrap: a command prefix, e.g. ``ip netns exec NS`` to run the
+        client in a network namespace.
     :returns: the wall-clock seconds of the ``nix-store -r`` call.
     :raises MeasureError: when Nix fails.
     """
@@ -300,16 +323,19 @@ def nix_realise(cache_url: str, public_key: str, paths: Sequence[str]) -> float:
     try:
         env = isolated_env(os.path.join(base, "env"))
         store = os.path.join(base, "store")
-        subprocess.run(["nix-store", "--store", store, "--init"], env=env, check=True, capture_output=True)
-        argv = ["nix-store", "--store", store, "-r", *paths,
+        subprocess.run([nix.tool("nix-store"), "--store", store, "--init"], env=env, check=True,
+                       capture_output=True)
+        argv = [*wrap, nix.tool("nix-store"), "--store", store, "-r", *paths,
                 "--option", "substituters", cache_url,
                 "--option", "trusted-public-keys", public_key,
                 "--option", "require-sigs", "true"]
+        if substitution_jobs is not None:
+            argv += ["--option", "max-substitution-jobs", str(substitution_jobs)]
         start = time.monotonic()
         done = subprocess.run(argv, env=env, capture_output=True, timeout=900)
         wall = time.monotonic() - start
         if done.returncode != 0:
-            raise MeasureError(f"nix-store -r from {cache_url} failed ({done.returncode}): "
+            raise MeasureError(f"{nix.name} nix-store -r from {cache_url} failed ({done.returncode}): "
                                f"{done.stderr.decode(errors='replace')[-800:]}")
         return wall
     finally:

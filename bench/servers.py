@@ -44,6 +44,16 @@ def http_status(url: str, timeout: float = 2.0) -> int:
         return 0
 
 
+def netns_http_status(netns: str, url: str, timeout: float = 2.0) -> int:
+    """:returns: the status of a GET of ``url`` made with curl inside ``netns``; 0 when it failed."""
+    try:
+        done = subprocess.run(["ip", "netns", "exec", netns, "curl", "-s", "-o", "/dev/null", "--max-time",
+                               str(timeout), "-w", "%{http_code}", url], capture_output=True, timeout=timeout + 10)
+        return int(done.stdout.decode().strip() or 0)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return 0
+
+
 class Server:
     """
     One server subprocess.
@@ -55,13 +65,20 @@ class Server:
     """
 
     def __init__(self, name: str, argv: Sequence[str], port: int, log_path: str,
-                 env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: str | None = None, *,
+                 netns: str | None = None, host: str = "127.0.0.1") -> None:
         self.name = name
         self.port = port
-        self.cache_url = f"http://127.0.0.1:{port}/nix-cache"
+        #: The network namespace it runs in (``None``: the bench's own).
+        self.netns = netns
+        self.host = host
+        self.cache_url = f"http://{host}:{port}/nix-cache"
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.frozen = False
+        if netns is not None:
+            # ip netns exec execs the command: the pid stays the server's.
+            argv = ["ip", "netns", "exec", netns, *argv]
         self.process = subprocess.Popen(list(argv), stdout=self._log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env=env, cwd=cwd,
                                         start_new_session=True)
@@ -79,11 +96,12 @@ class Server:
         :raises Unavailable: with the server's log when it exits or times out.
         """
         deadline = time.monotonic() + timeout
-        url = f"http://127.0.0.1:{self.port}{probe_path}"
+        url = f"http://{self.host}:{self.port}{probe_path}"
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise Unavailable(f"{self.name} exited with {self.process.returncode}: {self.log()}")
-            if http_status(url, timeout=2) == 200:
+            status = http_status(url, timeout=2) if self.netns is None else netns_http_status(self.netns, url)
+            if status == 200:
                 return
             time.sleep(0.1)
         self.stop()
@@ -142,30 +160,33 @@ def check_tools() -> list[str]:
     return missing
 
 
-def start_nginx(fixture: Fixture, workdir: str) -> Server:
+def start_nginx(fixture: Fixture, workdir: str, *, netns: str | None = None, listen: str = "127.0.0.1") -> Server:
     """
     Serve ``fixture.file_cache`` with nginx (one worker, our own config,
-    127.0.0.1 only) at ``http://127.0.0.1:P/nix-cache/``.
+    ``listen`` only, 127.0.0.1 by default) at ``http://LISTEN:P/nix-cache/``.
+
+    :param netns: the network namespace to run it in (``None``: ours).
 
     :raises Unavailable: when nginx is missing or does not start.
     """
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.access(nginx, os.X_OK):
         raise Unavailable("nginx not found (Debian: apt-get install nginx-light)")
-    prefix = os.path.join(workdir, "nginx")
+    prefix = os.path.join(workdir, "nginx" if netns is None else f"nginx-{netns}")
     os.makedirs(prefix, exist_ok=True)
     port = free_port()
     with open(os.path.join(_HERE, "nginx.conf.tmpl")) as f:
         template = string.Template(f.read())
     # As root, nginx workers would switch to "nobody", who may not be able to
     # read the fixture; keep them root (they only serve 127.0.0.1).
-    conf = template.substitute(port=port, prefix=prefix, cache_dir=fixture.file_cache,
+    conf = template.substitute(port=port, prefix=prefix, listen=listen, cache_dir=fixture.file_cache,
                                user_line="user root;" if os.geteuid() == 0 else "")
     conf_path = os.path.join(prefix, "nginx.conf")
     with open(conf_path, "w") as f:
         f.write(conf)
     server = Server("nginx", [nginx, "-p", prefix, "-c", conf_path, "-e", os.path.join(prefix, "error.log")],
-                    port, os.path.join(workdir, "nginx.log"))
+                    port, os.path.join(workdir, "nginx.log" if netns is None else f"nginx-{netns}.log"),
+                    netns=netns, host=listen)
     server.wait_ready("/nix-cache/nix-cache-info", timeout=10)
     return server
 
@@ -184,13 +205,16 @@ def start_minimal_web(workdir: str) -> Server:
 
 
 def spawn_peernix(name: str, store_root: str, workdir: str, *, secret_key_file: str | None = None,
-                  peers: Sequence[str] = (), trusted_public_keys: Sequence[str] = ()) -> Server:
+                  peers: Sequence[str] = (), trusted_public_keys: Sequence[str] = (),
+                  netns: str | None = None, host: str = "127.0.0.1") -> Server:
     """
     Start ``python -m twisted peernix`` from the repository root (without
     waiting for it; call :func:`wait_peernix`).  Discovery by broadcast and
     mDNS is off; its UDP port is a free one.
 
     :param peers: peer base URLs, e.g. ``http://127.0.0.1:Q``.
+    :param netns: the network namespace to run it in (``None``: ours);
+        ``host`` is then the address the bench reaches it at.
     """
     port = free_port()
     argv = [sys.executable, "-m", "twisted", "peernix", "--port", str(port),
@@ -205,7 +229,7 @@ def spawn_peernix(name: str, store_root: str, workdir: str, *, secret_key_file: 
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return Server(f"peernix {name}", argv, port, os.path.join(workdir, f"peernix-{name}.log"),
-                  env=env, cwd=REPO_ROOT)
+                  env=env, cwd=REPO_ROOT, netns=netns, host=host)
 
 
 def wait_peernix(server: Server, timeout: float = 30.0) -> Server:
@@ -219,5 +243,5 @@ def wait_peernix(server: Server, timeout: float = 30.0) -> Server:
 
 
 def base_url(server: Server) -> str:
-    """:returns: the URL peers use for ``server`` (``http://127.0.0.1:P``)."""
-    return f"http://127.0.0.1:{server.port}"
+    """:returns: the URL peers use for ``server`` (``http://127.0.0.1:P``, or its namespace address)."""
+    return f"http://{server.host}:{server.port}"

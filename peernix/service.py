@@ -49,6 +49,7 @@ from peernix.peers.client import PeerClient
 from peernix.peers.digests import PeerDigests
 from peernix.peers.fanout import Fanout
 from peernix.peers.health import HealthChecker
+from peernix.peers.linkspeed import LinkSpeeds
 from peernix.peers.registry import PeerRegistry
 from peernix.peers.trust import TrustPolicy, read_nix_substituters, read_nix_trusted_keys
 from peernix.store.digest import DigestPublisher
@@ -528,6 +529,7 @@ def make_peers(config: Config, reactor: Reactor, metrics: Metrics,
         lookup_timeout=max(config.peer_timeout * 1.5, config.peer_timeout + 0.5),
         metrics_registry=metrics.registry,
         digests=parent.peer_digests,
+        link_speeds=LinkSpeeds(reactor),
     )
     PeerClientService(pool, fanout).setServiceParent(parent)
     HealthChecker(registry, client, reactor).setServiceParent(parent)

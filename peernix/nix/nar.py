@@ -243,6 +243,74 @@ def _walk(root: bytes, case_hack: bool) -> Generator[_Node, None, None]:
                 os.close(dir_fd)
 
 
+class FileContents:
+    """
+    The contents of one regular file in a NAR, to be copied by the kernel
+    (``os.sendfile``) rather than read into Python: an open descriptor and
+    the size announced in the NAR's framing.
+
+    Whoever receives it from :func:`nar_pieces` owns the descriptor and must
+    :meth:`close` it.  ``len()`` is the announced size, so byte counters and
+    :func:`~peernix.web.streaming.exact_length` count it like the bytes it
+    stands for.
+
+    :ivar fd: the open file (read with ``pread``/``sendfile`` at
+        :attr:`offset`; its own position is not used).
+    :ivar size: the file's size when the framing was made.
+    :ivar offset: how many bytes of it were sent so far.
+    :ivar where: the file's path, for messages.
+    :ivar weight: set by the stream that carries it: how much of its
+        read-ahead budget the piece takes.
+    """
+
+    __slots__ = ("fd", "size", "offset", "where", "weight")
+
+    def __init__(self, fd: int, size: int, where: str) -> None:
+        self.fd = fd
+        self.size = size
+        self.offset = 0
+        self.where = where
+        self.weight = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def remaining(self) -> int:
+        """Bytes still to send."""
+        return self.size - self.offset
+
+    def size_now(self) -> int:
+        """:returns: the file's size now (``fstat``), to tell whether it changed while being sent."""
+        return os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        """Close the descriptor (idempotent)."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def nar_pieces(
+    fs_path: str, chunk_size: int = DEFAULT_CHUNK_SIZE, *, file_min: int, case_hack: bool = _USE_CASE_HACK
+) -> Generator[bytes | FileContents, None, None]:
+    """
+    Like :func:`nar_chunks`, but the contents of every regular file of
+    ``file_min`` bytes or more come as one :class:`FileContents` (the bytes
+    before it are yielded first, so nothing is reordered): the NAR's
+    framing is made here and the file's bytes are left for the kernel to
+    copy.  The receiver owns each :class:`FileContents` yielded (also when
+    the generator is closed right after yielding it).
+
+    A file that shrinks or grows after its framing was made is the
+    receiver's to detect (:meth:`FileContents.size_now`, or ``sendfile``
+    reaching its end early).
+    """
+    if file_min <= 0:
+        raise ValueError("file_min must be positive")
+    return _nar_pieces(fs_path, chunk_size, case_hack, file_min)
+
+
 def nar_chunks(
     fs_path: str, chunk_size: int = DEFAULT_CHUNK_SIZE, *, case_hack: bool = _USE_CASE_HACK
 ) -> Generator[bytes, None, None]:
@@ -266,6 +334,13 @@ def nar_chunks(
         name collision, or a file that shrank while being read.
     :raises OSError: when the filesystem fails (missing or unreadable path).
     """
+    return _nar_pieces(fs_path, chunk_size, case_hack, None)  # type: ignore[return-value]
+
+
+def _nar_pieces(
+    fs_path: str, chunk_size: int, case_hack: bool, file_min: int | None
+) -> Generator[bytes | FileContents, None, None]:
+    """:func:`nar_chunks` (``file_min`` ``None``) and :func:`nar_pieces`."""
     if chunk_size <= 0:
         raise ValueError("chunk_size must be positive")
     # The chunk being assembled: ``parts`` hold ``have`` bytes.  File
@@ -308,6 +383,15 @@ def nar_chunks(
                     if have >= chunk_size:
                         yield from overflow()
                     remaining = size
+                    if file_min is not None and size >= file_min:
+                        if have:
+                            yield b"".join(parts)
+                            parts = []
+                            have = 0
+                        contents = FileContents(fd, size, _shown(where, dir_fd, dir_path))
+                        fd = -1  # the receiver owns it from here
+                        remaining = 0
+                        yield contents
                     while remaining:
                         data = os.read(fd, min(remaining, chunk_size - have))
                         if not data:
@@ -323,7 +407,8 @@ def nar_chunks(
                             parts = []
                             have = 0
                 finally:
-                    os.close(fd)
+                    if fd >= 0:
+                        os.close(fd)
                 token = b"\0" * (-size % 8) + _CLOSE + suffix
             elif kind == _LNK:
                 token = prefix + _SYMLINK + _frame(os.readlink(where, dir_fd=dir_fd)) + _CLOSE + suffix

@@ -45,6 +45,7 @@ from peernix.nix.narinfo import NarInfo
 from peernix.nix.storepath import StorePathError, is_hash_part, parse_store_path
 from peernix.peers.client import PeerClient
 from peernix.peers.errors import NarClientGone, NarRelayInterrupted, NarUnavailable, NarVerificationFailed, PeerError
+from peernix.peers.linkspeed import LinkSpeeds
 from peernix.peers.metrics import PeerMetrics
 from peernix.peers.registry import Peer
 from peernix.peers.relay import HOLD_BACK_BYTES, SUPPORTED_COMPRESSIONS, NarRelay
@@ -251,6 +252,7 @@ class Fanout:
         relay_hold_back: int = HOLD_BACK_BYTES,
         metrics_registry: CollectorRegistry | None = None,
         digests: IPeerDigests | None = None,
+        link_speeds: LinkSpeeds | None = None,
     ) -> None:
         self._registry = registry
         self._digests = digests
@@ -265,6 +267,9 @@ class Fanout:
         self._prefetch_queue_max = prefetch_queue
         self._nar_silence_timeout = nar_silence_timeout
         self._relay_hold_back = relay_hold_back
+        #: Chooses raw or zstd NARs per peer from measured throughput
+        #: (``None``: the client's default, zstd unless on loopback).
+        self.link_speeds = link_speeds
         self.metrics = PeerMetrics(metrics_registry, lambda: len(registry.peers()))
         self._positive: OrderedDict[str, tuple[Found, float]] = OrderedDict()
         self._negative: OrderedDict[str, float] = OrderedDict()
@@ -463,7 +468,7 @@ class Fanout:
         """Ask ``peer`` (holding a slot) and judge its answer; see :meth:`_ask`."""
         start = self._clock.seconds()
         try:
-            info = await self._client.fetch_narinfo(peer, hash_part)
+            info = await self._fetch_narinfo(peer, hash_part)
         except PeerError as e:
             self._registry.record_failure(peer, e.kind)
             self.metrics.peer_requests.labels(e.kind).inc()
@@ -568,6 +573,12 @@ class Fanout:
                 return
         raise NarUnavailable(f"no peer could send the NAR of {info.store_path}")
 
+    def _fetch_narinfo(self, peer: Peer, hash_part: str) -> Deferred[NarInfo | None]:
+        """Ask ``peer`` for a narinfo, for a raw or zstd NAR as :attr:`link_speeds` chooses."""
+        if self.link_speeds is None:
+            return self._client.fetch_narinfo(peer, hash_part)
+        return self._client.fetch_narinfo(peer, hash_part, prefer_zstd=self.link_speeds.prefer_zstd(peer))
+
     def _peer(self, url: str) -> Peer | None:
         for peer in self._registry.peers():
             if peer.url == url:
@@ -598,7 +609,7 @@ class Fanout:
         except _Rejected:
             return None
         try:
-            theirs = await self._client.fetch_narinfo(peer, hash_part)
+            theirs = await self._fetch_narinfo(peer, hash_part)
         except PeerError as e:
             self._registry.record_failure(peer, e.kind)
             return None
@@ -677,6 +688,9 @@ class Fanout:
             if relay.wrote_any or relay.failure_kind is None:
                 raise
             return False
+        if self.link_speeds is not None:
+            self.link_speeds.record(peer.url, info.nar_size, self._clock.seconds() - start,
+                                    offer.compression == "zstd")
         return True
 
 

@@ -41,7 +41,7 @@ from peernix.memory import IdleTrimmer
 from peernix.nix import nix32
 from peernix.nix.hashes import Hash
 from peernix.nix.listing import nar_listing, render_listing
-from peernix.nix.nar import DEFAULT_CHUNK_SIZE, nar_chunks
+from peernix.nix.nar import DEFAULT_CHUNK_SIZE, nar_chunks, nar_pieces
 from peernix.nix.narinfo import NarInfo, render_narinfo
 from peernix.nix.pathinfo import PathInfo
 from peernix.nix.signing import SecretKey, sign_narinfo
@@ -62,8 +62,10 @@ from peernix.web.savings import Savings, counting
 from peernix.web.status import PeerStatus, Status, render_html, render_json
 from peernix.web.streaming import (
     DeferToThread,
+    Piece,
     ProducerStopped,
     AheadBudget,
+    SocketSink,
     ThreadedProducer,
     call_directly,
     exact_length,
@@ -108,6 +110,10 @@ TINY_NAR_SIZE: Final = 16 * 1024
 LIMITED_CHUNK_SIZE: Final = 64 * 1024
 #: A consumer paused this long (a client that stopped reading) ends the stream.
 STALL_TIMEOUT: Final = 300.0
+#: Regular files of this size or more in a whole identity NAR are copied to
+#: the socket by the kernel (``sendfile``); smaller ones are read with the
+#: framing (one chunk holds many of them).
+SENDFILE_MIN_FILE: Final = 64 * 1024
 #: Client addresses whose "proxy client or peer?" decision is remembered.
 CLIENT_DECISION_CACHE_SIZE: Final = 4096
 
@@ -374,6 +380,7 @@ class WebApp:
         digest: IResource | None = None,
         digest_status: Callable[[], Mapping[str, object]] | None = None,
         lan_fetcher: LanFetcher | None = None,
+        sendfile: bool = True,
     ) -> None:
         """
         :param store: the whole local store, served to local clients
@@ -432,7 +439,12 @@ class WebApp:
         :param lan_fetcher: fetching for the LAN (``None``: off): serves the
             ``/peernix/fetch/`` route to peers and the ``upstream`` section
             of the status page.  Local misses reach it through ``upstream``.
+        :param sendfile: copy the contents of a whole identity NAR's big
+            files to the socket with ``os.sendfile`` where the connection
+            allows it (see :class:`~peernix.web.streaming.SocketSink`);
+            ``False``: always read them in the worker.
         """
+        self._sendfile = sendfile
         self._store = store
         self._peer_store = peer_store if peer_store is not None else store
         #: Whether peers get another view than local clients; without one
@@ -1070,7 +1082,8 @@ class WebApp:
         def counted_raw() -> Iterator[bytes]:
             return counting(raw(), made_bytes)
 
-        make_source: Callable[[], Iterator[bytes]]
+        make_source: Callable[[], Iterator[Piece]]
+        sink: SocketSink | None = None
         request.setResponseCode(200)
         headers = request.responseHeaders
         headers.setRawHeaders(b"Content-Type", [NAR_TYPE])
@@ -1120,6 +1133,13 @@ class WebApp:
                     self._count_nar(info.path, size, len(whole) if to_peer else 0)
                     return whole
                 make_source = counted_raw
+                sink = self._sendfile_sink(request)
+                if sink is not None:
+                    # NAR framing made by the worker, file contents copied
+                    # by the kernel (see SocketSink).
+                    make_source = lambda: counting(  # noqa: E731
+                        exact_length(nar_pieces(fs_path, chunk_size, file_min=SENDFILE_MIN_FILE), size), made_bytes
+                    )
         if _is_head(request):
             return b""
         started = self._reactor.seconds()
@@ -1133,6 +1153,7 @@ class WebApp:
             budget=self._ahead_budget,
             clock=self._reactor,
             stall_timeout=STALL_TIMEOUT,
+            sink=sink,
         )
         try:
             with self._streaming():
@@ -1143,6 +1164,19 @@ class WebApp:
         self._metrics.nar_stream_seconds.observe(self._reactor.seconds() - started)
         _log.debug("Sent NAR of {store_path}: {written} bytes", store_path=info.path, written=written)
         return b""
+
+    def _sendfile_sink(self, request: Request) -> SocketSink | None:
+        """
+        :returns: where a whole identity NAR's file contents may be copied
+            with ``sendfile``: ``request``'s socket, unless sendfile is off
+            or unavailable there, or the stream is a peer's under
+            ``--max-upload-rate`` (whose every write must take its turn).
+        """
+        if not self._sendfile:
+            return None
+        if self._upload_limiter is not None and self._is_peer(request):
+            return None
+        return SocketSink.of(request)
 
     def _count_nar(self, store_path: str, nar_size: int, to_peers: int) -> None:
         """Count a NAR download of ``store_path`` and ``to_peers`` NAR bytes given to a peer."""

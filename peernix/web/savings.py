@@ -32,8 +32,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any, Final
+from collections.abc import Iterator, Mapping, Sized
+from typing import Any, Final, TypeVar
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
@@ -446,7 +446,10 @@ class SavingsService(Service):
         self.state_file.save(self.savings)
 
 
-def counting(chunks: Iterator[bytes], into: list[int]) -> Iterator[bytes]:
+_Sized = TypeVar("_Sized", bound=Sized)
+
+
+def counting(chunks: Iterator[_Sized], into: list[int]) -> Iterator[_Sized]:
     """
     Pass ``chunks`` through, adding their lengths to ``into[0]`` (which may be
     read once the iteration is over or stopped; one thread iterates at a time).

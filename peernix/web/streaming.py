@@ -20,10 +20,12 @@ compression never runs on the reactor thread.
 from __future__ import annotations
 
 import bz2
+import errno
+import os
 import threading
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from typing import IO, Protocol, TypeVar
 
 import zstandard
@@ -35,7 +37,10 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from peernix.nix.nar import FileContents
+
 _T = TypeVar("_T")
+_Sized = TypeVar("_Sized", bound=Sized)
 
 #: zstd level for NARs made on the fly: level 1 compresses at several hundred
 #: MB/s per core, well above LAN speed, which matters more on a 2-core
@@ -79,7 +84,7 @@ class SizeMismatch(Exception):
     """A source produced more or fewer bytes than announced in Content-Length."""
 
 
-def close_source(source: Iterator[bytes]) -> None:
+def close_source(source: Iterator[object]) -> None:
     """Close ``source`` if it is a generator (or anything with ``close``), releasing files it holds."""
     close = getattr(source, "close", None)
     if close is not None:
@@ -141,7 +146,7 @@ def slice_chunks(source: Iterator[bytes], first: int, last: int) -> Iterator[byt
         close_source(source)
 
 
-def exact_length(source: Iterator[bytes], size: int) -> Iterator[bytes]:
+def exact_length(source: Iterator[_Sized], size: int) -> Iterator[_Sized]:
     """
     :returns: the chunks of ``source``, checked to add up to exactly ``size``
         bytes.
@@ -181,6 +186,118 @@ def file_chunks(path: str, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
             if not chunk:
                 return
             yield chunk
+
+
+#: What a stream source yields: bytes, or a file's contents for the kernel
+#: to copy (see :class:`SocketSink`).
+Piece = bytes | FileContents
+
+#: The most bytes :class:`ThreadedProducer` sends with ``sendfile`` in one
+#: reactor turn before it lets other connections have theirs.
+SENDFILE_TURN_BYTES = 4 * 1024 * 1024
+
+
+class SocketSink:
+    """
+    The socket under a ``twisted.web`` request, for ``os.sendfile``: the
+    kernel copies a file's bytes to it, so Python never reads them.
+
+    Twisted buffers what is written to a transport and sends it when the
+    socket is writable; bytes sent with ``sendfile`` must not overtake
+    that buffer, so :meth:`idle` says when they may be sent (the buffer is
+    empty, the response's headers are out and its body is neither chunked
+    nor encoded).  Everything runs on the reactor thread, so the socket
+    cannot be closed between :meth:`idle` and :meth:`send`.
+
+    Use :meth:`of`, which answers ``None`` where ``sendfile`` cannot be used
+    (no ``os.sendfile``, a transport that is not a plain TCP connection,
+    e.g. TLS or a test's fake): the stream then takes the ordinary path.
+    """
+
+    def __init__(self, request: object, transport: object) -> None:
+        self._request = request
+        self._transport = transport
+
+    @classmethod
+    def of(cls, request: object) -> SocketSink | None:
+        """:returns: the sink of ``request``'s connection, or ``None`` where ``sendfile`` cannot be used."""
+        if not hasattr(os, "sendfile"):
+            return None
+        from twisted.internet import tcp
+
+        channel = getattr(request, "channel", None)
+        transport = getattr(channel, "transport", None)
+        if not isinstance(transport, tcp.Connection):
+            return None
+        if not all(hasattr(transport, a) for a in ("dataBuffer", "offset", "_tempDataLen", "bufferSize")):
+            return None
+        return cls(request, transport)
+
+    @property
+    def buffer_size(self) -> int:
+        """The transport's buffer size: writing more than this pauses its producer."""
+        size: int = getattr(self._transport, "bufferSize")
+        return size
+
+    def idle(self) -> bool:
+        """:returns: whether bytes may be sent on the socket now (nothing buffered before them)."""
+        t = self._transport
+        r = self._request
+        return bool(
+            getattr(t, "connected", False)
+            and not getattr(t, "disconnecting", True)
+            and getattr(r, "startedWriting", False)
+            and not getattr(r, "chunked", True)
+            and not getattr(r, "finished", True)
+            and len(getattr(t, "dataBuffer")) - getattr(t, "offset") == 0
+            and getattr(t, "_tempDataLen") == 0
+        )
+
+    def send(self, fd: int, offset: int, count: int) -> int | None:
+        """
+        Copy up to ``count`` bytes of ``fd`` from ``offset`` to the socket
+        (non-blocking).
+
+        :returns: the bytes sent, ``0`` at the end of the file, ``None``
+            when the socket cannot take any now.
+        :raises OSError: when the connection or the file fails.
+        """
+        sock: int = getattr(self._transport, "fileno")()
+        try:
+            sent = os.sendfile(sock, fd, offset, count)
+        except BlockingIOError:
+            return None
+        except InterruptedError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+                return None
+            raise
+        self._count(sent)
+        return sent
+
+    def send_bytes(self, data: bytes) -> int:
+        """
+        Send ``data`` on the socket now, as much as it takes (non-blocking;
+        only while :meth:`idle`): the transport's buffer is skipped, as
+        it would only hold the bytes until the next reactor turn.
+
+        :returns: how many bytes were sent (0 when the socket takes none);
+            the caller writes the rest through the transport.
+        :raises OSError: when the connection failed.
+        """
+        try:
+            sent: int = getattr(self._transport, "socket").send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        self._count(sent)
+        return sent
+
+    def _count(self, sent: int) -> None:
+        # The request's byte count (its log line) sees these bytes too.
+        r = self._request
+        if hasattr(r, "sentLength"):
+            setattr(r, "sentLength", getattr(r, "sentLength") + sent)
 
 
 class ProducerStopped(Exception):
@@ -291,7 +408,7 @@ class ThreadedProducer:
 
     def __init__(
         self,
-        source: Iterator[bytes],
+        source: Iterator[Piece],
         consumer: IConsumer,
         defer_to_thread: DeferToThread,
         *,
@@ -301,9 +418,12 @@ class ThreadedProducer:
         ahead: int = AHEAD_BYTES,
         batch: int = BATCH_BYTES,
         budget: AheadBudget | None = None,
+        sink: SocketSink | None = None,
     ) -> None:
         """
-        :param source: the blocking chunk iterator; this producer owns it.
+        :param source: the blocking chunk iterator; this producer owns it,
+            and every :class:`~peernix.nix.nar.FileContents` it yields
+            (closed once sent, or when the stream ends).
         :param consumer: where chunks go, e.g. a ``twisted.web`` request.
         :param defer_to_thread: runs the worker calls (chunks and
             ``close()``) off the reactor thread.
@@ -320,6 +440,14 @@ class ThreadedProducer:
         :param batch: bytes one worker call makes at most.
         :param budget: shared with the other streams; while this stream
             runs, its share lowers ``ahead`` when many streams run at once.
+        :param sink: the consumer's socket, where a file's contents are
+            copied with ``sendfile`` whenever the transport has nothing
+            buffered; without it (or while the transport has bytes
+            buffered) they are read with ``pread`` and written as bytes.
+            Bytes chunks, too, go straight to the socket while the
+            transport has nothing buffered.  A
+            :class:`~peernix.nix.nar.FileContents` counts as its size (at
+            most the whole budget) against the read-ahead.
         """
         if ahead <= 0 or batch <= 0:
             raise ValueError("ahead and batch must be positive")
@@ -332,12 +460,17 @@ class ThreadedProducer:
         self._ahead = ahead
         self._batch = batch
         self._budget = budget
+        self._sink = sink
+        # The file whose contents are being sent, and the bytes sent with
+        # sendfile since the reactor last had a turn.
+        self._current: FileContents | None = None
+        self._turn = 0
         self._joined = False
         self._stall_call: IDelayedCall | None = None
         self._paused = False
         self._in_flight = False
         # Chunks handed over while the consumer was paused, oldest first.
-        self._waiting: deque[bytes] = deque()
+        self._waiting: deque[Piece] = deque()
         # Bytes handed over by the worker and not yet written to the
         # consumer (in _waiting or in the reactor's queue); the worker reads
         # it, so it changes under the lock.
@@ -432,9 +565,17 @@ class ThreadedProducer:
             if chunk is None:
                 return True
             if chunk:
-                made += len(chunk)
+                if isinstance(chunk, FileContents):
+                    # Costs no memory, but holds a descriptor: it counts as
+                    # its size up to the whole budget, so a stream holds a
+                    # few small files open ahead at most, and the worker
+                    # waits for a big one to be sent.
+                    chunk.weight = weight = max(min(len(chunk), self._limit()), 1)
+                else:
+                    weight = len(chunk)
+                made += weight
                 with self._lock:
-                    self._outstanding += len(chunk)
+                    self._outstanding += weight
                 self._call_from_thread(self._arrived, chunk)
         return False
 
@@ -454,31 +595,126 @@ class ThreadedProducer:
         finally:
             self._pulling = False
 
-    def _taken(self, chunk: bytes) -> None:
+    def _taken(self, chunk: Piece) -> None:
+        weight = chunk.weight if isinstance(chunk, FileContents) else len(chunk)
         with self._lock:
-            self._outstanding -= len(chunk)
+            self._outstanding -= weight
 
-    def _arrived(self, chunk: bytes) -> None:
+    def _arrived(self, chunk: Piece) -> None:
         # On the reactor thread, in the order the worker made the chunks.
         if self._finished:
             self._taken(chunk)
+            if isinstance(chunk, FileContents):
+                chunk.close()
             return
-        if self._paused or self._waiting:
+        if self._paused or self._waiting or self._current is not None:
             self._waiting.append(chunk)
             return
         self._write(chunk)
 
-    def _write(self, chunk: bytes) -> None:
+    def _write(self, chunk: Piece) -> None:
+        if isinstance(chunk, FileContents):
+            self._current = chunk
+            self._flush()
+            return
         self._taken(chunk)
         self.written += len(chunk)
+        sink = self._sink
+        if sink is not None and sink.idle():
+            # Straight to the socket while nothing is buffered before it:
+            # the file contents after these bytes can then go by sendfile
+            # at once rather than after the next reactor turn.
+            try:
+                sent = sink.send_bytes(chunk)
+            except ConnectionError:
+                self._end(ProducerStopped())
+                return
+            except OSError as e:
+                self._end(e)
+                return
+            if sent == len(chunk):
+                return
+            chunk = chunk[sent:]
         # write() may call pauseProducing() synchronously (the transport's
         # buffer is full).
         self._consumer.write(chunk)
 
+    def _send_current(self) -> None:
+        """
+        Send the current file's contents until they are out, the consumer
+        pauses, or the stream ends: with ``sendfile`` while the transport
+        has nothing buffered, else (and after each turn of
+        :data:`SENDFILE_TURN_BYTES`) one piece read with ``pread`` and
+        written through the transport, behind what it holds; that piece is
+        bigger than the transport's buffer, so the transport pauses us and
+        resumes us when it has sent everything (the socket took it), and
+        other connections get their turn meanwhile.
+        """
+        current = self._current
+        assert current is not None
+        sink = self._sink
+        piece_size = sink.buffer_size + 1 if sink is not None else SMALL_CHUNK
+        while not self._paused and not self._finished:
+            if not current.remaining:
+                self._current = None
+                self._taken(current)
+                try:
+                    size_now = current.size_now()
+                finally:
+                    current.close()
+                if size_now != current.size:
+                    self._end(SizeMismatch(f"{current.where!r} changed size while being sent "
+                                           f"({current.size} -> {size_now} bytes)"))
+                return
+            if sink is not None and self._turn < SENDFILE_TURN_BYTES and sink.idle():
+                try:
+                    sent = sink.send(current.fd, current.offset,
+                                     min(current.remaining, SENDFILE_TURN_BYTES - self._turn))
+                except ConnectionError:
+                    # The client went away (EPIPE, ECONNRESET): as when the
+                    # transport stops us.
+                    self._end(ProducerStopped())
+                    return
+                except OSError as e:
+                    self._end(e)
+                    return
+                if sent == 0:
+                    self._end(SizeMismatch(f"{current.where!r} shrank while being sent"))
+                    return
+                if sent is not None:
+                    current.offset += sent
+                    self._turn += sent
+                    self.written += sent
+                    continue
+            try:
+                data = os.pread(current.fd, min(current.remaining, piece_size), current.offset)
+            except OSError as e:
+                self._end(e)
+                return
+            if not data:
+                self._end(SizeMismatch(f"{current.where!r} shrank while being sent"))
+                return
+            current.offset += len(data)
+            self._turn = 0
+            self.written += len(data)
+            self._consumer.write(data)
+
     def _flush(self) -> None:
         waiting = self._waiting
-        while waiting and not self._paused and not self._finished:
-            self._write(waiting.popleft())
+        while not self._paused and not self._finished:
+            if self._current is not None:
+                self._send_current()
+                if self._current is None and not self._finished:
+                    # The worker waited for that file to be sent.
+                    self._pull()
+                continue
+            if not waiting:
+                return
+            piece = waiting.popleft()
+            if isinstance(piece, FileContents):
+                self._current = piece
+                continue
+            self._write(piece)
 
     def _call_ended(self, source_ended: bool) -> None:
         # Fires after every chunk of that call has arrived (call_from_thread
@@ -491,7 +727,7 @@ class ThreadedProducer:
             return
         if source_ended:
             self._source_done = True
-            if not self._paused and not self._waiting:
+            if not self._paused and not self._waiting and self._current is None:
                 self._end(None)
             return
         self._pull()
@@ -512,7 +748,14 @@ class ThreadedProducer:
             assert self._budget is not None
             self._budget.leave()
         while self._waiting:
-            self._taken(self._waiting.popleft())
+            piece = self._waiting.popleft()
+            self._taken(piece)
+            if isinstance(piece, FileContents):
+                piece.close()
+        if self._current is not None:
+            self._taken(self._current)
+            self._current.close()
+            self._current = None
         self._cancel_stall_timer()
         self._consumer.unregisterProducer()
         if not self._in_flight:
