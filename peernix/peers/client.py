@@ -153,7 +153,7 @@ def discard_body(response: IResponse) -> None:
     response.deliverBody(_Discard())  # type: ignore[no-untyped-call]
 
 
-def _clean_cancel(inner: Deferred[_T]) -> Deferred[_T]:
+def clean_cancel(inner: Deferred[_T]) -> Deferred[_T]:
     """
     :returns: a Deferred following ``inner`` whose cancellation cancels
         ``inner`` and always ends in ``CancelledError``.  (A cancelled
@@ -227,7 +227,7 @@ class PeerClient:
         self._agent: IAgent | None = agent if agent is not None else getattr(http, "_agent", None)
 
     def _bounded(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> Deferred[_T]:
-        d = _clean_cancel(Deferred.fromCoroutine(coro))
+        d = clean_cancel(Deferred.fromCoroutine(coro))
         # addTimeout cancels the request (and so the connection) at the
         # deadline and cancels its own timer when d fires first.
         d.addTimeout(self.timeout if timeout is None else timeout, self._clock)

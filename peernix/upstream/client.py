@@ -37,7 +37,7 @@ from twisted.web.iweb import IAgent, IResponse
 from peernix.nix.hashes import Hash
 from peernix.nix.narinfo import MAX_NARINFO_SIZE, NarInfo, NarInfoError, parse_narinfo
 from peernix.nix.storepath import STORE_DIR, is_hash_part
-from peernix.peers.client import discard_body, read_limited
+from peernix.peers.client import clean_cancel, discard_body, read_limited
 from peernix.peers.errors import PeerError
 from peernix.peers.trust import TrustPolicy
 from peernix.zstd import ZstdDecompressor, ZstdError
@@ -287,31 +287,6 @@ class NarBodyDecoder(Protocol):
             self._stop(stop_transport=True)
 
 
-def _clean_cancel(inner: Deferred[_T]) -> Deferred[_T]:
-    """A Deferred following ``inner`` whose cancellation cancels ``inner`` and ends in ``CancelledError``."""
-    cancelled = False
-
-    def cancel(_d: Deferred[_T]) -> None:
-        nonlocal cancelled
-        cancelled = True
-        inner.cancel()
-
-    outer: Deferred[_T] = Deferred(cancel)
-
-    def forward(result: _T | Failure) -> None:
-        if outer.called:
-            return
-        if cancelled and isinstance(result, Failure):
-            outer.errback(CancelledError())
-        elif isinstance(result, Failure):
-            outer.errback(result)
-        else:
-            outer.callback(result)
-
-    inner.addBoth(forward)
-    return outer
-
-
 def _translate(failure: Failure) -> Failure:
     """Map any failure but a cancellation or our own errors to :class:`SourceFailed`."""
     if isinstance(failure.value, (UpstreamError, CancelledError)):
@@ -354,7 +329,7 @@ class UpstreamClient:
         self.timeout = timeout
 
     def _bounded(self, coro: Coroutine[Any, Any, _T], timeout: float | None = None) -> Deferred[_T]:
-        d = _clean_cancel(Deferred.fromCoroutine(coro))
+        d = clean_cancel(Deferred.fromCoroutine(coro))
         # addTimeout cancels the request at the deadline (closing its
         # connection) and its own timer when d fires first.
         d.addTimeout(self.timeout if timeout is None else timeout, self._clock)

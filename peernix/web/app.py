@@ -64,6 +64,7 @@ from peernix.web.streaming import (
     DeferToThread,
     Piece,
     ProducerStopped,
+    RequestConsumer,
     AheadBudget,
     SocketSink,
     ThreadedProducer,
@@ -229,28 +230,6 @@ def abort_connection(request: Request) -> None:
         abort()
     else:
         transport.loseConnection()
-
-
-@implementer(IConsumer)
-class _RequestConsumer:
-    """
-    A request as an ``IConsumer`` that tolerates unregistering after the
-    connection was lost: ``twisted.web`` drops a request's channel on
-    ``connectionLost`` and its ``unregisterProducer`` would then raise.
-    """
-
-    def __init__(self, request: Request) -> None:
-        self._request = request
-
-    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
-        self._request.registerProducer(producer, streaming)  # type: ignore[no-untyped-call]
-
-    def unregisterProducer(self) -> None:
-        if self._request.channel is not None:
-            self._request.unregisterProducer()  # type: ignore[no-untyped-call]
-
-    def write(self, data: bytes) -> None:
-        self._request.write(data)  # type: ignore[no-untyped-call]
 
 
 @attrs.define
@@ -701,7 +680,7 @@ class WebApp:
             ``--max-upload-rate`` is set), counting written bytes into
             ``count`` when given.
         """
-        consumer: IConsumer = _RequestConsumer(request)
+        consumer: IConsumer = RequestConsumer(request)
         if self._upload_limiter is not None and self._is_peer(request):
             return ThrottledConsumer(consumer, self._upload_limiter, count)
         if count is not None:
@@ -1231,7 +1210,7 @@ class WebApp:
         assert self._upstream is not None  # _ask_upstream returned a narinfo
         started = self._reactor.seconds()
         savings = self._savings
-        consumer: IConsumer = _RequestConsumer(request)
+        consumer: IConsumer = RequestConsumer(request)
         if savings is not None:
             # Bytes relayed to a local client: what the LAN saved it.
             savings.count_path(peer.store_path, peer.nar_size)

@@ -18,18 +18,18 @@ import json
 import re
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IConsumer, IProducer
+from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from zope.interface import implementer
 
 from peernix.nix.hashes import Hash, HashError, parse_hash
 from peernix.peers.client import PEER_HEADER
 from peernix.peers.errors import NarRelayInterrupted, NarUnavailable
 from peernix.upstream.fetch import FETCH_PREFIX, LanFetcher
 from peernix.web.ratelimit import ThrottledConsumer, UploadLimiter
+from peernix.web.streaming import RequestConsumer
 
 _log = Logger()
 
@@ -42,24 +42,6 @@ def _abort(request: Request) -> None:
     transport = getattr(request.channel, "transport", None)
     if transport is not None:
         getattr(transport, "abortConnection", transport.loseConnection)()
-
-
-@implementer(IConsumer)
-class _TolerantConsumer:
-    """A request as a consumer that may be unregistered from after its connection is gone."""
-
-    def __init__(self, request: Request) -> None:
-        self._request = request
-
-    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
-        self._request.registerProducer(producer, streaming)  # type: ignore[no-untyped-call]
-
-    def unregisterProducer(self) -> None:
-        if self._request.channel is not None:
-            self._request.unregisterProducer()  # type: ignore[no-untyped-call]
-
-    def write(self, data: bytes) -> None:
-        self._request.write(data)  # type: ignore[no-untyped-call]
 
 
 class FetchResource(Resource):
@@ -135,7 +117,7 @@ class FetchResource(Resource):
             request.finish()  # type: ignore[no-untyped-call]
             return
         try:
-            consumer: IConsumer = _TolerantConsumer(request)
+            consumer: IConsumer = RequestConsumer(request)
             if self._upload_limiter is not None:
                 consumer = ThrottledConsumer(consumer, self._upload_limiter)
             await self._fetcher.serve_peer(hash_part, nar_hash, consumer, offset)

@@ -30,11 +30,12 @@ from typing import IO, Protocol, TypeVar
 
 import zstandard
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorFromThreads, IReactorTime
+from twisted.internet.interfaces import IConsumer, IProducer, IDelayedCall, IPushProducer, IReactorFromThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
+from twisted.web.server import Request
 from zope.interface import implementer
 
 from peernix.nix.nar import FileContents
@@ -777,3 +778,25 @@ class ThreadedProducer:
 
         d = self._defer_to_thread(close)
         d.addErrback(lambda f: _log.failure("Closing a stream source failed", failure=f))
+
+
+@implementer(IConsumer)
+class RequestConsumer:
+    """
+    A request as an ``IConsumer`` that tolerates unregistering after the
+    connection was lost: ``twisted.web`` drops a request's channel on
+    ``connectionLost`` and its ``unregisterProducer`` would then raise.
+    """
+
+    def __init__(self, request: Request) -> None:
+        self._request = request
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        self._request.registerProducer(producer, streaming)  # type: ignore[no-untyped-call]
+
+    def unregisterProducer(self) -> None:
+        if self._request.channel is not None:
+            self._request.unregisterProducer()  # type: ignore[no-untyped-call]
+
+    def write(self, data: bytes) -> None:
+        self._request.write(data)  # type: ignore[no-untyped-call]
