@@ -271,6 +271,35 @@ class _CountingConsumer:
         self._count(len(data))
 
 
+def _begin_nar_answer(
+    request: Request, found: Found, nar_hash: Hash | None
+) -> tuple[bytes | None, tuple[int, int] | None]:
+    """
+    Start the answer of a NAR this node passes on (relayed from a peer or
+    staged for the LAN): 404 when the URL names another NarHash, 416 for a
+    range past the end, else the source header and either 200 with the
+    whole length and ``Accept-Ranges: bytes`` or 206 for the asked range.
+
+    :returns: ``(error body, None)`` for an error answer, else ``(None,
+        range)`` with the inclusive byte range asked for (``None``: whole).
+    """
+    info = found.info
+    if nar_hash is not None and info.nar_hash != nar_hash:
+        return _error_body(request, 404, b"not found\n"), None
+    size = info.nar_size
+    try:
+        byte_range = _requested_range(request, size)
+    except RangeNotSatisfiable:
+        return _range_not_satisfiable(request, size), None
+    _set_source(request, found.source)
+    if byte_range is None:
+        _set_headers(request, 200, NAR_TYPE, size)
+        request.responseHeaders.setRawHeaders(b"Accept-Ranges", [b"bytes"])
+    else:
+        _partial_headers(request, byte_range[0], byte_range[1], size)
+    return None, byte_range
+
+
 def _set_headers(request: Request, code: int, content_type: bytes, length: int | None) -> None:
     request.setResponseCode(code)
     headers = request.responseHeaders
@@ -1189,22 +1218,14 @@ class WebApp:
             it), or ``None`` for a URL naming the path by hash part only.
         """
         found = await self._ask_upstream(request, hash_part)
-        if found is None or (nar_hash is not None and found.info.nar_hash != nar_hash):
+        if found is None:
             return _error_body(request, 404, b"not found\n")
         peer = found.info
-        size = peer.nar_size
-        try:
-            byte_range = _requested_range(request, size)
-        except RangeNotSatisfiable:
-            return _range_not_satisfiable(request, size)
-        # The narinfo's winner; the relay names the peer that really sends it.
-        _set_source(request, found.source)
-        if byte_range is None:
-            _set_headers(request, 200, NAR_TYPE, size)
-            request.responseHeaders.setRawHeaders(b"Accept-Ranges", [b"bytes"])
-        else:
-            first, last = byte_range
-            _partial_headers(request, first, last, size)
+        # The narinfo's winner as the source; the relay names the peer that
+        # really sends it.
+        error, byte_range = _begin_nar_answer(request, found, nar_hash)
+        if error is not None:
+            return error
         if _is_head(request):
             return b""
         assert self._upstream is not None  # _ask_upstream returned a narinfo
@@ -1253,24 +1274,14 @@ class WebApp:
         answer to a peer, counted as given to peers.
         """
         info = found.info
-        if nar_hash is not None and info.nar_hash != nar_hash:
-            return _error_body(request, 404, b"not found\n")
-        size = info.nar_size
-        try:
-            byte_range = _requested_range(request, size)
-        except RangeNotSatisfiable:
-            return _range_not_satisfiable(request, size)
-        _set_source(request, found.source)
-        if byte_range is None:
-            _set_headers(request, 200, NAR_TYPE, size)
-            request.responseHeaders.setRawHeaders(b"Accept-Ranges", [b"bytes"])
-        else:
-            _partial_headers(request, byte_range[0], byte_range[1], size)
+        error, byte_range = _begin_nar_answer(request, found, nar_hash)
+        if error is not None:
+            return error
         if _is_head(request):
             return b""
         assert self._lan_fetcher is not None  # _staged_for_peer found it
         if self._savings is not None:
-            self._savings.count_path(info.store_path, size)
+            self._savings.count_path(info.store_path, info.nar_size)
         # The staged file is verified: a range is read from its first byte
         # and cut at its last (RangeConsumer holds the last piece back until
         # finish(), after the reader reached the file's end).
