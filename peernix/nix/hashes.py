@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 
 from attrs import frozen
@@ -44,7 +45,7 @@ class Hash:
 
     def nix32(self) -> str:
         """:returns: the digest in nix32, without the algorithm."""
-        return nix32.encode(self.digest)
+        return _nix32_of(self.digest)
 
     def base16(self) -> str:
         """:returns: the digest in lower-case hex, without the algorithm."""
@@ -60,6 +61,12 @@ class Hash:
 
     def __str__(self) -> str:
         return self.to_string()
+
+
+@functools.lru_cache(maxsize=8192)
+def _nix32_of(digest: bytes) -> str:
+    """:returns: ``digest`` in nix32 (remembered: a NarHash is written many times on a busy path)."""
+    return nix32.encode(digest)
 
 
 def _decode_digest(algo: str, text: str) -> bytes:

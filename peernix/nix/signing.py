@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol, TypeVar, cast
 
@@ -25,6 +26,11 @@ _KEY_NAME_RE = re.compile(r"[^:\s]+")
 
 #: Largest key file we read; real ones are under 150 bytes.
 _MAX_KEY_FILE_SIZE = 64 * 1024
+
+#: Signature checks remembered (key, fingerprint, signature -> whether it
+#: verified), oldest out first.
+VERIFY_MEMO_SIZE = 8192
+_VERIFIED: OrderedDict[tuple[bytes, bytes, bytes], bool] = OrderedDict()
 
 _HOW_TO_MAKE = (
     "make a key pair with `nix-store --generate-binary-cache-key NAME sk pk` "
@@ -99,11 +105,23 @@ class PublicKey:
         parts = split_sig(sig) if isinstance(sig, str) else None
         if parts is None or parts[0] != self.name:
             return False
+        # The same narinfo is checked several times over its life (trust
+        # filter, share filter, every node's answer): an ed25519 check
+        # costs ~0.1 ms, a look-up in the bounded memo far less.
+        memo = _VERIFIED
+        memo_key = (self.key, fingerprint, parts[1])
+        known = memo.get(memo_key)
+        if known is not None:
+            return known
         try:
             self._verify_key.verify(fingerprint, parts[1])
+            good = True
         except (CryptoError, ValueError, TypeError):
-            return False
-        return True
+            good = False
+        memo[memo_key] = good
+        if len(memo) > VERIFY_MEMO_SIZE:
+            memo.popitem(last=False)
+        return good
 
 
 @frozen

@@ -254,6 +254,22 @@ class SignVerifyTests(SynchronousTestCase):
         odd = PublicKey("test-1", b"\xff" * 32)
         self.assertFalse(odd.verify(FP1, SIG1))
 
+    def test_verdicts_remembered_per_key(self) -> None:
+        """Repeated checks give the same answers (good and bad), per key, and the memo stays bounded."""
+        from peernix.nix import signing
+
+        pk = parse_public_key(PK)
+        for _ in range(2):
+            self.assertTrue(pk.verify(FP1, SIG1))
+            self.assertFalse(pk.verify(FP2, SIG1))
+        # Another key of the same name never inherits the first one's verdict.
+        impostor = PublicKey("test-1", parse_public_key(HOST_PK).key)
+        self.assertFalse(impostor.verify(FP1, SIG1))
+        for i in range(signing.VERIFY_MEMO_SIZE + 10):
+            pk.verify(b"%d" % i, SIG1)
+        self.assertLessEqual(len(signing._VERIFIED), signing.VERIFY_MEMO_SIZE)
+        self.assertTrue(pk.verify(FP1, SIG1))
+
     def test_real_nix_signature(self) -> None:
         """A signature made by Nix itself verifies; the built narinfo fixture proves the fingerprint."""
         from peernix.test.test_narinfo import BUILT

@@ -139,7 +139,7 @@ def _write(root: str, sql: str, *args: object) -> None:
 def _make_store(test: SynchronousTestCase, root: str) -> tuple[LocalStore, ThreadlessClock, ManualPool]:
     clock = ThreadlessClock()
     pool = ManualPool()
-    store = LocalStore(root, clock, cache_ttl=TTL, threadpool=pool)
+    store = LocalStore(root, clock, cache_ttl=TTL, threadpool=pool, inline=False)
     store.start()
     test.addCleanup(store.stop)
     return store, clock, pool
@@ -150,6 +150,51 @@ def _query(test: SynchronousTestCase, store: LocalStore, pool: ManualPool, hash_
     pool.run_all()
     result: PathInfo | None = test.successResultOf(d)
     return result
+
+
+class InlineLookupTests(SynchronousTestCase):
+    """The default: lookups on the calling (reactor) thread, a worker only when SQLite is locked."""
+
+    skip = nixenv.SKIP_NO_BUILD
+
+    def setUp(self) -> None:
+        self.shared = _get_shared()
+        self.root = _copy_store(self, self.shared.store)
+        self.clock = ThreadlessClock()
+        self.pool = ManualPool()
+        self.store = LocalStore(self.root, self.clock, cache_ttl=TTL, threadpool=self.pool)
+        self.store.start()
+        self.addCleanup(self.store.stop)
+
+    def test_answered_without_a_worker(self) -> None:
+        """A hit and a miss are answered at once, with no work for the pool, and cached."""
+        info = self.successResultOf(self.store.query_path_info(_hash_part(self.shared.text)))
+        assert info is not None
+        self.assertEqual(info.path, self.shared.text)
+        self.assertIsNone(self.successResultOf(self.store.query_path_info("0" * 32)))
+        self.assertEqual(self.pool.queue, [])
+        self.assertIn(_hash_part(self.shared.text), self.store._cache)
+
+    def test_locked_database_goes_to_a_worker(self) -> None:
+        """When SQLite would have to wait for a lock, a worker does the lookup (and may wait); nothing blocks."""
+        db = os.path.join(self.root, local.DB_RELPATH)
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=DELETE")
+        conn.execute("BEGIN EXCLUSIVE")
+        d = self.store.query_path_info(_hash_part(self.shared.text))
+        self.assertNoResult(d)
+        self.assertEqual(len(self.pool.queue), 1)
+        conn.execute("COMMIT")
+        conn.close()
+        self.pool.run_all()
+        info = self.successResultOf(d)
+        assert info is not None
+        self.assertEqual(info.path, self.shared.text)
+
+    def test_before_start_waits_for_a_worker(self) -> None:
+        """A store not started yet never answers on the calling thread."""
+        store = LocalStore(self.root, self.clock, cache_ttl=TTL, threadpool=ManualPool())
+        self.assertNoResult(store.query_path_info(_hash_part(self.shared.text)))
 
 
 class LookupTests(SynchronousTestCase):
@@ -430,7 +475,8 @@ class QueryPathInfoTests(SynchronousTestCase):
 
     def test_cache_bounded(self) -> None:
         """The cache never holds more than cache_size entries."""
-        store = LocalStore(self.nix.root, self.clock, cache_ttl=TTL, threadpool=self.pool, cache_size=3)
+        store = LocalStore(self.nix.root, self.clock, cache_ttl=TTL, threadpool=self.pool, cache_size=3,
+                           inline=False)
         store.start()
         self.addCleanup(store.stop)
         for i in range(10):
@@ -496,7 +542,8 @@ class RevalidationTests(SynchronousTestCase):
         self.root = _copy_store(self, self.shared.store)
         self.clock = ThreadlessClock()
         self.pool = ManualPool()
-        self.store = LocalStore(self.root, self.clock, cache_ttl=TTL, threadpool=self.pool, revalidate=True)
+        self.store = LocalStore(self.root, self.clock, cache_ttl=TTL, threadpool=self.pool, revalidate=True,
+                                inline=False)
         self.store.start()
         self.addCleanup(self.store.stop)
         self.h = _hash_part(self.shared.text)

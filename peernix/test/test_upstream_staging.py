@@ -33,10 +33,14 @@ class ChunkConsumer(StringTransport):
 
 
 class StagingTestCase(SynchronousTestCase):
+    #: NARs up to this size are held in memory (0: every NAR gets a file).
+    memory_max = 0
+
     def setUp(self) -> None:
         self.directory = self.mktemp()
         self.clock = Clock()
-        self.staging = Staging(self.directory, 10_000_000, self.clock, idle=600)
+        self.staging = Staging(self.directory, 10_000_000, self.clock, idle=600, memory_max=self.memory_max,
+                               memory_budget=3000)
         self.staging.start()
         self.addCleanup(self.staging.close)
 
@@ -281,6 +285,117 @@ class EvictionTests(StagingTestCase):
         self.clock.advance(601)
         self.assertEqual(self.staging.sweep(), 1)
         self.assertEqual(self.files(), [])
+
+
+class MemoryTierTests(StagingTestCase):
+    """Small NARs held in memory: the same rules as files, and no file at all."""
+
+    memory_max = 1000
+
+    def _stage(self, part: str, size: int) -> bytes:
+        nar = os.urandom(size)
+        download = self.staging.begin(part, Hash.sha256_of(nar), size)
+        download.append(nar)
+        download.finish()
+        return nar
+
+    def test_small_nar_never_touches_the_disk(self) -> None:
+        """A small NAR streams to an early and a late reader, the last byte only once verified, with no file."""
+        nar = os.urandom(900)
+        nar_hash = Hash.sha256_of(nar)
+        download = self.staging.begin(HASH_PART, nar_hash, len(nar))
+        early = ChunkConsumer()
+        reader = self.staging.open_reader(HASH_PART, nar_hash, early)
+        assert reader is not None
+        done_early = reader.start()
+        download.append(nar[:400])
+        self.assertEqual(early.value(), nar[:400])
+        late = ChunkConsumer()
+        late_reader = self.staging.open_reader(HASH_PART, nar_hash, late, offset=100)
+        assert late_reader is not None
+        done_late = late_reader.start()
+        self.assertEqual(late.value(), nar[100:400])
+        download.append(nar[400:])
+        self.assertEqual(early.value(), nar[:-1])
+        self.assertNoResult(done_early)
+        self.assertEqual(self.staging.memory_usage, 900)
+        download.finish()
+        self.successResultOf(done_early)
+        self.successResultOf(done_late)
+        self.assertEqual(early.value(), nar)
+        self.assertEqual(late.value(), nar[100:])
+        self.assertEqual(self.files(), [])
+        self.assertTrue(self.staging.staged(staging_key(HASH_PART, nar_hash)))
+        again = ChunkConsumer()
+        third = self.staging.open_reader(HASH_PART, nar_hash, again)
+        assert third is not None
+        self.successResultOf(third.start())
+        self.assertEqual(again.value(), nar)
+        self.assertEqual((self.staging.usage, self.staging.memory_usage), (900, 900))
+
+    def test_wrong_hash_frees_memory_and_fails_readers(self) -> None:
+        """A small NAR failing verification fails its readers and leaves nothing held."""
+        nar = os.urandom(500)
+        download = self.staging.begin(HASH_PART, Hash.sha256_of(b"other"), len(nar))
+        consumer = ChunkConsumer()
+        reader = self.staging.open_reader(HASH_PART, Hash.sha256_of(b"other"), consumer)
+        assert reader is not None
+        d = reader.start()
+        download.append(nar)
+        self.assertRaises(VerificationFailed, download.finish)
+        self.failureResultOf(d, VerificationFailed)
+        self.assertEqual(len(consumer.value()), len(nar) - 1)
+        self.assertEqual((self.staging.usage, self.staging.memory_usage), (0, 0))
+        self.assertFalse(self.staging.staged(staging_key(HASH_PART, Hash.sha256_of(b"other"))))
+
+    def test_budget_full_small_nars_get_files(self) -> None:
+        """Once the memory budget is taken, the next small NAR is staged in a file."""
+        for n in range(3):
+            self._stage(_part(n), 1000)
+        self.assertEqual(self.staging.memory_usage, 3000)
+        self.assertEqual(self.files(), [])
+        self._stage(_part(3), 1000)
+        self.assertEqual([name[:32] for name in self.files()], [_part(3)])
+        self.assertEqual((self.staging.usage, self.staging.memory_usage), (4000, 3000))
+
+    def test_larger_nars_get_files(self) -> None:
+        """A NAR above the memory threshold is staged in a file."""
+        self._stage(_part(1), 1001)
+        self.assertEqual([name[:32] for name in self.files()], [_part(1)])
+        self.assertEqual(self.staging.memory_usage, 0)
+
+    def test_eviction_and_sweep_free_memory(self) -> None:
+        """Memory-held NARs leave by least recent use and by idleness, and their bytes are freed."""
+        self.staging.max_size = 2000
+        dropped: list[object] = []
+        self.staging.on_dropped = dropped.append
+        a = self._stage(_part(1), 1000)
+        b = self._stage(_part(2), 1000)
+        self.clock.advance(1)
+        reader = self.staging.open_reader(_part(1), Hash.sha256_of(a), ChunkConsumer())
+        assert reader is not None
+        self.successResultOf(reader.start())
+        self._stage(_part(3), 1000)
+        self.assertEqual(dropped, [staging_key(_part(2), Hash.sha256_of(b))])
+        self.assertEqual((self.staging.usage, self.staging.memory_usage), (2000, 2000))
+        self.clock.advance(601)
+        self.assertEqual(self.staging.sweep(), 2)
+        self.assertEqual((self.staging.usage, self.staging.memory_usage, self.staging.complete_count), (0, 0, 0))
+
+    def test_evicted_while_read(self) -> None:
+        """A reader of a memory-held NAR evicted under it still reads it to the end."""
+        self.staging.max_size = 1000
+        nar = self._stage(_part(1), 1000)
+        consumer = ChunkConsumer()
+        reader = self.staging.open_reader(_part(1), Hash.sha256_of(nar), consumer)
+        assert reader is not None
+        reader.pauseProducing()
+        d = reader.start()
+        self._stage(_part(2), 1000)
+        self.assertFalse(self.staging.staged(staging_key(_part(1), Hash.sha256_of(nar))))
+        reader.resumeProducing()
+        self.successResultOf(d)
+        self.assertEqual(consumer.value(), nar)
 
 
 class StartTests(SynchronousTestCase):

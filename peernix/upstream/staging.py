@@ -20,6 +20,15 @@ files, partial and complete: a crash (even a power loss between a rename and
 the data reaching the disk) leaves nothing that is served later.  Staging is
 a rendezvous for concurrent demand, not a second store.
 
+Small NARs (at most ``memory_max`` bytes, :data:`SMALL_NAR` by default)
+are held in memory instead, running and complete, while the ones held so
+take at most ``memory_budget`` bytes (:data:`MEMORY_BUDGET`); beyond that a
+small NAR gets a file like any other.  A closure is mostly small paths, and
+creating, renaming and removing a file per path cost more than everything
+else a small path costs (measured in ``bench.upstream``); memory-held NARs
+follow the same rules (verification, hold-back, eviction, the size limit)
+and, like files, are gone after a restart.
+
 Memory stays flat whatever the NAR's size: bytes go from the network to the
 file and from the file to each consumer in chunks of :data:`READ_CHUNK`.
 File reads and writes run on the reactor thread: they hit the page cache
@@ -53,6 +62,12 @@ READ_CHUNK = 256 * 1024
 #: A staged NAR nobody asked for in this long is dropped, seconds.
 DEFAULT_IDLE = 3600.0
 
+#: NARs of at most this many bytes are held in memory rather than in a file.
+SMALL_NAR = 64 * 1024
+
+#: At most this many bytes of NARs are held in memory (running and complete).
+MEMORY_BUDGET = 16 * 1024 * 1024
+
 _OWN_FILE = re.compile(r"[0-9a-df-np-sv-z]{32}-[0-9a-df-np-sv-z]{52}(\.[0-9a-f]+\.partial|\.nar)")
 
 
@@ -81,7 +96,11 @@ class Download:
     :ivar readers: how many readers it has had (for metrics).
     """
 
-    def __init__(self, staging: Staging, key: Key, nar_hash: Hash, nar_size: int, path: str) -> None:
+    def __init__(self, staging: Staging, key: Key, nar_hash: Hash, nar_size: int, path: str | None) -> None:
+        """
+        :param path: the temporary file to write, or ``None`` to hold the
+            NAR in memory (:attr:`buffer`).
+        """
         self.key = key
         self.nar_size = nar_size
         self.path = path
@@ -91,7 +110,9 @@ class Download:
         self.readers = 0
         self._staging = staging
         self._verifier = NarVerifier(nar_hash, nar_size, check_grammar=False)
-        self._file = open(path, "wb", buffering=0)
+        #: The NAR's bytes so far when it is held in memory, else ``None``.
+        self.buffer: bytearray | None = bytearray() if path is None else None
+        self._file = open(path, "wb", buffering=0) if path is not None else None
         self._watchers: list[Callable[[], None]] = []
 
     def readable(self) -> int:
@@ -115,7 +136,11 @@ class Download:
             raise ValueError("the download is over")
         try:
             self._verifier.feed(data)
-            self._file.write(data)
+            if self.buffer is not None:
+                self.buffer += data
+            else:
+                assert self._file is not None
+                self._file.write(data)
         except (NarError, OSError) as e:
             self.fail(VerificationFailed(str(e)) if isinstance(e, NarError) else e)
             raise
@@ -138,7 +163,8 @@ class Download:
             error = VerificationFailed(str(e))
             self.fail(error)
             raise error from None
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         self.state = "done"
         self._staging._completed(self)
         self._notify()
@@ -149,7 +175,9 @@ class Download:
             return
         self.state = "failed"
         self.error = error
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+        self.buffer = None
         self._staging._failed(self)
         self._notify()
 
@@ -171,12 +199,13 @@ class Download:
 
 
 class _Entry:
-    """A complete staged NAR."""
+    """A complete staged NAR: its file, or its bytes when held in memory."""
 
-    def __init__(self, path: str, size: int, last_used: float) -> None:
+    def __init__(self, path: str | None, size: int, last_used: float, data: bytes | None = None) -> None:
         self.path = path
         self.size = size
         self.last_used = last_used
+        self.data = data
 
 
 class Staging:
@@ -190,15 +219,24 @@ class Staging:
     :param clock: for least-recently-used order and idle expiry.
     :param idle: a complete NAR not read for this long goes at the next
         :meth:`sweep`.
+    :param memory_max: NARs of at most this many bytes are held in memory
+        (0: none).
+    :param memory_budget: most bytes of NARs held in memory at once.
     """
 
-    def __init__(self, directory: str, max_size: int, clock: IReactorTime, *, idle: float = DEFAULT_IDLE) -> None:
+    def __init__(self, directory: str, max_size: int, clock: IReactorTime, *, idle: float = DEFAULT_IDLE,
+                 memory_max: int = SMALL_NAR, memory_budget: int = MEMORY_BUDGET) -> None:
         self.directory = directory
         self.max_size = max_size
         self.idle = idle
+        self.memory_max = memory_max
+        self.memory_budget = memory_budget
         self._clock = clock
         self._complete: OrderedDict[Key, _Entry] = OrderedDict()
         self._running: dict[Key, Download] = {}
+        # Bytes held (see usage), and of those the ones held in memory.
+        self._usage = 0
+        self._memory = 0
         self.evictions = 0
         #: Told the key of every verified NAR that leaves the staging area
         #: (evicted, idle, or its file gone), e.g. to update the digest.
@@ -259,22 +297,35 @@ class Staging:
         """:returns: whether the verified NAR ``key`` is staged (not counted as a use)."""
         return key in self._complete
 
-    def complete(self, key: Key) -> str | None:
+    def _use(self, key: Key) -> _Entry | None:
         """
-        :returns: the file of the verified staged NAR ``key``, if any
-            (counted as a use: it moves to the back of the eviction order).
+        :returns: the verified staged NAR ``key``, if any (counted as a use:
+            it moves to the back of the eviction order).
         """
         entry = self._complete.get(key)
         if entry is None:
             return None
         entry.last_used = self._clock.seconds()
         self._complete.move_to_end(key)
-        return entry.path
+        return entry
+
+    def complete(self, key: Key) -> str | None:
+        """
+        :returns: the file of the verified staged NAR ``key``, if it is
+            staged in a file (counted as a use, see :meth:`_use`).
+        """
+        entry = self._use(key)
+        return entry.path if entry is not None else None
 
     @property
     def usage(self) -> int:
         """:returns: bytes held: complete NARs plus running downloads' NarSize."""
-        return sum(e.size for e in self._complete.values()) + sum(d.nar_size for d in self._running.values())
+        return self._usage
+
+    @property
+    def memory_usage(self) -> int:
+        """:returns: the part of :attr:`usage` held in memory."""
+        return self._memory
 
     @property
     def complete_count(self) -> int:
@@ -299,32 +350,60 @@ class Staging:
         if key in self._running:
             raise ValueError(f"{key} is already being downloaded")
         self._make_room(nar_size)
-        path = os.path.join(self.directory, f"{key[0]}-{key[1]}.{secrets.token_hex(4)}.partial")
+        in_memory = nar_size <= self.memory_max and self._memory + nar_size <= self.memory_budget
+        path = None if in_memory else os.path.join(
+            self.directory, f"{key[0]}-{key[1]}.{secrets.token_hex(4)}.partial")
         download = Download(self, key, nar_hash, nar_size, path)
         self._running[key] = download
+        self._held(nar_size, in_memory)
         return download
+
+    def _held(self, size: int, in_memory: bool) -> None:
+        """Count ``size`` more bytes held (less when negative)."""
+        self._usage += size
+        if in_memory:
+            self._memory += size
+
+    def _drop_entry(self, entry: _Entry) -> None:
+        """Forget a complete NAR's bytes: its file goes, or its memory is freed."""
+        self._held(-entry.size, entry.data is not None)
+        if entry.path is not None:
+            self._unlink(entry.path)
 
     def _completed(self, download: Download) -> None:
         del self._running[download.key]
-        final = os.path.join(self.directory, f"{download.key[0]}-{download.key[1]}.nar")
-        try:
-            os.replace(download.path, final)
-        except OSError as e:
-            _log.warn("Cannot keep staged NAR {path}: {error}", path=final, error=str(e))
-            self._unlink(download.path)
-            return
+        if download.buffer is not None:
+            entry = _Entry(None, download.nar_size, self._clock.seconds(), bytes(download.buffer))
+            download.buffer = None
+        else:
+            assert download.path is not None
+            final = os.path.join(self.directory, f"{download.key[0]}-{download.key[1]}.nar")
+            try:
+                os.replace(download.path, final)
+            except OSError as e:
+                _log.warn("Cannot keep staged NAR {path}: {error}", path=final, error=str(e))
+                self._held(-download.nar_size, False)
+                self._unlink(download.path)
+                return
+            # Readers already reading keep their open file: the rename does
+            # not disturb them.
+            download.path = final
+            entry = _Entry(final, download.nar_size, self._clock.seconds())
         old = self._complete.pop(download.key, None)
-        if old is not None and old.path != final:
-            self._unlink(old.path)
-        # Readers already reading keep their open file: the rename does not
-        # disturb them.
-        download.path = final
-        self._complete[download.key] = _Entry(final, download.nar_size, self._clock.seconds())
+        if old is not None:
+            # The same NAR staged again: the new bytes replace it (the same
+            # file name is not removed).
+            self._held(-old.size, old.data is not None)
+            if old.path is not None and old.path != entry.path:
+                self._unlink(old.path)
+        self._complete[download.key] = entry
         self._make_room(0)
 
     def _failed(self, download: Download) -> None:
         self._running.pop(download.key, None)
-        self._unlink(download.path)
+        self._held(-download.nar_size, download.path is None)
+        if download.path is not None:
+            self._unlink(download.path)
 
     # -- eviction -----------------------------------------------------------
 
@@ -332,7 +411,7 @@ class Staging:
         """Drop least recently used complete NARs until ``incoming`` more bytes fit (or none is left)."""
         while self._complete and self.usage + incoming > self.max_size:
             key, entry = self._complete.popitem(last=False)
-            self._unlink(entry.path)
+            self._drop_entry(entry)
             self.evictions += 1
             _log.debug("Evicted staged NAR {key}", key=key)
             self._dropped(key)
@@ -348,7 +427,7 @@ class Staging:
         for key, entry in list(self._complete.items()):
             if entry.last_used < deadline:
                 del self._complete[key]
-                self._unlink(entry.path)
+                self._drop_entry(entry)
                 dropped += 1
                 self._dropped(key)
         return dropped
@@ -387,33 +466,80 @@ class Staging:
         """
         key = staging_key(hash_part, nar_hash)
         download = self._running.get(key)
+        source: _Source
         if download is not None:
-            try:
-                fd = os.open(download.path, os.O_RDONLY)
-            except OSError:
-                return None
+            if download.buffer is not None:
+                source = _MemorySource(download.buffer)
+            else:
+                assert download.path is not None
+                try:
+                    source = _FileSource(os.open(download.path, os.O_RDONLY))
+                except OSError:
+                    return None
             download.readers += 1
-            return StagedReader(fd, download.nar_size, consumer, offset=offset, download=download, on_bytes=on_bytes)
-        path = self.complete(key)
-        if path is None:
+            return StagedReader(source, download.nar_size, consumer, offset=offset, download=download,
+                                on_bytes=on_bytes)
+        entry = self._use(key)
+        if entry is None:
             return None
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            if self._complete.pop(key, None) is not None:
-                self._dropped(key)
-            return None
-        entry = self._complete[key]
-        return StagedReader(fd, entry.size, consumer, offset=offset, on_bytes=on_bytes)
+        if entry.data is not None:
+            source = _MemorySource(entry.data)
+        else:
+            assert entry.path is not None
+            try:
+                source = _FileSource(os.open(entry.path, os.O_RDONLY))
+            except OSError:
+                if self._complete.pop(key, None) is not None:
+                    self._held(-entry.size, False)
+                    self._dropped(key)
+                return None
+        return StagedReader(source, entry.size, consumer, offset=offset, on_bytes=on_bytes)
+
+
+class _Source:
+    """Where a :class:`StagedReader` reads a NAR's bytes from."""
+
+    def pread(self, size: int, offset: int) -> bytes:
+        """:returns: at most ``size`` bytes from ``offset`` (fewer only at the end)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the source (idempotent callers: called once)."""
+
+
+class _FileSource(_Source):
+    """A staged file, open for reading (closed by :meth:`close`)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return os.pread(self._fd, size, offset)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _MemorySource(_Source):
+    """
+    A NAR held in memory: the running download's growing buffer (only ever
+    appended to, and read only up to what it holds) or the complete bytes.
+    """
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self._data = data
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return bytes(self._data[offset:offset + size])
 
 
 @implementer(IPushProducer)
 class StagedReader:
     """
-    Streams one staged NAR from an open file into a consumer, with
+    Streams one staged NAR from its file (or memory) into a consumer, with
     backpressure, following a running :class:`Download` live.
 
-    :param fd: the staged file, open for reading (closed by the reader).
+    :param source: where the bytes are (closed by the reader).
     :param size: the NAR's size (NarSize).
     :param consumer: an ``IConsumer`` (a ``twisted.web`` request).
     :param offset: the first byte to send.
@@ -430,7 +556,7 @@ class StagedReader:
 
     def __init__(
         self,
-        fd: int,
+        source: _Source,
         size: int,
         consumer: IConsumer,
         *,
@@ -441,7 +567,7 @@ class StagedReader:
         # Cancelled: stop quietly; Deferred.cancel fails it with CancelledError.
         self.done: Deferred[None] = Deferred(lambda _d: self._stop(None, fire=False))
         self.sent = 0
-        self._fd: int | None = fd
+        self._source: _Source | None = source
         self._size = size
         self._consumer = consumer
         self._pos = offset
@@ -476,11 +602,11 @@ class StagedReader:
 
     def _pump(self) -> None:
         # Re-entrancy guard: consumer.write may pause or resume us.
-        if self._pumping or self._fd is None:
+        if self._pumping or self._source is None:
             return
         self._pumping = True
         try:
-            while self._fd is not None and not self._paused:
+            while self._source is not None and not self._paused:
                 download = self._download
                 if download is not None and download.state == "failed":
                     error = download.error or UpstreamError("download failed")
@@ -494,7 +620,7 @@ class StagedReader:
                     assert download is not None
                     download.watch(self._changed)
                     return
-                data = os.pread(self._fd, min(READ_CHUNK, available - self._pos), self._pos)
+                data = self._source.pread(min(READ_CHUNK, available - self._pos), self._pos)
                 if not data:
                     self._stop(UpstreamError("staged file shorter than expected"))
                     return
@@ -510,10 +636,10 @@ class StagedReader:
         self._pump()
 
     def _stop(self, failure: Exception | None, fire: bool = True) -> None:
-        if self._fd is None:
+        if self._source is None:
             return
-        os.close(self._fd)
-        self._fd = None
+        self._source.close()
+        self._source = None
         if self._download is not None:
             self._download.unwatch(self._changed)
         if self._registered:
