@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -27,10 +28,10 @@ _KEY_NAME_RE = re.compile(r"[^:\s]+")
 #: Largest key file we read; real ones are under 150 bytes.
 _MAX_KEY_FILE_SIZE = 64 * 1024
 
-#: Signature checks remembered (key, fingerprint, signature -> whether it
-#: verified), oldest out first.
+#: Signature checks remembered (a digest of key, signature and fingerprint
+#: -> whether it verified), oldest out first.
 VERIFY_MEMO_SIZE = 8192
-_VERIFIED: OrderedDict[tuple[bytes, bytes, bytes], bool] = OrderedDict()
+_VERIFIED: OrderedDict[bytes, bool] = OrderedDict()
 
 _HOW_TO_MAKE = (
     "make a key pair with `nix-store --generate-binary-cache-key NAME sk pk` "
@@ -103,13 +104,16 @@ class PublicKey:
             Never raises.
         """
         parts = split_sig(sig) if isinstance(sig, str) else None
-        if parts is None or parts[0] != self.name:
+        if parts is None or parts[0] != self.name or not isinstance(fingerprint, bytes):
             return False
         # The same narinfo is checked several times over its life (trust
         # filter, share filter, every node's answer): an ed25519 check
         # costs ~0.1 ms, a look-up in the bounded memo far less.
         memo = _VERIFIED
-        memo_key = (self.key, fingerprint, parts[1])
+        # A 16-byte digest of the three, not the three: a fingerprint lists
+        # every reference, and thousands of them would weigh megabytes.
+        memo_key = hashlib.blake2b(b"%d:%s%s%s" % (len(fingerprint), self.key, parts[1], fingerprint),
+                                   digest_size=16).digest()
         known = memo.get(memo_key)
         if known is not None:
             return known
