@@ -24,9 +24,9 @@ from types import FrameType
 
 from attrs import asdict, frozen
 
-from bench import digests, dnssd, fixtures, lan, load, report, servers
+from bench import digests, dnssd, fixtures, lan, load, report, servers, upstream
 from bench.fixtures import Fixture, hash_part
-from peernix.test.nixenv import NIX_2_8, NIX_2_24, NixInstall
+from peernix.test.nixenv import NIX_2_8, NIX_2_24, NixInstall, remove_tree
 
 
 @frozen
@@ -49,13 +49,21 @@ class Profile:
     digest_paths: int = 500
     digest_misses: int = 1000
     digest_hits: int = 500
+    #: Fetching for the LAN (:mod:`bench.upstream`): node counts, small
+    #: paths, the big path's MiB, whether to run the direct reference and
+    #: the run with the big path's fetcher killed (at the largest N).
+    upstream_nodes: tuple[int, ...] = (1, 4, 8)
+    upstream_paths: int = 300
+    upstream_big_mb: int = 200
+    upstream_reference: bool = True
 
 
 FULL = Profile("full", fixtures.FULL, repetitions=3, wrk_seconds=5, conns=1000, conns_seconds=10,
                e2e_small=500, fanout_peers=(1, 3, 10), misses=300, miss_budget=60, small_zstd_sample=200)
 QUICK = Profile("quick", fixtures.QUICK, repetitions=1, wrk_seconds=1, conns=1000, conns_seconds=3,
                 e2e_small=100, fanout_peers=(1, 3), misses=40, miss_budget=8, small_zstd_sample=30,
-               digest_nodes=(4,), digest_paths=50, digest_misses=200, digest_hits=60)
+               digest_nodes=(4,), digest_paths=50, digest_misses=200, digest_hits=60,
+                upstream_nodes=(1, 2), upstream_paths=30, upstream_big_mb=8, upstream_reference=False)
 
 
 class Results:
@@ -231,6 +239,59 @@ def bench_dnssd(res: Results, prof: Profile, workdir: str) -> None:
             except (dnssd.Unavailable, RuntimeError, OSError) as e:
                 raise load.MeasureError(str(e)) from None
         res.attempt("dnssd", once)
+
+
+def bench_upstream(res: Results, prof: Profile, workdir: str) -> None:
+    """
+    Fetching for the LAN (see :mod:`bench.upstream`): all N clients at once
+    behind N nodes and a shaped upstream, once per N of
+    ``prof.upstream_nodes`` (and, in the full profile, the same clients
+    going to the upstream directly, and the run with the big path's
+    fetcher killed at the largest N).  One run each: a run is minutes of
+    wall time on a small machine.
+    """
+    problem = upstream.unavailable()
+    if problem is not None:
+        res.errors["upstream"] = problem
+        log(f"  fetching for the LAN not measured: {problem}")
+        return
+    work = tempfile.mkdtemp(prefix="upstream-", dir=workdir)
+    built: list[tuple[str, str, list[str], int]] = []
+
+    def build() -> None:
+        log(f"upstream cache: {prof.upstream_paths} small paths and one of {prof.upstream_big_mb} MiB, xz")
+        built.append(upstream.build_cache(work, prof.upstream_paths, prof.upstream_big_mb))
+
+    if not res.attempt("upstream", build):
+        return
+    cache, key, paths, unique = built[0]
+    for n in prof.upstream_nodes:
+        for direct in (True, False) if prof.upstream_reference else (False,):
+            mode = "direct" if direct else "peernix"
+            log(f"fetch for the LAN: N = {n}, {mode}")
+
+            def once(n: int = n, direct: bool = direct, mode: str = mode) -> None:
+                row = upstream.measure(n, cache, key, paths, upstream.DEFAULT_RATE, work, direct=direct)
+                if row["exit_codes"] != [0] * n:
+                    raise load.MeasureError(f"N = {n} {mode}: clients exited with {row['exit_codes']}")
+                res.add(f"upstream.{mode}.{n}.seconds", row["seconds"])
+                res.add(f"upstream.{mode}.{n}.over_unique", row["upstream_nar_bytes"] / unique)
+            res.attempt(f"upstream.{mode}.{n}", once)
+    kill_n = max(prof.upstream_nodes)
+    if prof.upstream_reference and kill_n > 1:
+        log(f"fetch for the LAN: N = {kill_n}, the big path's fetcher killed")
+
+        def killed() -> None:
+            row = upstream.measure(kill_n, cache, key, paths, upstream.DEFAULT_RATE, work, direct=False,
+                                   kill_big=prof.upstream_big_mb * 1024 * 1024)
+            victim = row.get("killed_node")
+            if victim is None:
+                raise load.MeasureError("no node was seen fetching the big path from the upstream")
+            survivors = [c for i, c in enumerate(row["exit_codes"]) if i != victim]
+            res.add("upstream.kill.survivors_ok", 1.0 if survivors == [0] * len(survivors) else 0.0)
+            res.add("upstream.kill.over_unique", row["upstream_nar_bytes"] / unique)
+        res.attempt("upstream.kill", killed)
+    remove_tree(work)
 
 
 def bench_lan(res: Results, prof: Profile, fx: Fixture, workdir: str) -> None:
@@ -456,6 +517,7 @@ def run(prof: Profile, out_dir: str) -> int:
         bench_digests(res, prof, workdir)
         bench_dnssd(res, prof, workdir)
         bench_lan(res, prof, fx, workdir)
+        bench_upstream(res, prof, workdir)
     finally:
         servers.stop_all()
 

@@ -57,6 +57,8 @@ class Figure:
     :ivar ref_label: the reference's name.
     :ivar unit: the unit of both figures.
     :ivar target: the issue's target, if it sets one for this row.
+    :ivar optional: leave the row out when its figure was not measured at
+        all (a node count one profile runs and the other does not).
     """
 
     label: str
@@ -65,6 +67,7 @@ class Figure:
     ref_label: str
     unit: str
     target: Target | None = None
+    optional: bool = False
 
 
 def _narinfo_figures() -> list[Figure]:
@@ -120,6 +123,30 @@ def _dnssd_figures() -> list[Figure]:
     ]
 
 
+def _upstream_figures() -> list[Figure]:
+    # Fetching for the LAN (issue 13): N nodes, all clients at once; the
+    # reference of "wall time / one" is the same mode's N = 1 run.  The
+    # quick profile measures N = 1 and 2, the full one 1, 4 and 8.
+    out = []
+    for n in (2, 4, 8):
+        out += [
+            Figure(f"fetch for the LAN N={n}: upstream bytes / unique", f"upstream.peernix.{n}.over_unique",
+                   f"upstream.direct.{n}.over_unique", "clients direct to the upstream", "",
+                   Target("value", "<=", 1.0), optional=True),
+            Figure(f"fetch for the LAN N={n}: wall time, all", f"upstream.peernix.{n}.seconds",
+                   "upstream.peernix.1.seconds", "one node alone", "s", Target("ratio", "<=", 1.3), optional=True),
+            Figure(f"clients direct to the upstream N={n}: wall time, all", f"upstream.direct.{n}.seconds",
+                   "upstream.direct.1.seconds", "one client alone", "s", optional=True),
+        ]
+    out += [
+        Figure("fetch for the LAN, fetcher killed: others succeeded", "upstream.kill.survivors_ok", None, "", "",
+               Target("value", ">=", 1.0), optional=True),
+        Figure("fetch for the LAN, fetcher killed: upstream bytes / unique", "upstream.kill.over_unique", None,
+               "", "", Target("value", "<=", 2.0), optional=True),
+    ]
+    return out
+
+
 FIGURES: list[Figure] = [
     *_narinfo_figures(),
     Figure("NAR 1 stream identity", "nar.peernix.raw1.mbps", "nar.nixstoredump.mbps",
@@ -173,6 +200,7 @@ FIGURES: list[Figure] = [
            "ms", Target("value", "<=", 20)),
     *_digest_figures(),
     *_dnssd_figures(),
+    *_upstream_figures(),
 ]
 """Every row of the table, in order."""
 
@@ -217,6 +245,8 @@ def evaluate(samples: dict[str, list[float]]) -> list[dict[str, object]]:
     rows: list[dict[str, object]] = []
     for fig in FIGURES:
         mine = Stat.of(samples.get(fig.key, []))
+        if mine is None and fig.optional:
+            continue
         ref = Stat.of(samples.get(fig.ref_key, [])) if fig.ref_key else None
         ratio = None
         if mine is not None and ref is not None and ref.median not in (0, 0.0):

@@ -38,6 +38,19 @@ from peernix.test.test_e2e_upstream import MODERN_NIX_STORE, PORT, Nginx, _Clien
 
 KEY_NAME = "bench-upstream-1"
 
+#: The upstream's uplink, as ``tc tbf`` reads it.
+DEFAULT_RATE = "200mbit"
+
+
+def unavailable() -> str | None:
+    """:returns: why the measurement cannot run here (root, ``ip``, nginx or ``tc`` missing), or ``None``."""
+    problem = netns_unavailable()
+    if problem is not None:
+        return problem
+    if shutil.which("nginx") is None or shutil.which("tc") is None:
+        return "nginx and tc are needed"
+    return None
+
 
 def build_cache(work: str, paths: int, big_mb: int) -> tuple[str, str, list[str], int]:
     """
@@ -211,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--nodes", default="1,4,8", help="comma-separated node counts (default 1,4,8)")
     parser.add_argument("--paths", type=int, default=300, help="small paths in the closure (default 300)")
     parser.add_argument("--big-mb", type=int, default=200, help="size of the big path, MiB (default 200)")
-    parser.add_argument("--rate", default="200mbit", help="the upstream's uplink (tc tbf rate, default 200mbit)")
+    parser.add_argument("--rate", default=DEFAULT_RATE, help="the upstream's uplink (tc tbf rate, default 200mbit)")
     parser.add_argument("--kill-nodes", type=int, default=None,
                         help="nodes of the run whose big-path fetcher is killed mid-download "
                              "(default: the largest of --nodes; 0: no such run)")
@@ -219,9 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-direct", action="store_true", help="skip the clients-to-upstream reference runs")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
-    problem = netns_unavailable()
-    if problem or shutil.which("nginx") is None or shutil.which("tc") is None:
-        print(problem or "nginx and tc are needed", file=sys.stderr)
+    problem = unavailable()
+    if problem is not None:
+        print(problem, file=sys.stderr)
         return 2
     work = tempfile.mkdtemp(prefix="peernix-bench-upstream-")
     try:
