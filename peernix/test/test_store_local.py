@@ -152,19 +152,30 @@ def _query(test: SynchronousTestCase, store: LocalStore, pool: ManualPool, hash_
     return result
 
 
-class InlineLookupTests(SynchronousTestCase):
-    """The default: lookups on the calling (reactor) thread, a worker only when SQLite is locked."""
+class _OnACopy(SynchronousTestCase):
+    """A started store over a copy of the shared store, with a manual pool; stopped at clean-up."""
 
     skip = nixenv.SKIP_NO_BUILD
+    #: Passed to :class:`LocalStore`.
+    store_options: dict[str, Any] = {}
+    shared: _Shared
+    root: str
+    clock: ThreadlessClock
+    pool: ManualPool
+    store: LocalStore
 
     def setUp(self) -> None:
         self.shared = _get_shared()
         self.root = _copy_store(self, self.shared.store)
         self.clock = ThreadlessClock()
         self.pool = ManualPool()
-        self.store = LocalStore(self.root, self.clock, cache_ttl=TTL, threadpool=self.pool)
+        self.store = LocalStore(self.root, self.clock, cache_ttl=TTL, threadpool=self.pool, **self.store_options)
         self.store.start()
         self.addCleanup(self.store.stop)
+
+
+class InlineLookupTests(_OnACopy):
+    """The default: lookups on the calling (reactor) thread, a worker only when SQLite is locked."""
 
     def test_answered_without_a_worker(self) -> None:
         """A hit and a miss are answered at once, with no work for the pool, and cached."""
@@ -532,20 +543,13 @@ def _age_db_files(root: str) -> None:
             os.utime(path, (old, old))
 
 
-class RevalidationTests(SynchronousTestCase):
+class RevalidationTests(_OnACopy):
     """``revalidate=True``: expired entries are served on while the database files are unchanged."""
 
-    skip = nixenv.SKIP_NO_BUILD
+    store_options = {"revalidate": True, "inline": False}
 
     def setUp(self) -> None:
-        self.shared = _get_shared()
-        self.root = _copy_store(self, self.shared.store)
-        self.clock = ThreadlessClock()
-        self.pool = ManualPool()
-        self.store = LocalStore(self.root, self.clock, cache_ttl=TTL, threadpool=self.pool, revalidate=True,
-                                inline=False)
-        self.store.start()
-        self.addCleanup(self.store.stop)
+        super().setUp()
         self.h = _hash_part(self.shared.text)
 
     def _extendable(self, hash_part: str) -> PathInfo | None:

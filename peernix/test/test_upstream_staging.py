@@ -48,6 +48,47 @@ class StagingTestCase(SynchronousTestCase):
         """:returns: the staged files (not the directory's lock)."""
         return sorted(name for name in os.listdir(self.directory) if name != ".lock")
 
+    def _stage(self, part: str, size: int) -> bytes:
+        """Stage a verified NAR of ``size`` random bytes for ``part``; :returns: its bytes."""
+        nar = os.urandom(size)
+        download = self.staging.begin(part, Hash.sha256_of(nar), size)
+        download.append(nar)
+        download.finish()
+        return nar
+
+    def check_wrong_hash(self, size: int) -> None:
+        """A NAR of ``size`` bytes failing NarHash fails its reader and leaves nothing staged or held."""
+        nar = os.urandom(size)
+        promised = Hash.sha256_of(b"something else")
+        download = self.staging.begin(HASH_PART, promised, len(nar))
+        consumer = ChunkConsumer()
+        reader = self.staging.open_reader(HASH_PART, promised, consumer)
+        assert reader is not None
+        d = reader.start()
+        download.append(nar)
+        self.assertRaises(VerificationFailed, download.finish)
+        self.failureResultOf(d, VerificationFailed)
+        self.assertEqual(len(consumer.value()), len(nar) - 1)
+        self.assertEqual(self.files(), [])
+        self.assertIsNone(self.staging.open_reader(HASH_PART, promised, ChunkConsumer()))
+        self.assertEqual((self.staging.usage, self.staging.memory_usage), (0, 0))
+
+    def check_evicted_while_read(self) -> None:
+        """A reader of a NAR evicted under it keeps reading it to the end."""
+        self.staging.max_size = 1000
+        nar = self._stage(_part(1), 1000)
+        consumer = ChunkConsumer()
+        reader = self.staging.open_reader(_part(1), Hash.sha256_of(nar), consumer)
+        assert reader is not None
+        reader.pauseProducing()
+        d = reader.start()
+        self._stage(_part(2), 1000)
+        self.assertFalse(self.staging.staged(staging_key(_part(1), Hash.sha256_of(nar))))
+        self.assertNotIn(_part(1), {name[:32] for name in self.files()})
+        reader.resumeProducing()
+        self.successResultOf(d)
+        self.assertEqual(consumer.value(), nar)
+
 
 class DownloadTests(StagingTestCase):
     def test_late_joiner_reads_file_then_follows_live(self) -> None:
@@ -97,20 +138,7 @@ class DownloadTests(StagingTestCase):
 
     def test_wrong_hash_fails_every_reader(self) -> None:
         """A NAR failing NarHash is never finished: readers fail, the file goes, nothing is staged."""
-        nar = os.urandom(3000)
-        promised = Hash.sha256_of(b"something else")
-        download = self.staging.begin(HASH_PART, promised, len(nar))
-        consumer = ChunkConsumer()
-        reader = self.staging.open_reader(HASH_PART, promised, consumer)
-        assert reader is not None
-        d = reader.start()
-        download.append(nar)
-        self.assertRaises(VerificationFailed, download.finish)
-        self.failureResultOf(d, VerificationFailed)
-        self.assertEqual(len(consumer.value()), len(nar) - 1)
-        self.assertEqual(self.files(), [])
-        self.assertIsNone(self.staging.open_reader(HASH_PART, promised, ChunkConsumer()))
-        self.assertEqual(self.staging.usage, 0)
+        self.check_wrong_hash(3000)
 
     def test_too_many_bytes(self) -> None:
         """More bytes than NarSize fail the download at once."""
@@ -213,13 +241,6 @@ class ReaderTests(StagingTestCase):
 
 
 class EvictionTests(StagingTestCase):
-    def _stage(self, part: str, size: int) -> bytes:
-        nar = os.urandom(size)
-        download = self.staging.begin(part, Hash.sha256_of(nar), size)
-        download.append(nar)
-        download.finish()
-        return nar
-
     def test_least_recently_used_first(self) -> None:
         """Past the maximum size, the least recently used staged NAR goes first."""
         self.staging.max_size = 3000
@@ -260,18 +281,7 @@ class EvictionTests(StagingTestCase):
 
     def test_evicted_while_read(self) -> None:
         """A reader of a NAR evicted under it keeps reading its open file to the end."""
-        self.staging.max_size = 1000
-        nar = self._stage(_part(1), 1000)
-        consumer = ChunkConsumer()
-        reader = self.staging.open_reader(_part(1), Hash.sha256_of(nar), consumer)
-        assert reader is not None
-        reader.pauseProducing()
-        d = reader.start()
-        self._stage(_part(2), 1000)
-        self.assertNotIn(_part(1), {name[:32] for name in self.files()})
-        reader.resumeProducing()
-        self.successResultOf(d)
-        self.assertEqual(consumer.value(), nar)
+        self.check_evicted_while_read()
 
     def test_idle_dropped(self) -> None:
         """A staged NAR nobody asked for within the idle time goes at the next sweep; one in use stays."""
@@ -291,13 +301,6 @@ class MemoryTierTests(StagingTestCase):
     """Small NARs held in memory: the same rules as files, and no file at all."""
 
     memory_max = 1000
-
-    def _stage(self, part: str, size: int) -> bytes:
-        nar = os.urandom(size)
-        download = self.staging.begin(part, Hash.sha256_of(nar), size)
-        download.append(nar)
-        download.finish()
-        return nar
 
     def test_small_nar_never_touches_the_disk(self) -> None:
         """A small NAR streams to an early and a late reader, the last byte only once verified, with no file."""
@@ -335,18 +338,7 @@ class MemoryTierTests(StagingTestCase):
 
     def test_wrong_hash_frees_memory_and_fails_readers(self) -> None:
         """A small NAR failing verification fails its readers and leaves nothing held."""
-        nar = os.urandom(500)
-        download = self.staging.begin(HASH_PART, Hash.sha256_of(b"other"), len(nar))
-        consumer = ChunkConsumer()
-        reader = self.staging.open_reader(HASH_PART, Hash.sha256_of(b"other"), consumer)
-        assert reader is not None
-        d = reader.start()
-        download.append(nar)
-        self.assertRaises(VerificationFailed, download.finish)
-        self.failureResultOf(d, VerificationFailed)
-        self.assertEqual(len(consumer.value()), len(nar) - 1)
-        self.assertEqual((self.staging.usage, self.staging.memory_usage), (0, 0))
-        self.assertFalse(self.staging.staged(staging_key(HASH_PART, Hash.sha256_of(b"other"))))
+        self.check_wrong_hash(500)
 
     def test_budget_full_small_nars_get_files(self) -> None:
         """Once the memory budget is taken, the next small NAR is staged in a file."""
@@ -384,18 +376,8 @@ class MemoryTierTests(StagingTestCase):
 
     def test_evicted_while_read(self) -> None:
         """A reader of a memory-held NAR evicted under it still reads it to the end."""
-        self.staging.max_size = 1000
-        nar = self._stage(_part(1), 1000)
-        consumer = ChunkConsumer()
-        reader = self.staging.open_reader(_part(1), Hash.sha256_of(nar), consumer)
-        assert reader is not None
-        reader.pauseProducing()
-        d = reader.start()
-        self._stage(_part(2), 1000)
-        self.assertFalse(self.staging.staged(staging_key(_part(1), Hash.sha256_of(nar))))
-        reader.resumeProducing()
-        self.successResultOf(d)
-        self.assertEqual(consumer.value(), nar)
+        self.check_evicted_while_read()
+        self.assertEqual(self.files(), [])
 
 
 class StartTests(SynchronousTestCase):

@@ -43,7 +43,7 @@ import os
 import re
 import secrets
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime
@@ -450,6 +450,17 @@ class Staging:
 
     # -- reading ------------------------------------------------------------
 
+    @staticmethod
+    def _open_source(data: bytes | bytearray | None, path: str | None) -> _Source | None:
+        """:returns: a source over ``data`` when held in memory, else over the file ``path`` (``None``: it cannot be opened)."""
+        if data is not None:
+            return _MemorySource(data)
+        assert path is not None
+        try:
+            return _FileSource(os.open(path, os.O_RDONLY))
+        except OSError:
+            return None
+
     def open_reader(
         self,
         hash_part: str,
@@ -466,48 +477,37 @@ class Staging:
         """
         key = staging_key(hash_part, nar_hash)
         download = self._running.get(key)
-        source: _Source
         if download is not None:
-            if download.buffer is not None:
-                source = _MemorySource(download.buffer)
-            else:
-                assert download.path is not None
-                try:
-                    source = _FileSource(os.open(download.path, os.O_RDONLY))
-                except OSError:
-                    return None
+            source = self._open_source(download.buffer, download.path)
+            if source is None:
+                return None
             download.readers += 1
             return StagedReader(source, download.nar_size, consumer, offset=offset, download=download,
                                 on_bytes=on_bytes)
         entry = self._use(key)
         if entry is None:
             return None
-        if entry.data is not None:
-            source = _MemorySource(entry.data)
-        else:
-            assert entry.path is not None
-            try:
-                source = _FileSource(os.open(entry.path, os.O_RDONLY))
-            except OSError:
-                if self._complete.pop(key, None) is not None:
-                    self._held(-entry.size, False)
-                    self._dropped(key)
-                return None
+        source = self._open_source(entry.data, entry.path)
+        if source is None:
+            # Its file went under us: it is not staged any more.
+            if self._complete.pop(key, None) is not None:
+                self._held(-entry.size, False)
+                self._dropped(key)
+            return None
         return StagedReader(source, entry.size, consumer, offset=offset, on_bytes=on_bytes)
 
 
-class _Source:
+class _Source(Protocol):
     """Where a :class:`StagedReader` reads a NAR's bytes from."""
 
     def pread(self, size: int, offset: int) -> bytes:
         """:returns: at most ``size`` bytes from ``offset`` (fewer only at the end)."""
-        raise NotImplementedError
 
     def close(self) -> None:
-        """Release the source (idempotent callers: called once)."""
+        """Release the source (called once)."""
 
 
-class _FileSource(_Source):
+class _FileSource:
     """A staged file, open for reading (closed by :meth:`close`)."""
 
     def __init__(self, fd: int) -> None:
@@ -520,7 +520,7 @@ class _FileSource(_Source):
         os.close(self._fd)
 
 
-class _MemorySource(_Source):
+class _MemorySource:
     """
     A NAR held in memory: the running download's growing buffer (only ever
     appended to, and read only up to what it holds) or the complete bytes.
@@ -528,6 +528,9 @@ class _MemorySource(_Source):
 
     def __init__(self, data: bytes | bytearray) -> None:
         self._data = data
+
+    def close(self) -> None:
+        pass
 
     def pread(self, size: int, offset: int) -> bytes:
         return bytes(self._data[offset:offset + size])
