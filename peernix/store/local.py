@@ -324,6 +324,12 @@ class LocalStore:
             on disk); it fails with :class:`ValueError` for an invalid hash
             part and with :class:`StoreError` when the database fails or the
             store is stopped.  Cancelling it stops only this caller's wait.
+
+        Threading: once started (and unless ``inline=False``), a lookup
+        that is not cached runs at once on the calling (reactor) thread
+        with SQLite never waiting for a lock (a few B-tree pages and one
+        ``lstat``); when the database is locked, a worker thread does it
+        and may wait up to :data:`BUSY_TIMEOUT`.
         """
         if not is_hash_part(hash_part):
             return fail(ValueError(f"invalid hash part {hash_part!r}"))
@@ -504,7 +510,7 @@ class LocalStore:
         if settled:
             self._confirmed_at = started
 
-    # -- worker-thread functions ----------------------------------------------
+    # -- blocking functions (worker threads; lookups also on the reactor) ----
 
     def _db_files_state(self) -> tuple[tuple[_FileState, _FileState], bool]:
         """
@@ -556,8 +562,8 @@ class LocalStore:
     def _lookup(self, hash_part: str) -> PathInfo | None:
         """
         The whole lookup, blocking: one read transaction for the row and its
-        references, then the ``.lock`` and on-disk checks.  Runs in a worker
-        thread; tests call it directly.
+        references, then the ``.lock`` and on-disk checks (waiting for a
+        lock, as on a worker thread); tests call it directly.
 
         :returns: the path's info, or ``None`` when it is not servable.
         :raises StoreError: when the database fails.
