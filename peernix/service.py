@@ -45,6 +45,7 @@ from peernix.memory import IdleTrimmer
 from peernix.interfaces import IPeerRegistry, IStore, IStoreScanner, IUpstream
 from peernix.nix.signing import PublicKey, SecretKey, load_secret_key_file, parse_public_key
 from peernix.options import Config
+from peernix.peers import prefetch
 from peernix.peers.client import PeerClient
 from peernix.peers.digests import PeerDigests
 from peernix.peers.fanout import Fanout
@@ -530,6 +531,7 @@ def make_peers(config: Config, reactor: Reactor, metrics: Metrics,
         metrics_registry=metrics.registry,
         digests=parent.peer_digests,
         link_speeds=LinkSpeeds(reactor),
+        nar_prefetch_max=prefetch.MAX_SIZE,
     )
     PeerClientService(pool, fanout).setServiceParent(parent)
     HealthChecker(registry, client, reactor).setServiceParent(parent)

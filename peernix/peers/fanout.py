@@ -10,7 +10,8 @@ The local Nix's upstream: first *trusted* answer across all peers.
   parses, names exactly the asked path and is trusted wins (``race`` cancels
   the rest).  Answers failing the filter are counted against their peer and
   ignored while the others continue, so a fast liar cannot starve honest
-  peers.  Winners' references are prefetched in the background.
+  peers.  Winners' references are prefetched in the background, and so is
+  a small NAR whose narinfo a client was just given (:mod:`peernix.peers.prefetch`).
 - ``relay_nar``: streams the NAR from a peer known to hold exactly the
   NarHash (see :mod:`peernix.peers.relay`), trying the next peer when one
   fails before any byte reached the client.
@@ -47,6 +48,7 @@ from peernix.peers.client import PeerClient
 from peernix.peers.errors import NarClientGone, NarRelayInterrupted, NarUnavailable, NarVerificationFailed, PeerError
 from peernix.peers.linkspeed import LinkSpeeds
 from peernix.peers.metrics import PeerMetrics
+from peernix.peers.prefetch import NarPrefetch
 from peernix.peers.registry import Peer
 from peernix.peers.relay import HOLD_BACK_BYTES, SUPPORTED_COMPRESSIONS, NarRelay
 from peernix.peers.trust import TrustPolicy
@@ -231,6 +233,11 @@ class Fanout:
     :param digests: peers' store digests: only peers that may hold a path
         are asked for it (``None``: every healthy peer).  A newer digest
         that may hold a hash part clears its cached miss.
+    :param nar_prefetch_max: the NAR of a path found for a caller of
+        :meth:`find` (a local client's narinfo) is fetched into memory at
+        once when its NarSize is at most this, so the client's NAR request
+        that follows is answered without a second round trip (see
+        :class:`~peernix.peers.prefetch.NarPrefetch`); ``0``: never.
     """
 
     def __init__(
@@ -253,6 +260,7 @@ class Fanout:
         metrics_registry: CollectorRegistry | None = None,
         digests: IPeerDigests | None = None,
         link_speeds: LinkSpeeds | None = None,
+        nar_prefetch_max: int = 0,
     ) -> None:
         self._registry = registry
         self._digests = digests
@@ -278,6 +286,11 @@ class Fanout:
         self._prefetch_waiting: deque[str] = deque()
         self._prefetch_running = 0
         self.slots = PeerSlots(per_peer_concurrency, total_concurrency)
+        self.nar_prefetch: NarPrefetch | None = None
+        if nar_prefetch_max > 0:
+            self.nar_prefetch = NarPrefetch(
+                self._fetch_nar, clock, self.metrics.nar_prefetches, max_size=nar_prefetch_max
+            )
         registry.subscribe(self._on_new_peer)
         if digests is not None:
             digests.subscribe(self._on_new_digest)
@@ -353,7 +366,24 @@ class Fanout:
         return self.find(hash_part).addCallback(_info_of)
 
     def find(self, hash_part: str) -> Deferred[Found | None]:
-        """See :meth:`IUpstream.find`.  An invalid hash part is a miss."""
+        """
+        See :meth:`IUpstream.find`.  An invalid hash part is a miss.  A
+        found path's NAR is prefetched when it is small (``nar_prefetch_max``):
+        the caller is a local client's narinfo request, and its NAR request
+        comes next.
+        """
+        d = self._find(hash_part)
+        if self.nar_prefetch is not None:
+            d.addCallback(self._expect_nar, hash_part)
+        return d
+
+    def _expect_nar(self, found: Found | None, hash_part: str) -> Found | None:
+        if found is not None and self.nar_prefetch is not None:
+            self.nar_prefetch.expect(hash_part, found.info)
+        return found
+
+    def _find(self, hash_part: str) -> Deferred[Found | None]:
+        """:meth:`find` without prefetching the NAR (lookups of references)."""
         if not isinstance(hash_part, str) or not is_hash_part(hash_part):
             return succeed(None)
         known, answer = self._cached(hash_part)
@@ -378,6 +408,8 @@ class Fanout:
         timer of this object is left.
         """
         self._prefetch_waiting.clear()
+        if self.nar_prefetch is not None:
+            self.nar_prefetch.close()
         for shared in list(self._inflight.values()):
             if shared.op is not None:
                 shared.op.cancel()
@@ -534,7 +566,7 @@ class Fanout:
             if hash_part in self._inflight or self._cached(hash_part)[0]:
                 continue
             self._prefetch_running += 1
-            self.lookup(hash_part).addBoth(self._prefetch_done)
+            self._find(hash_part).addBoth(self._prefetch_done)
 
     def _prefetch_done(self, _result: object) -> None:
         self._prefetch_running -= 1
@@ -556,6 +588,24 @@ class Fanout:
             hash_part = parse_store_path(info.store_path).hash_part
         except StorePathError:
             raise NarUnavailable(f"invalid store path {info.store_path!r}") from None
+        if self.nar_prefetch is not None:
+            prefetched = await self.nar_prefetch.take(hash_part, info)
+            if prefetched is not None:
+                nar, peer_url = prefetched
+                if on_peer is not None and peer_url is not None:
+                    on_peer(peer_url)
+                consumer.write(nar)
+                return
+        await self._relay_from_peers(hash_part, info, consumer, on_peer)
+
+    def _fetch_nar(self, info: NarInfo, consumer: IConsumer, on_peer: Callable[[str], object]) -> Deferred[None]:
+        """Relay ``info``'s NAR from the peers into ``consumer`` (the prefetcher's download)."""
+        hash_part = parse_store_path(info.store_path).hash_part
+        return Deferred.fromCoroutine(self._relay_from_peers(hash_part, info, consumer, on_peer))
+
+    async def _relay_from_peers(
+        self, hash_part: str, info: NarInfo, consumer: IConsumer, on_peer: Callable[[str], object] | None
+    ) -> None:
         tried: set[str] = set()
         known = [
             (peer, offer)

@@ -46,6 +46,12 @@ class PeerMetrics:
             "Peer NARs that failed NarHash/NarSize verification",
             registry=self.registry,
         )
+        self.nar_prefetches = Counter(
+            "peernix_nar_prefetches",
+            "Small NARs fetched from peers right after their narinfo, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.peers = Gauge("peernix_peers", "Known peers", registry=self.registry)
         if peer_count is not None:
             self.peers.set_function(lambda: float(peer_count()))
