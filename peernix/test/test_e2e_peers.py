@@ -359,6 +359,30 @@ class _PeersClientTests(_PeersTests, RealClientTests):
         self.assertGreater(metric(fx.a, "peernix_narinfo_served_total", source="peer"), 0)
         self.assertGreater(metric(fx.a, "peernix_proxied_bytes_total"), 0)
 
+    def test_small_nars_prefetched(self) -> None:
+        """
+        A fresh proxy fetches small NARs of the closure from B as soon as its
+        client got the narinfo and hands them over from memory when the
+        client asks for them: none crosses from B twice.
+        """
+        fx = self.fx
+        store = fx.store(f"prefetch-{self.nix.name.replace(' ', '-')}")
+        c = self._started("c", store, [fx.b.port], extra=["--proxy-client", "127.0.0.1/32", "--no-digest"])
+        client = self._client()
+        done = client.substitute([fx.closure.top], c.url, [fx.upstream_pk])
+        self.assertEqual(done.returncode, 0, done.stderr.decode(errors="replace") + c.log()[-3000:])
+        for path in fx.closure.outputs:
+            self.assertEqual(client.verify(path).returncode, 0, path)
+        sizes = [self._narinfo(fx.b, path).nar_size for path in fx.closure.outputs]
+        self.assertTrue(all(size <= 64 * 1024 for size in sizes), sizes)
+        # Most, if not all: a NAR asked for while its prefetch still waited
+        # in the queue is relayed instead (not waited for), which only
+        # depends on timing.
+        self.assertGreaterEqual(metric(c, "peernix_nar_prefetches_total", outcome="used"), 1)
+        self.assertEqual(metric(c, "peernix_nar_prefetches_total", outcome="failed"), 0)
+        # Each NAR crossed from B once: the prefetch, never a second relay.
+        self.assertEqual(metric(c, "peernix_proxied_bytes_total"), sum(sizes))
+
     def test_untrusted_refused(self) -> None:
         """Paths B holds but only B signed never reach A's client, even one trusting B's key; no 5xx."""
         fx = self.fx
