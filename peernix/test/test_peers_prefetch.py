@@ -67,15 +67,20 @@ class NarPrefetchTests(SynchronousTestCase):
     def make(self, **kw: object) -> NarPrefetch:
         return NarPrefetch(self.fetch, self.clock, self.outcomes, **kw)  # type: ignore[arg-type]
 
+    def expected(self, **kw: object) -> tuple[NarPrefetch, bytes, NarInfo, str]:
+        """:returns: a prefetcher (made with ``kw``) told to expect a small NAR, that NAR, its narinfo and hash part."""
+        prefetch = self.make(**kw)
+        nar, info = nar_and_info("a")
+        h = hash_part_of(info.store_path)
+        prefetch.expect(h, info)
+        return prefetch, nar, info, h
+
     def outcome(self, name: str) -> float:
         return self.registry.get_sample_value("prefetches_total", {"outcome": name}) or 0.0
 
     def test_held_nar_handed_over_once(self) -> None:
         """A fetched NAR is handed over with its peer, then dropped: memory is held only until the client asks."""
-        prefetch = self.make()
-        nar, info = nar_and_info("a")
-        h = hash_part_of(info.store_path)
-        prefetch.expect(h, info)
+        prefetch, nar, info, h = self.expected()
         self.assertEqual(len(self.fetch.calls), 1)
         self.assertEqual(prefetch.reserved, info.nar_size)
         self.fetch.finish(0, nar)
@@ -88,19 +93,13 @@ class NarPrefetchTests(SynchronousTestCase):
 
     def test_same_nar_expected_twice_fetched_once(self) -> None:
         """A second narinfo answer for the same NAR starts no second download."""
-        prefetch = self.make()
-        _, info = nar_and_info("a")
-        h = hash_part_of(info.store_path)
-        prefetch.expect(h, info)
+        prefetch, _, info, h = self.expected()
         prefetch.expect(h, info)
         self.assertEqual(len(self.fetch.calls), 1)
 
     def test_other_nar_hash_not_handed_over(self) -> None:
         """A request for another version of the path gets nothing from here."""
-        prefetch = self.make()
-        nar, info = nar_and_info("a")
-        h = hash_part_of(info.store_path)
-        prefetch.expect(h, info)
+        prefetch, nar, info, h = self.expected()
         self.fetch.finish(0, nar)
         other = attrs.evolve(info, nar_hash=nar_and_info("b")[1].nar_hash)
         self.assertIsNone(self.successResultOf(prefetch.take(h, other)))
@@ -108,10 +107,7 @@ class NarPrefetchTests(SynchronousTestCase):
 
     def test_request_waits_for_download_under_way(self) -> None:
         """A NAR request arriving mid-download gets that download's bytes, not a second download."""
-        prefetch = self.make()
-        nar, info = nar_and_info("a")
-        h = hash_part_of(info.store_path)
-        prefetch.expect(h, info)
+        prefetch, nar, info, h = self.expected()
         first = prefetch.take(h, info)
         second = prefetch.take(h, info)
         self.assertNoResult(first)
@@ -124,10 +120,7 @@ class NarPrefetchTests(SynchronousTestCase):
 
     def test_slow_download_gives_up_waiting(self) -> None:
         """A request waits at most ``wait`` seconds for a download, then goes its own way."""
-        prefetch = self.make(wait=5.0)
-        _, info = nar_and_info("a")
-        h = hash_part_of(info.store_path)
-        prefetch.expect(h, info)
+        prefetch, _, info, h = self.expected(wait=5.0)
         d = prefetch.take(h, info)
         self.clock.advance(4.9)
         self.assertNoResult(d)
@@ -136,10 +129,7 @@ class NarPrefetchTests(SynchronousTestCase):
 
     def test_cancelled_wait_leaves_download(self) -> None:
         """A client leaving while it waits cancels its wait only; the download goes on."""
-        prefetch = self.make()
-        nar, info = nar_and_info("a")
-        h = hash_part_of(info.store_path)
-        prefetch.expect(h, info)
+        prefetch, nar, info, h = self.expected()
         d = prefetch.take(h, info)
         d.cancel()
         self.failureResultOf(d, CancelledError)
@@ -149,10 +139,7 @@ class NarPrefetchTests(SynchronousTestCase):
 
     def test_failed_download_leaves_nothing(self) -> None:
         """A download that fails verification is dropped and counted; its waiter fetches the NAR itself."""
-        prefetch = self.make()
-        _, info = nar_and_info("a")
-        h = hash_part_of(info.store_path)
-        prefetch.expect(h, info)
+        prefetch, _, info, h = self.expected()
         d = prefetch.take(h, info)
         self.fetch.fail(0, NarVerificationFailed("bad"))
         self.assertIsNone(self.successResultOf(d))
@@ -162,20 +149,14 @@ class NarPrefetchTests(SynchronousTestCase):
 
     def test_wrong_length_not_kept(self) -> None:
         """Bytes that are not NarSize long are never handed over."""
-        prefetch = self.make()
-        nar, info = nar_and_info("a")
-        h = hash_part_of(info.store_path)
-        prefetch.expect(h, info)
+        prefetch, nar, info, h = self.expected()
         self.fetch.finish(0, nar[:-8])
         self.assertIsNone(self.successResultOf(prefetch.take(h, info)))
         self.assertEqual(prefetch.reserved, 0)
 
     def test_unused_dropped_after_ttl(self) -> None:
         """A NAR nobody asked for is dropped after ``ttl`` and counted unused."""
-        prefetch = self.make(ttl=30.0)
-        nar, info = nar_and_info("a")
-        h = hash_part_of(info.store_path)
-        prefetch.expect(h, info)
+        prefetch, nar, info, h = self.expected(ttl=30.0)
         self.fetch.finish(0, nar)
         self.clock.advance(30)
         self.assertEqual(len(prefetch), 0)
