@@ -1228,7 +1228,8 @@ class WebApp:
             return error
         if _is_head(request):
             return b""
-        assert self._upstream is not None  # _ask_upstream returned a narinfo
+        upstream = self._upstream
+        assert upstream is not None  # _ask_upstream returned a narinfo
         started = self._reactor.seconds()
         savings = self._savings
         consumer: IConsumer = RequestConsumer(request)
@@ -1253,9 +1254,27 @@ class WebApp:
             if not request.startedWriting:
                 _set_source(request, sender if isinstance(sender, Source) else peer_source(sender))
 
+        answer = await self._stream_nar(request, lambda: upstream.relay_nar(peer, consumer, on_peer), ranged)
+        if answer is None:
+            self._metrics.nar_stream_seconds.observe(self._reactor.seconds() - started)
+            return b""
+        return answer
+
+    async def _stream_nar(
+        self, request: Request, stream: Callable[[], Deferred[None]], ranged: RangeConsumer | None
+    ) -> bytes | None:
+        """
+        Run ``stream`` (it writes a NAR into ``request``, through ``ranged``
+        for a range) as one of the streams the trimmer knows of.
+
+        :returns: ``None`` once every byte went out (the range's last piece
+            released), or the 404 body when the NAR could not be started.
+        :raises NarUnavailable: when it failed after bytes were written
+            (the caller aborts the connection).
+        """
         try:
             with self._streaming():
-                await self._upstream.relay_nar(peer, consumer, on_peer)
+                await stream()
         except NarUnavailable:
             if request.startedWriting:
                 raise
@@ -1263,8 +1282,7 @@ class WebApp:
         if ranged is not None:
             # The whole NAR verified: the range's last piece may go.
             ranged.finish()
-        self._metrics.nar_stream_seconds.observe(self._reactor.seconds() - started)
-        return b""
+        return None
 
     async def _serve_staged(self, request: Request, found: Found, nar_hash: Hash | None) -> bytes | None:
         """
@@ -1279,7 +1297,8 @@ class WebApp:
             return error
         if _is_head(request):
             return b""
-        assert self._lan_fetcher is not None  # _staged_for_peer found it
+        fetcher = self._lan_fetcher
+        assert fetcher is not None  # _staged_for_peer found it
         if self._savings is not None:
             self._savings.count_path(info.store_path, info.nar_size)
         # The staged file is verified: a range is read from its first byte
@@ -1293,16 +1312,8 @@ class WebApp:
             ranged = RangeConsumer(consumer, 0, byte_range[1] - first)
             consumer = ranged
         hash_part = info.store_path[len(STORE_DIR) + 1:][:32]
-        try:
-            with self._streaming():
-                await self._lan_fetcher.serve_staged(hash_part, consumer, first)
-        except NarUnavailable:
-            if request.startedWriting:
-                raise
-            return _error_body(request, 404, b"not found\n")
-        if ranged is not None:
-            ranged.finish()
-        return b""
+        answer = await self._stream_nar(request, lambda: fetcher.serve_staged(hash_part, consumer, first), ranged)
+        return b"" if answer is None else answer
 
     # -- listings and logs --------------------------------------------------------
 
