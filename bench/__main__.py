@@ -276,6 +276,10 @@ def bench_upstream(res: Results, prof: Profile, workdir: str) -> None:
                     raise load.MeasureError(f"N = {n} {mode}: clients exited with {row['exit_codes']}")
                 res.add(f"upstream.{mode}.{n}.seconds", row["seconds"])
                 res.add(f"upstream.{mode}.{n}.over_unique", row["upstream_nar_bytes"] / unique)
+                res.add(f"upstream.{mode}.{n}.busy_cpu", row["busy_cpu_seconds"])
+                res.add(f"upstream.{mode}.{n}.client_floor", row["client_cpu_seconds"] / row["cores"])
+                if "daemon_cpu_seconds" in row:
+                    res.add(f"upstream.{mode}.{n}.daemon_cpu_per_node", row["daemon_cpu_seconds"] / n)
             res.attempt(f"upstream.{mode}.{n}", once)
     kill_n = max(prof.upstream_nodes)
     if prof.upstream_reference and kill_n > 1:

@@ -137,6 +137,15 @@ def _upstream_figures() -> list[Figure]:
                    "upstream.peernix.1.seconds", "one node alone", "s", Target("ratio", "<=", 1.3), optional=True),
             Figure(f"clients direct to the upstream N={n}: wall time, all", f"upstream.direct.{n}.seconds",
                    "upstream.direct.1.seconds", "one client alone", "s", optional=True),
+            # What the machine allows: N Nix clients' own CPU-seconds over
+            # its cores, against one node alone; no LAN cache gets "wall
+            # time, all" below this floor here.
+            Figure(f"fetch for the LAN N={n}: floor, Nix clients' CPU / cores", f"upstream.peernix.{n}.client_floor",
+                   "upstream.peernix.1.seconds", "one node alone", "s", optional=True),
+            Figure(f"fetch for the LAN N={n}: CPU busy while the clients ran", f"upstream.peernix.{n}.busy_cpu",
+                   None, "", "s", optional=True),
+            Figure(f"fetch for the LAN N={n}: peernix CPU per node", f"upstream.peernix.{n}.daemon_cpu_per_node",
+                   "upstream.peernix.1.daemon_cpu_per_node", "one node alone", "s", optional=True),
         ]
     out += [
         Figure("fetch for the LAN, fetcher killed: others succeeded", "upstream.kill.survivors_ok", None, "", "",

@@ -9,7 +9,12 @@ client using only its local peernix.  For each N, all N clients start
 every client going to the upstream directly (the reference).  Reported per
 N: upstream bytes / unique closure bytes (target 1.00 with peernix), wall
 time for all N to finish / wall time for one (target <= 1.3), and the
-reference's figures.  Needs root, ``ip``, ``tc``, nginx, Nix 2.8 (and Nix
+reference's figures.  Beside them, the CPU-seconds spent while the clients
+ran: the machine's busy time, the Nix clients' and the daemons'.  The Nix
+clients' CPU-seconds over the machine's cores is a floor no LAN cache can
+beat on this machine: N clients that each unpack and hash the whole
+closure need that much wall time even if everything else were free.
+Needs root, ``ip``, ``tc``, nginx, Nix 2.8 (and Nix
 2.24 at /opt/nix-modern for every second client, when installed).
 
 Every address is inside namespaces the run creates and removes.
@@ -22,6 +27,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -122,6 +128,32 @@ def run_clients(jobs: Sequence[tuple[_Client, Host]], paths: Sequence[str], subs
     return time.monotonic() - started, codes
 
 
+def busy_cpu_seconds() -> float:
+    """:returns: CPU-seconds the whole machine has spent busy (not idle or waiting for I/O) since boot."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pids: Sequence[int]) -> float:
+    """:returns: user + system CPU-seconds of the live processes among ``pids``."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def children_cpu_seconds() -> float:
+    """:returns: user + system CPU-seconds of this process's children reaped so far (the Nix clients)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def kill_big_fetcher(daemons: Sequence[Daemon], hosts: Sequence[Host], upstream_url: str, big_size: int,
                      timeout: float = 300) -> int | None:
     """
@@ -156,6 +188,13 @@ def measure(n: int, cache: str, key: str, paths: list[str], rate: str, work: str
     One run with ``n`` nodes (peernix) or ``n`` plain clients (``direct``).
     ``kill_big``: the big path's NAR size; its fetcher is killed mid-download
     (its own client's result is reported, not counted).
+
+    :returns: the row: ``seconds`` (until the last client finished),
+        ``exit_codes``, ``upstream_nar_bytes``, ``cores``, and the CPU-seconds
+        spent meanwhile: ``busy_cpu_seconds`` (the machine),
+        ``client_cpu_seconds`` (the Nix clients; in the kill run also the
+        status probes) and, for a peernix run without a kill,
+        ``daemon_cpu_seconds`` (all nodes together).
     """
     mode = "direct" if direct else ("peernix-kill" if kill_big else "peernix")
     run_dir = tempfile.mkdtemp(prefix=f"n{n}-{mode}-", dir=work)
@@ -198,10 +237,18 @@ def measure(n: int, cache: str, key: str, paths: list[str], rate: str, work: str
             assert kill_big is not None
             killed.append(kill_big_fetcher(daemons, hosts, upstream_url, kill_big))
 
+        pids = [d.process.pid for d in daemons]
+        cpu_before = (busy_cpu_seconds(), children_cpu_seconds(), process_cpu_seconds(pids))
         seconds, codes = run_clients(list(zip(clients, hosts)), paths, subs, key,
                                      during=kill if kill_big and not direct else None)
+        cpu_after = (busy_cpu_seconds(), children_cpu_seconds(), process_cpu_seconds(pids))
         row: dict[str, Any] = {"nodes": n, "mode": mode, "seconds": round(seconds, 2),
-                               "exit_codes": codes, "upstream_nar_bytes": upstream_bytes(nginx.access_log)}
+                               "exit_codes": codes, "upstream_nar_bytes": upstream_bytes(nginx.access_log),
+                               "cores": os.cpu_count() or 1,
+                               "busy_cpu_seconds": round(cpu_after[0] - cpu_before[0], 2),
+                               "client_cpu_seconds": round(cpu_after[1] - cpu_before[1], 2)}
+        if not kill_big and not direct:
+            row["daemon_cpu_seconds"] = round(cpu_after[2] - cpu_before[2], 2)
         if killed:
             row["killed_node"] = killed[0]
         return row
@@ -260,10 +307,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for row in rows:
             if row["mode"] in one and one[row["mode"]]:
                 row["seconds_over_one"] = round(row["seconds"] / one[row["mode"]], 2)
-        print(f"\n{'N':>3} {'mode':12} {'s':>8} {'s/one':>6} {'upstream/unique':>16}  {'load':16} exit codes")
+        print(f"\n{'N':>3} {'mode':12} {'s':>8} {'s/one':>6} {'upstream/unique':>16} {'busy':>6} {'nix':>6} "
+              f"{'nodes':>6} {'floor':>6}  {'load':16} exit codes")
         for r in rows:
+            floor = round(r["client_cpu_seconds"] / r["cores"], 2)
             print(f"{r['nodes']:>3} {r['mode']:12} {r['seconds']:>8} {r.get('seconds_over_one', ''):>6} "
-                  f"{r['upstream_over_unique']:>16}  {r['uptime']:16} {r['exit_codes']}"
+                  f"{r['upstream_over_unique']:>16} {r['busy_cpu_seconds']:>6} {r['client_cpu_seconds']:>6} "
+                  f"{r.get('daemon_cpu_seconds', ''):>6} {floor:>6}  {r['uptime']:16} {r['exit_codes']}"
                   + (f" (node {r['killed_node']} killed)" if "killed_node" in r else ""))
         os.makedirs(args.out, exist_ok=True)
         name = time.strftime("upstream-%Y-%m-%d") + f"-{platform.node() or 'host'}.json"
