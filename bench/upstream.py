@@ -129,10 +129,15 @@ def run_clients(jobs: Sequence[tuple[_Client, Host]], paths: Sequence[str], subs
 
 
 def busy_cpu_seconds() -> float:
-    """:returns: CPU-seconds the whole machine has spent busy (not idle or waiting for I/O) since boot."""
+    """
+    :returns: CPU-seconds the whole machine has spent busy since boot: user,
+        nice, system, irq and softirq time (not idle, I/O wait, or time a
+        hypervisor took for other guests: ``steal``).
+    """
     with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+        ticks = [int(x) for x in f.readline().split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = ticks
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu_seconds(pids: Sequence[int]) -> float:
