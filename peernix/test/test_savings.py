@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from peernix.web.savings import (
     CHART_HOURS,
+    EVICT_BATCH,
     STATE_FILE_NAME,
     TOP_SHOWN,
     TOP_TRACKED,
@@ -81,6 +82,50 @@ class SavingsTests(SynchronousTestCase):
         top = savings.snapshot().top
         self.assertEqual(len(top), TOP_SHOWN)
         self.assertEqual((top[0].path, top[0].requests, top[0].bytes), (f"{'b' * 32}-hot", 5, 10000))
+
+    def test_least_requested_give_way_oldest_first(self) -> None:
+        """
+        A new path in a full table evicts the least requested (the oldest of
+        equals first), never a more requested one, and a batch at a time.
+        """
+        savings = Savings(clock_at())
+        name = "{:032d}-p".format
+        # Half the table asked twice, then the other half once.
+        for n in range(TOP_TRACKED // 2):
+            savings.count_path(name(n), 1)
+            savings.count_path(name(n), 1)
+        for n in range(TOP_TRACKED // 2, TOP_TRACKED):
+            savings.count_path(name(n), 1)
+        self.assertEqual(len(savings.paths), TOP_TRACKED)
+        savings.count_path("new-path", 1)
+        # The oldest EVICT_BATCH of those asked once went; the rest stay.
+        once = range(TOP_TRACKED // 2, TOP_TRACKED)
+        gone = [n for n in once if name(n) not in savings.paths]
+        self.assertEqual(gone, list(once)[:EVICT_BATCH])
+        self.assertTrue(all(name(n) in savings.paths for n in range(TOP_TRACKED // 2)))
+        self.assertEqual(savings.paths["new-path"], [1, 1])
+        self.assertEqual(len(savings.paths), TOP_TRACKED - EVICT_BATCH + 1)
+        # Room for the next ones without evicting anything.
+        for n in range(EVICT_BATCH - 1):
+            savings.count_path(f"more-{n}", 1)
+        self.assertEqual(len(savings.paths), TOP_TRACKED)
+        self.assertTrue(all(name(n) in savings.paths for n in list(once)[EVICT_BATCH:]))
+
+    def test_restore_trims_to_the_most_requested(self) -> None:
+        """A state with more paths than tracked keeps the most requested (the newest of equals)."""
+        savings = Savings(clock_at())
+        savings.count_path("x" * 32 + "-seed", 1)
+        state = savings.state()
+        state["paths"] = {f"{n:032d}-p": [1 + n % 3, 10] for n in range(TOP_TRACKED + 20)}
+        again = Savings(clock_at())
+        again.restore(state)
+        self.assertEqual(len(again.paths), TOP_TRACKED)
+        counts = sorted(entry[0] for entry in again.paths.values())
+        # 20 of the 92 asked once went, the oldest first.
+        self.assertEqual(counts.count(1), sum(1 for n in range(TOP_TRACKED + 20) if n % 3 == 0) - 20)
+        ones = [n for n in range(TOP_TRACKED + 20) if n % 3 == 0]
+        self.assertNotIn(f"{ones[19]:032d}-p", again.paths)
+        self.assertIn(f"{ones[20]:032d}-p", again.paths)
 
 
 class StateFileTests(SynchronousTestCase):
