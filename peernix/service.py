@@ -20,7 +20,6 @@ import attrs
 from prometheus_client import CollectorRegistry
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IAddress, IListeningPort, IStreamServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -75,6 +74,7 @@ from peernix.web.ratelimit import UploadLimiter
 from peernix.web.savings import Savings, SavingsService, SavingsStateFile
 from peernix.sources import SOURCE_HEADER
 from peernix.web.streaming import DeferToThread, call_directly, thread_pool_runner
+from peernix.web.transport import TurnFlushTCPEndpoint
 
 __all__ = [
     "ListenError",
@@ -864,13 +864,8 @@ def make_listeners(config: Config, reactor: Reactor, site: PeernixSite, stack: I
     """Add one TCP listener service per address of :func:`listen_addresses`."""
     listeners = []
     for address in listen_addresses(config, stack):
-        endpoint: IStreamServerEndpoint
-        if ":" in address:
-            endpoint = TCP6ServerEndpoint(reactor, config.port, backlog=LISTEN_BACKLOG, interface=address)
-            shown = f"[{address}]:{config.port}"
-        else:
-            endpoint = TCP4ServerEndpoint(reactor, config.port, backlog=LISTEN_BACKLOG, interface=address)
-            shown = f"{address}:{config.port}"
+        endpoint = TurnFlushTCPEndpoint(reactor, config.port, backlog=LISTEN_BACKLOG, interface=address)
+        shown = f"[{address}]:{config.port}" if ":" in address else f"{address}:{config.port}"
         listener = ListenerService(
             endpoint, site, shown,
             on_listening=functools.partial(_log_listening, config, stack, address),
