@@ -28,7 +28,7 @@ class StorePathError(ValueError):
 
 def is_hash_part(text: str) -> bool:
     """:returns: whether ``text`` is exactly 32 characters of the nix32 alphabet."""
-    return len(text) == HASH_PART_LEN and all(c in nix32.ALPHABET_SET for c in text)
+    return len(text) == HASH_PART_LEN and nix32.in_alphabet(text)
 
 
 def is_valid_name(name: str) -> bool:

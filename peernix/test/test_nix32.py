@@ -116,6 +116,16 @@ class DecodeTests(SynchronousTestCase):
             bad = c + good[1:]
             self.assertRaises(nix32.Nix32Error, nix32.decode, bad)
 
+    def test_rejects_what_int_base_32_would_take(self) -> None:
+        """Signs, separators, surrounding space and the digits int(x, 32) knows beyond nix32's are rejected anywhere."""
+        good = "0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73"
+        for bad in ("+" + good[1:], good[:10] + "_" + good[11:], " " + good[1:], good[:-1] + "\n",
+                    good[:20] + "e" + good[21:], good[:20] + "M" + good[21:], good[:-1] + "\u0661"):
+            self.assertRaises(nix32.Nix32Error, nix32.decode, bad)
+            self.assertFalse(nix32.in_alphabet(bad))
+        self.assertTrue(nix32.in_alphabet(good))
+        self.assertTrue(nix32.in_alphabet(""))
+
     def test_rejects_impossible_length(self) -> None:
         """A length no byte string encodes to is rejected."""
         self.assertRaises(nix32.Nix32Error, nix32.decode, "000")

@@ -177,6 +177,15 @@ class TurnFlushServerTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getWriters(), [])
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
+    def test_write_sequence_sends_the_pieces_in_order(self) -> None:
+        """writeSequence sends its pieces as one string, in order; a piece that is not bytes is a TypeError and writes nothing."""
+        transport, theirs = self.connect(_Answering(b""))
+        transport.writeSequence([b"HTTP/1.1 200 OK\r\n", b"A", b": ", b"b", b"\r\n", b"\r\n"])
+        transport.writeSequence([])
+        self.assertRaises(TypeError, transport.writeSequence, [b"x", "y"])
+        self.assertIsNone(transport.doWrite())
+        self.assertEqual(_receive_all(theirs), b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n")
+
     def test_end_of_stream_is_reported(self) -> None:
         """The peer's end of stream still ends the connection."""
         transport, theirs = self.connect(_Answering(b"x"))
