@@ -442,8 +442,17 @@ class _PeersClientTests(_PeersTests, RealClientTests):
         holder, late = fx.big_store, fx.store(f"late-{self.nix.release}")
         b2 = self._started("b2", holder, [])
         c2 = self._started("c2", late, [])
+        c2_url = f"http://127.0.0.1:{c2.port}"
+        # C2 publishes its (empty) digest before A3 first asks for it: a 404
+        # "not built yet" would make A3 treat C2 as a node without a digest
+        # and look again only after the normal interval (30 s), not the 2 s
+        # of a quiet peer this test relies on.
+        wait_for(lambda: http_get(f"{c2_url}/peernix/digest", headers={"X-Peernix-Peer": "1"})[0] == 200,
+                 what="C2's first digest")
         a3 = self._started("a3", fx.store("a3"), [b2.port, c2.port])
         wait_for(lambda: all_peers_answered(a3, 2), what="A3's health probes")
+        wait_for(lambda: status(a3)["digests"]["peers"].get(c2_url, {}).get("state") == "ok",
+                 what="A3 to hold C2's empty digest")
         client = self._client()
         result: list[object] = []
         thread = threading.Thread(
@@ -481,7 +490,6 @@ class _PeersClientTests(_PeersTests, RealClientTests):
         # And until A3 holds C2's digest with it: C2 looks at its database
         # every second, and A3 revalidates the digest of a peer it hears no
         # announcements from (no broadcast here) every 2 s.
-        c2_url = f"http://127.0.0.1:{c2.port}"
         wait_for(lambda: (status(a3)["digests"]["peers"][c2_url]["paths"] or 0) >= 1,
                  timeout=WAIT, what="A3 to hold C2's new digest (C2's store was empty before)")
         started = time.monotonic()

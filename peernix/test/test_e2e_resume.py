@@ -121,7 +121,7 @@ class InterruptingProxy:
             except OSError:
                 return
             try:
-                server = socket.create_connection(("127.0.0.1", self._target_port), timeout=10)
+                server = _connect_small_window(self._target_port)
             except OSError as e:
                 self.errors.append(f"connecting to the daemon: {e}")
                 client.close()
@@ -224,6 +224,28 @@ class InterruptingProxy:
             _shutdown(s, socket.SHUT_RDWR)
         for thread in self._threads:
             thread.join(10)
+
+
+#: The proxy's receive buffer towards the daemon.  Small, so the daemon
+#: cannot have written a whole NAR into the kernel's buffers (its own send
+#: buffer and the proxy's receive buffer, which Linux grows to many MB on
+#: loopback) by the time the first one is cut: it is still sending then, and
+#: sees its client go, as a daemon sending to a real client would.
+PROXY_RECEIVE_BUFFER = 64 * 1024
+
+
+def _connect_small_window(port: int) -> socket.socket:
+    """:returns: a connection to the daemon on ``port`` with a :data:`PROXY_RECEIVE_BUFFER` receive buffer."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # Before connect(), so the window offered to the daemon is small from the start.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PROXY_RECEIVE_BUFFER)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        raise
+    return s
 
 
 def _shutdown(s: socket.socket, how: int) -> None:
