@@ -158,6 +158,18 @@ class TurnFlushServerTests(SynchronousTestCase):
         self.assertEqual(self.reactor.getWriters(), [failing])
         self.assertEqual(_receive_all(theirs), b"fine")
 
+    def test_a_failing_fallback_keeps_no_answer_back(self) -> None:
+        """Even when handing a connection to the reactor fails too, the other connections of the turn are flushed."""
+        failing, theirs_failing = self.connect(_Answering(b"x"), kind=_FailingTwice)
+        fine, theirs = self.connect(_Answering(b"fine"))
+        theirs_failing.sendall(b"q")
+        failing.doRead()
+        theirs.sendall(b"q")
+        fine.doRead()
+        self.end_turn()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+        self.assertEqual(_receive_all(theirs), b"fine")
+
     def test_write_outside_a_read_takes_the_ordinary_path(self) -> None:
         """A write at any other time is buffered and waits for the reactor, as with Twisted's own transport."""
         transport, theirs = self.connect(_Answering(b""))
@@ -196,6 +208,11 @@ class TurnFlushServerTests(SynchronousTestCase):
 class _FailingFlush(TurnFlushServer):
     def flush(self) -> None:
         raise RuntimeError("boom")
+
+
+class _FailingTwice(_FailingFlush):
+    def watch_writable(self) -> None:
+        raise RuntimeError("boom again")
 
 
 class TurnFlushTCPEndpointTests(TestCase):

@@ -70,11 +70,16 @@ class TurnFlusher:
         """Flush every connection noted since the last flush, in the order noted."""
         due, self._due = self._due, []
         for connection in due:
+            # One connection's failure must not keep the others' answers back.
             try:
                 connection.flush()
             except Exception:
                 _log.failure("Sending an answer failed; the reactor sends it")
-                connection.watch_writable()
+                try:
+                    if connection.connected:
+                        connection.watch_writable()
+                except Exception:
+                    _log.failure("Handing an answer to the reactor failed")
 
 
 class TurnFlushServer(tcp.Server):
