@@ -145,28 +145,32 @@ class TurnFlushServerTests(SynchronousTestCase):
         self.assertEqual(_receive_all(theirs), b"kept")
         self.assertEqual(self.reactor.getWriters(), [])
 
-    def test_a_failing_flush_leaves_the_send_to_the_reactor(self) -> None:
-        """A connection whose flush raises is logged and handed to the reactor; the rest of the turn is flushed."""
-        failing, theirs_failing = self.connect(_Answering(b"x"), kind=_FailingFlush)
+    def failing_then_fine(self, kind: type[TurnFlushServer]) -> tuple[TurnFlushServer, socket.socket]:
+        """
+        Read one request on a connection of ``kind`` (whose flush fails),
+        then one on an ordinary connection, and end the turn.
+
+        :returns: the failing transport, and the ordinary connection's client end.
+        """
+        failing, theirs_failing = self.connect(_Answering(b"x"), kind=kind)
         fine, theirs = self.connect(_Answering(b"fine"))
         theirs_failing.sendall(b"q")
         failing.doRead()
         theirs.sendall(b"q")
         fine.doRead()
         self.end_turn()
+        return failing, theirs
+
+    def test_a_failing_flush_leaves_the_send_to_the_reactor(self) -> None:
+        """A connection whose flush raises is logged and handed to the reactor; the rest of the turn is flushed."""
+        failing, theirs = self.failing_then_fine(_FailingFlush)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertEqual(self.reactor.getWriters(), [failing])
         self.assertEqual(_receive_all(theirs), b"fine")
 
     def test_a_failing_fallback_keeps_no_answer_back(self) -> None:
         """Even when handing a connection to the reactor fails too, the other connections of the turn are flushed."""
-        failing, theirs_failing = self.connect(_Answering(b"x"), kind=_FailingTwice)
-        fine, theirs = self.connect(_Answering(b"fine"))
-        theirs_failing.sendall(b"q")
-        failing.doRead()
-        theirs.sendall(b"q")
-        fine.doRead()
-        self.end_turn()
+        _, theirs = self.failing_then_fine(_FailingTwice)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
         self.assertEqual(_receive_all(theirs), b"fine")
 
