@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
-_INDEX = {c: i for i, c in enumerate(ALPHABET)}
 ALPHABET_SET = frozenset(ALPHABET)
 #: Whole strings of the alphabet (checked in C, not a Python loop per character).
 _ALPHABET_RE = re.compile("[0-9a-df-np-sv-z]*")
