@@ -55,6 +55,7 @@ from peernix.peers.trust import TrustPolicy, read_nix_substituters, read_nix_tru
 from peernix.store.digest import DigestPublisher
 from peernix.store.local import LocalStore
 from peernix.store.share import SharedStore, make_share_policy
+from peernix.tcp import LargeReadReactor
 from peernix.upstream.chain import FirstOf
 from peernix.upstream.fetch import LanFetcher, StagedFirst
 from peernix.upstream.service import LanFetchService, make_lan_fetcher
@@ -512,7 +513,8 @@ def make_peers(config: Config, reactor: Reactor, metrics: Metrics,
     # Nix runs up to 16 substitutions at once, each a narinfo then a NAR.
     pool.maxPersistentPerHost = 16
     pool.cachedConnectionTimeout = 120
-    agent = Agent(reactor, pool=pool, connectTimeout=config.peer_timeout)
+    # Connections to peers read up to 1 MiB a turn (see peernix.tcp).
+    agent = Agent(LargeReadReactor(reactor), pool=pool, connectTimeout=config.peer_timeout)
     parent.http_agent = agent
     parent.http_pool = pool
     client = PeerClient(HTTPClient(agent), reactor, timeout=config.peer_timeout, agent=agent)
@@ -790,9 +792,11 @@ def make_lan_fetch(config: Config, reactor: Reactor, parent: PeernixService, nod
     if parent.http_pool is None:
         return None
     keys = trusted_keys(config)
-    # The same pool as the peers', with endpoints that can do https.
+    # The same pool as the peers', with endpoints that can do https and
+    # read up to 1 MiB a turn (see peernix.tcp).
     agent = Agent.usingEndpointFactory(
-        reactor, UpstreamEndpointFactory(reactor, connect_timeout=config.peer_timeout), pool=parent.http_pool)
+        reactor, UpstreamEndpointFactory(LargeReadReactor(reactor), connect_timeout=config.peer_timeout),
+        pool=parent.http_pool)
     own = [parent.secret_key.public_key] if parent.secret_key is not None else []
     # A consume-only node (--serve-peers no) fetches for itself only.
     fetcher = make_lan_fetcher(

@@ -185,6 +185,16 @@ class TurnFlushServerTests(SynchronousTestCase):
         self.assertEqual(_receive_all(theirs), b"later")
         self.assertEqual(self.reactor.getWriters(), [])
 
+    def test_one_writable_event_sends_more_than_twisteds_128_kib(self) -> None:
+        """One doWrite hands the socket up to 1 MiB of what is buffered (as much as the socket takes)."""
+        transport, theirs = self.connect(_Answering(b""), sndbuf=1 << 20)
+        data = bytes(range(256)) * 2048  # 512 KiB
+        transport.write(data)
+        self.assertIsNone(transport.doWrite())
+        got = _receive_all(theirs)
+        self.assertGreater(len(got), 128 * 1024)
+        self.assertEqual(got, data[:len(got)])
+
     def test_read_without_a_write_asks_nothing(self) -> None:
         """A read the protocol does not answer asks nothing of the reactor."""
         transport, theirs = self.connect(_Answering(b""))

@@ -43,6 +43,8 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from peernix.tcp import SEND_LIMIT
+
 __all__ = ["TurnFlushPort", "TurnFlushServer", "TurnFlushTCPEndpoint", "TurnFlusher"]
 
 _log = Logger()
@@ -99,6 +101,11 @@ class TurnFlushServer(tcp.Server):
       ``loseWriteConnection``) or whose read ended it is handed to the
       reactor unchanged, so closing keeps Twisted's exact order.
     """
+
+    #: One writable event sends up to 1 MiB (Twisted: 128 KiB), so a relayed
+    #: NAR read from a peer 1 MiB at a time leaves in one turn too (see
+    #: :mod:`peernix.tcp`).
+    SEND_LIMIT = SEND_LIMIT
 
     _reading = False
     _write_due = False
